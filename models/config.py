@@ -1,0 +1,99 @@
+"""Model configuration: one frozen dataclass, saved in every checkpoint and carried into exports.
+
+Dimension letters used across ``persrec.models``: B batch, N sequence, M memory tokens,
+L layers, H heads, Dh head width, D model width, I number of items (+1 for padding id 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+class Architecture(str, enum.Enum):
+    """Backbone family."""
+
+    HSTU = "hstu"
+    SASREC = "sasrec"
+
+
+class MemoryPolicy(str, enum.Enum):
+    """How history enters the memory tokens (see the README's model section).
+
+    RECOMPRESS: paper layout ``[H | T | R]``; the memory is recomputed from the last aged-out items.
+    INCREMENTAL: ``[S1 | T | S2 | T | ... | R]``; each token block reads the previous block and one
+    segment, so serving folds a new segment into the stored memory without the raw history.
+    """
+
+    RECOMPRESS = "recompress"
+    INCREMENTAL = "incremental"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_items: int  # item ids are 1..num_items; 0 is padding
+    architecture: Architecture = Architecture.HSTU
+    dim: int = 50  # D: embedding and residual width
+    num_layers: int = 2  # L
+    num_heads: int = 1  # H
+    head_dim: int = 25  # Dh: width of each head's q, k, v and u
+    max_len: int = 200  # longest item sequence seen in training; also the attention normaliser
+    dropout: float = 0.2
+    num_memory_tokens: int = 0  # M: learnable memory tokens; 0 = plain full-sequence model
+    recent_len: int = 50  # items served from the raw recent window (the rest goes to memory)
+    policy: MemoryPolicy = MemoryPolicy.RECOMPRESS
+    segment_len: int = 50  # INCREMENTAL: history items folded per token block in training
+    time_bias: bool = False  # add a relative time bias (needs timestamps)
+    num_time_buckets: int = 64  # log-spaced buckets of |t_q - t_k| in seconds
+    temperature: float = 0.05  # sampled-softmax temperature on cosine similarities
+    num_negatives: int = 128  # uniform negatives per sequence in the sampled softmax
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "architecture", Architecture(self.architecture))
+        object.__setattr__(self, "policy", MemoryPolicy(self.policy))
+        if self.num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {self.num_items}")
+        if self.num_memory_tokens < 0:
+            raise ValueError("num_memory_tokens must be >= 0")
+        if self.num_memory_tokens and self.architecture is not Architecture.HSTU:
+            raise ValueError("memory tokens are implemented for the HSTU backbone only")
+        if self.recent_len < 1 or self.segment_len < 1 or self.max_len < 2:
+            raise ValueError("recent_len, segment_len must be >= 1 and max_len >= 2")
+        if self.architecture is Architecture.SASREC and self.dim % self.num_heads:
+            raise ValueError("SASRec needs dim divisible by num_heads")
+
+    @property
+    def has_memory(self) -> bool:
+        return self.num_memory_tokens > 0
+
+    @property
+    def memory_shape(self) -> tuple[int, int, int, int, int]:
+        """Shape of one user's memory: ``[L, 2, M, H, Dh]`` (keys at index 0, values at 1)."""
+        return (self.num_layers, 2, self.num_memory_tokens, self.num_heads, self.head_dim)
+
+    @property
+    def max_distance(self) -> int:
+        """Largest relative position with its own bias; longer distances share the last one."""
+        return self.max_len + 2 * self.num_memory_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["architecture"] = self.architecture.value
+        d["policy"] = self.policy.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the configuration (part of a model version id)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()

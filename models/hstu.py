@@ -1,0 +1,126 @@
+"""HSTU backbone (Zhai et al., 2024): pointwise-SiLU attention with relative biases and U-gating.
+
+The stack runs on positions described by ``persrec.models.layout`` and may take a prefix of
+cached keys/values (a user's memory), which is how the serving path reuses stored state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layout import ITEM, attention_mask
+
+
+class RelativeBias(nn.Module):
+    """``rab[b, q, k]`` = w_pos[pos_q - pos_k] (+ w_time[bucket(|t_q - t_k|)] between items).
+
+    Distances are clamped to ``cfg.max_distance``; the time bias uses log-spaced buckets of
+    seconds and applies only between two items (tokens have no time).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.max_distance = cfg.max_distance
+        self.pos_w = nn.Parameter(torch.zeros(cfg.max_distance + 1))
+        self.time_w = nn.Parameter(torch.zeros(cfg.num_time_buckets)) if cfg.time_bias else None
+
+    def forward(
+        self, q_pos: torch.Tensor, k_pos: torch.Tensor,
+        q_item: torch.Tensor, k_item: torch.Tensor,
+        q_ts: torch.Tensor | None, k_ts: torch.Tensor | None,
+    ) -> torch.Tensor:
+        dist = (q_pos[:, :, None] - k_pos[:, None, :]).clamp(0, self.max_distance)
+        rab = self.pos_w[dist]  # [B, Nq, Nk]
+        if self.time_w is not None and q_ts is not None and k_ts is not None:
+            dt = (q_ts[:, :, None] - k_ts[:, None, :]).abs().clamp(min=1).double()
+            bucket = (torch.log(dt) / 0.301).long().clamp(0, self.time_w.numel() - 1)
+            both_items = q_item[:, :, None] & k_item[:, None, :]
+            rab = rab + self.time_w[bucket] * both_items
+        return rab
+
+
+class HSTULayer(nn.Module):
+    """``U,V,Q,K = silu(W LN(x))``; ``A = silu(QK^T + rab) / max_len * mask``;
+    ``y = x + W_o(dropout(LN(A V) * U))``.
+
+    The normaliser is the constant ``max_len``, not the number of queries, so a sequence split
+    into memory + recent gives exactly the scores of one pass over the whole of it.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        inner = cfg.num_heads * cfg.head_dim
+        self.norm_in = nn.LayerNorm(cfg.dim)
+        self.uvqk = nn.Linear(cfg.dim, 4 * inner)
+        self.norm_attn = nn.LayerNorm(inner)
+        self.out = nn.Linear(inner, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.inv_norm = 1.0 / cfg.max_len
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, rab: torch.Tensor,
+        prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x ``[B, N, D]``; mask, rab ``[B, N, P+N]``; prefix_k/v ``[B, P, H, Dh]`` or None.
+        Returns the new x ``[B, N, D]`` and this layer's k, v ``[B, N, H, Dh]``."""
+        B, N, _ = x.shape
+        u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)
+        q, k, v = (t.view(B, N, self.heads, self.head_dim) for t in (q, k, v))
+        keys = k if prefix_k is None else torch.cat([prefix_k, k], dim=1)  # [B, P+N, H, Dh]
+        vals = v if prefix_v is None else torch.cat([prefix_v, v], dim=1)
+        logits = torch.einsum("bnhd,bmhd->bhnm", q, keys) + rab[:, None]
+        attn = F.silu(logits) * self.inv_norm * mask[:, None]  # [B, H, N, P+N]
+        o = torch.einsum("bhnm,bmhd->bnhd", attn, vals).reshape(B, N, -1)
+        return x + self.out(self.dropout(self.norm_attn(o) * u)), k, v
+
+
+class HSTUStack(nn.Module):
+    """L HSTU layers over one layout, optionally continuing from a prefix of cached K/V."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.bias = RelativeBias(cfg)
+        self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(
+        self, x: torch.Tensor, kind: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor,
+        ts: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
+        prefix_kind: torch.Tensor | None = None, prefix_seg: torch.Tensor | None = None,
+        prefix_pos: torch.Tensor | None = None, keep: slice | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x ``[B, N, D]`` with attributes kind/seg/pos/ts ``[B, N]``; ``prefix`` ``[B, L, 2, P,
+        H, Dh]`` with attributes ``[B, P]``. Returns the output ``[B, N, D]`` and, if ``keep`` is
+        given, the keys/values of positions ``keep`` for every layer ``[B, L, 2, |keep|, H, Dh]``.
+        """
+        if prefix is None:
+            k_kind, k_seg, k_pos, k_ts = kind, seg, pos, ts
+        else:
+            k_kind = torch.cat([prefix_kind, kind], 1)
+            k_seg = torch.cat([prefix_seg, seg], 1)
+            k_pos = torch.cat([prefix_pos, pos], 1)
+            k_ts = None if ts is None else torch.cat([torch.zeros_like(prefix_pos), ts], 1)
+        mask = attention_mask(kind, seg, pos, k_kind, k_seg, k_pos).to(x.dtype)
+        rab = self.bias(pos, k_pos, kind == ITEM, k_kind == ITEM, ts, k_ts).to(x.dtype)
+        kept = []
+        for i, layer in enumerate(self.layers):
+            pk = pv = None
+            if prefix is not None:
+                pk, pv = prefix[:, i, 0], prefix[:, i, 1]
+            x, k, v = layer(x, mask, rab, pk, pv)
+            if keep is not None:
+                kept.append(torch.stack([k[:, keep], v[:, keep]], dim=1))  # [B, 2, |keep|, H, Dh]
+        return x, (torch.stack(kept, dim=1) if keep is not None else None)
+
+
+def init_embedding_(weight: torch.Tensor, std: float = 0.02) -> None:
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+def input_scale(dim: int) -> float:
+    return math.sqrt(dim)

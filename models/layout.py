@@ -1,0 +1,152 @@
+"""Where every position sits in a sequence, and who may attend to whom. Pure functions.
+
+A model input is a row of positions, each an item, a memory token or padding, with
+a segment number ``seg`` and a position id ``pos``. Token block ``b`` follows item segment ``b``.
+One rule (``attention_mask``) covers every layout the models use:
+
+- an item of segment s sees earlier items of segment s and the tokens of block s-1;
+- a token of block b sees the items of segment b and the tokens of blocks b-1 and b (causally).
+
+Layouts (P history items, M tokens, R recent items; ``|`` concatenates):
+- plain HSTU: ``[items]``, all in segment 1;
+- RECOMPRESS (the paper): ``[H seg 1 | T blk 1 | R seg 2]`` so R reaches H only through T;
+- INCREMENTAL: ``[S1 seg 1 | T blk 1 | S2 seg 2 | T blk 2 | ... | R seg J+1]``.
+Serving reproduces them block by block: the stored memory is the previous block's keys and
+values, placed in front as block 0 with ``pos`` 0..M-1. Attention biases depend only on
+``pos_q - pos_k``, so offsetting all positions of a user by a constant changes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import MemoryPolicy, ModelConfig
+
+PAD, ITEM, TOKEN = 0, 1, 2
+
+
+def attention_mask(
+    q_kind: torch.Tensor, q_seg: torch.Tensor, q_pos: torch.Tensor,
+    k_kind: torch.Tensor, k_seg: torch.Tensor, k_pos: torch.Tensor,
+) -> torch.Tensor:
+    """``[B, Nq]`` query and ``[B, Nk]`` key attributes -> ``[B, Nq, Nk]`` bool (True = attend)."""
+    qk, qs, qp = q_kind[:, :, None], q_seg[:, :, None], q_pos[:, :, None]
+    kk, ks, kp = k_kind[:, None, :], k_seg[:, None, :], k_pos[:, None, :]
+    q_item, q_tok = qk == ITEM, qk == TOKEN
+    k_item, k_tok = kk == ITEM, kk == TOKEN
+    same, prev = ks == qs, ks == qs - 1
+    allowed = (
+        (q_item & k_item & same)
+        | (q_item & k_tok & prev)
+        | (q_tok & k_item & same)
+        | (q_tok & k_tok & (same | prev))
+    )
+    return allowed & (kp <= qp)
+
+
+@dataclass(frozen=True)
+class UserLayout:
+    """One user's layout. ``src[i]`` = index into the user's items (-1 if not an item),
+    ``tok[i]`` = memory-token index (-1 if not a token)."""
+
+    kind: np.ndarray
+    seg: np.ndarray
+    src: np.ndarray
+    tok: np.ndarray
+
+
+def segment_lengths(n: int, cfg: ModelConfig) -> list[int]:
+    """Split ``n`` items into the item segments of the training layout (last = recent part)."""
+    if not cfg.has_memory:
+        return [n]
+    recent = min(n, cfg.recent_len)
+    history = n - recent
+    if cfg.policy is MemoryPolicy.RECOMPRESS:
+        return [history, recent]
+    chunks = [cfg.segment_len] * (history // cfg.segment_len)
+    if history % cfg.segment_len or not chunks:
+        chunks.append(history % cfg.segment_len)
+    return chunks + [recent]
+
+
+@functools.lru_cache(maxsize=4096)
+def _user_layout(seg_lens: tuple[int, ...], num_tokens: int) -> UserLayout:
+    kind, seg, src, tok = [], [], [], []
+    start = 0
+    for s, n in enumerate(seg_lens, start=1):
+        kind += [ITEM] * n
+        seg += [s] * n
+        src += range(start, start + n)
+        tok += [-1] * n
+        start += n
+        if s < len(seg_lens):  # every segment but the last (recent) one is followed by tokens
+            kind += [TOKEN] * num_tokens
+            seg += [s] * num_tokens
+            src += [-1] * num_tokens
+            tok += range(num_tokens)
+    as_arr = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    return UserLayout(as_arr(kind), as_arr(seg), as_arr(src), as_arr(tok))
+
+
+def user_layout(n: int, cfg: ModelConfig) -> UserLayout:
+    return _user_layout(tuple(segment_lengths(n, cfg)), cfg.num_memory_tokens)
+
+
+@dataclass
+class LayoutBatch:
+    """A padded batch in the full (training / reference) layout. All tensors ``[B, N]`` int64
+    except ``last`` ``[B]``: the position of each row's last item (where the next item is scored).
+    ``targets`` is 0 wherever there is no next-item target."""
+
+    item_ids: torch.Tensor
+    kind: torch.Tensor
+    seg: torch.Tensor
+    pos: torch.Tensor
+    tok: torch.Tensor
+    targets: torch.Tensor
+    last: torch.Tensor
+    ts: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "LayoutBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return LayoutBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+def collate(
+    inputs: list[np.ndarray],
+    cfg: ModelConfig,
+    targets: list[np.ndarray] | None = None,
+    timestamps: list[np.ndarray] | None = None,
+) -> LayoutBatch:
+    """Lay out each user's ``inputs`` (item ids, oldest first, each non-empty) and pad to the
+    longest row. ``targets[b][i]`` is the item to predict after ``inputs[b][i]`` (0 = none)."""
+    layouts = [user_layout(len(x), cfg) for x in inputs]
+    B, N = len(inputs), max(len(lay.kind) for lay in layouts)
+    item_ids = np.zeros((B, N), np.int64)
+    kind = np.zeros((B, N), np.int64)
+    seg = np.zeros((B, N), np.int64)
+    tok = np.zeros((B, N), np.int64)
+    tgt = np.zeros((B, N), np.int64)
+    ts = np.zeros((B, N), np.int64) if timestamps is not None else None
+    last = np.zeros(B, np.int64)
+    for b, (x, lay) in enumerate(zip(inputs, layouts)):
+        n = len(lay.kind)
+        is_item = lay.src >= 0
+        kind[b, :n], seg[b, :n] = lay.kind, lay.seg
+        tok[b, :n] = np.maximum(lay.tok, 0)
+        item_ids[b, :n][is_item] = x[lay.src[is_item]]
+        if targets is not None:
+            tgt[b, :n][is_item] = targets[b][lay.src[is_item]]
+        if ts is not None:
+            ts[b, :n][is_item] = timestamps[b][lay.src[is_item]]
+        last[b] = np.flatnonzero(is_item)[-1]
+    pos = np.broadcast_to(np.arange(N, dtype=np.int64), (B, N)).copy()
+    t = torch.from_numpy
+    return LayoutBatch(
+        t(item_ids), t(kind), t(seg), t(pos), t(tok), t(tgt), t(last),
+        None if ts is None else t(ts),
+    )

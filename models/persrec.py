@@ -1,0 +1,152 @@
+"""PerSRec: HSTU with M learnable memory tokens that carry a user's long history.
+
+Training and the reference computation run one masked pass over the full layout
+(``persrec.models.layout``). Serving keeps, per user, only the memory: the keys and values of
+the last token block at every layer, ``[L, 2, M, H, Dh]`` (index 0 keys, 1 values), and runs
+
+- ``compress(H)``       ``[H | T]``                 -> memory  (RECOMPRESS policy, the paper)
+- ``fold(memory, S)``   ``memory + [S | T]``        -> memory  (INCREMENTAL policy)
+- ``recommend(memory, R)`` ``memory + [R]``         -> user vector, scored against all items
+
+``recommend(compress(H), R)`` equals the full pass over ``[H | T | R]`` (tests/models). With
+``num_memory_tokens=0`` the model is plain HSTU and ``recommend(None, R)`` runs over R alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Architecture, ModelConfig
+from .hstu import HSTUStack, init_embedding_, input_scale
+from .layout import ITEM, PAD, TOKEN, LayoutBatch
+
+
+class PerSRec(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.architecture is not Architecture.HSTU:
+            raise ValueError("PerSRec needs the HSTU architecture")
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.num_items + 1, cfg.dim, padding_idx=0)
+        init_embedding_(self.item_emb.weight)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.tokens = None
+        if cfg.has_memory:
+            self.tokens = nn.Parameter(torch.empty(cfg.num_memory_tokens, cfg.dim))
+            init_embedding_(self.tokens)
+        self.backbone = HSTUStack(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.scale = input_scale(cfg.dim)
+
+    # ----------------------------------------------------------------- full (reference) pass
+    def _embed(self, item_ids: torch.Tensor, kind: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        x = self.item_emb(item_ids)  # [B, N, D]
+        if self.tokens is not None:
+            x = torch.where((kind == TOKEN)[..., None], self.tokens[tok], x)
+        return self.dropout(x * self.scale)
+
+    def forward(self, batch: LayoutBatch) -> torch.Tensor:
+        """One masked pass over the full layout -> L2-normalised outputs ``[B, N, D]``."""
+        x = self._embed(batch.item_ids, batch.kind, batch.tok)
+        h, _ = self.backbone(x, batch.kind, batch.seg, batch.pos, self._ts(batch.ts))
+        return F.normalize(h, dim=-1)
+
+    def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised item embeddings ``[I+1, D]`` (or of ``ids``)."""
+        w = self.item_emb.weight if ids is None else self.item_emb(ids)
+        return F.normalize(w, dim=-1)
+
+    def score(self, user_vectors: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` -> cosine scores ``[B, I+1]``; column 0 (padding) is -inf."""
+        scores = user_vectors @ self.item_vectors().T
+        scores[:, 0] = float("-inf")
+        return scores
+
+    # ------------------------------------------------------------------------- serving path
+    def _ts(self, ts: torch.Tensor | None) -> torch.Tensor | None:
+        return ts if self.cfg.time_bias else None
+
+    def _block(self, items: torch.Tensor, lengths: torch.Tensor, with_tokens: bool):
+        """Attributes of ``[items (seg 1) | tokens (block 1)]`` placed after a memory prefix."""
+        B, N = items.shape
+        M = self.cfg.num_memory_tokens
+        dev = items.device
+        ar = torch.arange(N, device=dev)
+        kind = torch.where(ar[None] < lengths[:, None], ITEM, PAD)
+        pos = (M + ar).expand(B, N)
+        ids, tok = items, torch.zeros_like(items)
+        if with_tokens:
+            tm = torch.arange(M, device=dev).expand(B, M)
+            kind = torch.cat([kind, torch.full_like(tm, TOKEN)], 1)
+            pos = torch.cat([pos, M + lengths[:, None] + tm], 1)
+            ids = torch.cat([items, torch.zeros_like(tm)], 1)
+            tok = torch.cat([tok, tm], 1)
+        return ids, kind, torch.ones_like(kind), pos, tok
+
+    def _run(self, items, lengths, ts, memory, has_memory, with_tokens):
+        B, N = items.shape
+        M = self.cfg.num_memory_tokens
+        ids, kind, seg, pos, tok = self._block(items, lengths, with_tokens)
+        if ts is not None and with_tokens:
+            ts = torch.cat([ts, torch.zeros(B, M, dtype=ts.dtype, device=ts.device)], 1)
+        prefix = {}
+        if memory is not None:
+            if has_memory is None:
+                has_memory = torch.ones(B, dtype=torch.bool, device=items.device)
+            pm = torch.arange(M, device=items.device).expand(B, M)
+            prefix = dict(
+                prefix=memory.to(self.item_emb.weight.dtype),
+                prefix_kind=torch.where(has_memory[:, None], TOKEN, PAD).expand(B, M),
+                prefix_seg=torch.zeros_like(pm),
+                prefix_pos=pm,
+            )
+        x = self._embed(ids, kind, tok)
+        keep = slice(N, N + M) if with_tokens else None
+        return self.backbone(x, kind, seg, pos, self._ts(ts), keep=keep, **prefix)
+
+    def compress(
+        self, items: torch.Tensor, lengths: torch.Tensor, ts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """History ``[B, N]`` (right-padded, ``lengths`` ``[B]``, may be 0) -> memory
+        ``[B, L, 2, M, H, Dh]``."""
+        return self.fold(None, None, items, lengths, ts)
+
+    def fold(
+        self, memory: torch.Tensor | None, has_memory: torch.Tensor | None,
+        items: torch.Tensor, lengths: torch.Tensor, ts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Fold segment ``items`` ``[B, N]`` into ``memory`` ``[B, L, 2, M, H, Dh]``.
+
+        ``has_memory`` ``[B]`` bool says which rows have a previous memory; rows without one
+        (a user's first fold) are compressed from the segment alone, as in training.
+        """
+        self._need_memory()
+        _, kv = self._run(items, lengths, ts, memory, has_memory, with_tokens=True)
+        return kv
+
+    def empty_memory(self, batch_size: int = 1) -> torch.Tensor:
+        """Memory of a user with no history yet: ``compress`` of an empty sequence."""
+        dev = self.item_emb.weight.device
+        items = torch.zeros(batch_size, 0, dtype=torch.long, device=dev)
+        return self.compress(items, torch.zeros(batch_size, dtype=torch.long, device=dev))
+
+    def recommend(
+        self, memory: torch.Tensor | None, items: torch.Tensor, lengths: torch.Tensor,
+        ts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Memory ``[B, L, 2, M, H, Dh]`` (None without memory tokens) + recent items ``[B, N]``
+        (right-padded, ``lengths`` >= 1) -> L2-normalised user vectors ``[B, D]``."""
+        if bool((lengths < 1).any()):
+            raise ValueError("recommend needs at least one recent item per row")
+        if (memory is None) == self.cfg.has_memory:
+            raise ValueError("pass a memory exactly when the model has memory tokens")
+        h, _ = self._run(items, lengths, ts, memory, None, with_tokens=False)
+        last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]
+        return F.normalize(last, dim=-1)
+
+    def _need_memory(self) -> None:
+        if not self.cfg.has_memory:
+            raise ValueError("this model has no memory tokens (num_memory_tokens=0)")

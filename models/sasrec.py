@@ -1,0 +1,79 @@
+"""SASRec (Kang & McAuley, 2018), the baseline: causal softmax self-attention with absolute
+learned positions, trained with the same sampled-softmax loss on L2-normalised vectors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Architecture, ModelConfig
+from .hstu import init_embedding_, input_scale
+from .layout import ITEM, LayoutBatch
+
+
+class SASRecBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.attn = nn.MultiheadAttention(cfg.dim, cfg.num_heads, dropout=cfg.dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.dim), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.dim, cfg.dim),
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, causal: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        a, _ = self.attn(h, h, h, attn_mask=causal, key_padding_mask=padding, need_weights=False)
+        x = x + self.dropout(a)
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+class SASRec(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.architecture is not Architecture.SASREC:
+            raise ValueError("SASRec needs architecture=sasrec")
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.num_items + 1, cfg.dim, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
+        init_embedding_(self.item_emb.weight)
+        init_embedding_(self.pos_emb.weight)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.scale = input_scale(cfg.dim)
+
+    def _encode(self, item_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        B, N = item_ids.shape
+        if N > self.cfg.max_len:
+            raise ValueError(f"SASRec takes at most max_len={self.cfg.max_len} items, got {N}")
+        pos = torch.arange(N, device=item_ids.device)
+        x = self.dropout(self.item_emb(item_ids) * self.scale + self.pos_emb(pos)[None])
+        causal = torch.ones(N, N, dtype=torch.bool, device=x.device).triu(1)  # True = blocked
+        for block in self.blocks:
+            x = block(x, causal, ~valid)
+        return F.normalize(self.norm(x), dim=-1)
+
+    def forward(self, batch: LayoutBatch) -> torch.Tensor:
+        """Full causal pass -> L2-normalised outputs ``[B, N, D]``."""
+        return self._encode(batch.item_ids, batch.kind == ITEM)
+
+    def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.item_emb.weight if ids is None else self.item_emb(ids)
+        return F.normalize(w, dim=-1)
+
+    def score(self, user_vectors: torch.Tensor) -> torch.Tensor:
+        scores = user_vectors @ self.item_vectors().T
+        scores[:, 0] = float("-inf")
+        return scores
+
+    def recommend(self, memory: None, items: torch.Tensor, lengths: torch.Tensor, ts=None) -> torch.Tensor:
+        if memory is not None:
+            raise ValueError("SASRec has no memory")
+        valid = torch.arange(items.shape[1], device=items.device)[None] < lengths[:, None]
+        h = self._encode(items, valid)
+        return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
