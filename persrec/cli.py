@@ -1,5 +1,176 @@
+"""The ``persrec`` command line: thin wrappers over importable functions."""
+
+from __future__ import annotations
+
+import logging
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
-app = typer.Typer()
+from rich.console import Console
+from rich.table import Table
+
+from persrec.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+
+
+class Arch(str, Enum):
+    hstu = "hstu"
+    sasrec = "sasrec"
+
+
+class Policy(str, Enum):
+    recompress = "recompress"
+    incremental = "incremental"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
+    keys = ["hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr"]
+    table = Table(title=title)
+    table.add_column("model")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *(f"{m[k]:.4f}" for k in keys))
+    return table
+
+
+DataArg = Annotated[Optional[str], typer.Argument(help="dataset file (ML-1M sequences, ratings.dat, CSV, Parquet) or 'synthetic'; default: ML-1M from the data dir")]
+
+
 @app.command()
-def version() -> None:
-    print("0.1.0")
+def train(
+    data: DataArg = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto, ml1m-seq, grouplens-dat, csv, parquet")] = "auto",
+    out: Annotated[Path, typer.Option(help="checkpoint directory")] = Path("runs/model"),
+    arch: Arch = Arch.hstu,
+    memory_tokens: Annotated[int, typer.Option(help="M; 0 = plain model over the whole sequence")] = 0,
+    recent_len: int = 50,
+    policy: Policy = Policy.recompress,
+    segment_len: int = 50,
+    max_len: int = 200,
+    dim: int = 50,
+    layers: int = 2,
+    heads: int = 1,
+    head_dim: int = 25,
+    dropout: float = 0.2,
+    time_bias: bool = False,
+    epochs: int = 100,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    patience: int = 10,
+    eval_every: int = 1,
+    max_minutes: Optional[float] = None,
+    seed: int = 42,
+    resume: Annotated[Optional[Path], typer.Option(help="continue from a last.pt checkpoint")] = None,
+    verbose: bool = False,
+) -> None:
+    """Train a model with early stopping on validation NDCG@10; write checkpoints and test metrics.
+
+    Launched under ``torchrun --nproc-per-node N persrec train ...`` it trains with
+    DistributedDataParallel (gloo on CPU, NCCL on GPU).
+    """
+    from persrec.models import experiment
+    from persrec.models.data import default_dataset_path
+    from persrec.models.device import pick_device
+    from persrec.models.train import TrainConfig
+
+    _setup_logging(verbose)
+    rank, world = _init_distributed()
+    settings = Settings()
+    device = pick_device(settings.device if world == 1 else ("auto" if rank == 0 else "cpu"))
+    if world > 1 and device.type == "cuda":
+        import torch
+
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    path = data if data is not None else default_dataset_path()
+    dataset = experiment.load_dataset(path, fmt)
+    overrides = dict(
+        architecture=arch.value, num_memory_tokens=memory_tokens, recent_len=recent_len,
+        policy=policy.value, segment_len=segment_len, max_len=max_len, dim=dim, num_layers=layers,
+        num_heads=heads, head_dim=head_dim, dropout=dropout, time_bias=time_bias,
+    )
+    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                       eval_every=eval_every, max_minutes=max_minutes, seed=seed)
+    if rank == 0:
+        console.print(f"[bold]data[/]: {dataset.name}: {len(dataset.sequences)} users, {dataset.id_map.num_items} items; device {device}, {world} process(es)")
+
+    def on_epoch(r):
+        v = f" valid ndcg@10 {r.valid['ndcg@10']:.4f} hr@10 {r.valid['hr@10']:.4f}" if r.valid else ""
+        console.print(f"epoch {r.epoch:3d} loss {r.loss:.4f} ({r.seconds:.1f}s){v}")
+
+    model, result = experiment.train_on(dataset, overrides, tcfg, out_dir=out, device=device, resume=resume, on_epoch=on_epoch)
+    if rank == 0:
+        report = experiment.test_report(model, dataset, device=device)
+        report |= {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1), "valid": result.best_metrics}
+        experiment.write_json(report, out / "metrics.json")
+        console.print(_metrics_table(f"test ({dataset.name})", {arch.value + (f"+M{memory_tokens}" if memory_tokens else ""): report["test"], "most popular": report["popularity_test"]}))
+        console.print(f"checkpoint: {result.checkpoint}  metrics: {out / 'metrics.json'}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path,
+    data: DataArg = None,
+    fmt: Annotated[str, typer.Option("--format")] = "auto",
+    split: Annotated[str, typer.Option(help="test or valid")] = "test",
+    out: Annotated[Optional[Path], typer.Option(help="write metrics JSON here")] = None,
+) -> None:
+    """Evaluate a checkpoint (leave-one-out, full ranking, history excluded)."""
+    from persrec.models import experiment
+    from persrec.models.checkpoint import load_checkpoint
+    from persrec.models.data import IdMap, default_dataset_path
+    from persrec.models.device import pick_device
+    from persrec.models.evaluate import evaluate as run_eval
+
+    device = pick_device(Settings().device)
+    ck = load_checkpoint(checkpoint)
+    dataset = experiment.load_dataset(data if data is not None else default_dataset_path(), fmt, id_map=IdMap.from_json(ck.id_map_json))
+    model = ck.build_model(device)
+    rows = dataset.split.test if split == "test" else dataset.split.valid
+    metrics = run_eval(model, rows, device=device)
+    console.print(_metrics_table(f"{split} ({dataset.name}), model {ck.model_version}", {ck.config.architecture.value: metrics}))
+    if out is not None:
+        experiment.write_json({"model_version": ck.model_version, "split": split, "metrics": metrics}, out)
+
+
+@app.command()
+def demo(
+    data: DataArg = None,
+    minutes: Annotated[float, typer.Option(help="training budget")] = 3.0,
+) -> None:
+    """The main job on embedded defaults: train a small PerSRec for a few minutes and evaluate it."""
+    from persrec.models.data import default_dataset_path
+
+    path = data if data is not None else default_dataset_path()
+    if path is None:
+        console.print("[yellow]ML-1M not found in the data dir: using the SYNTHETIC generator (not real users)[/]")
+        path = "synthetic"
+    train(data=str(path), out=Settings().work_dir / "demo-model", memory_tokens=8, recent_len=50,
+          epochs=1000, max_minutes=minutes, patience=5, fmt="auto", arch=Arch.hstu, policy=Policy.recompress,
+          segment_len=50, max_len=200, dim=50, layers=2, heads=1, head_dim=25, dropout=0.2, time_bias=False,
+          batch_size=128, lr=1e-3, eval_every=1, seed=42, resume=None, verbose=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,76 @@
+"""Dataset file -> trained, evaluated, checkpointed model: the function behind ``persrec train``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import ModelConfig
+from .data import IdMap, SequenceData, Split, build_sequences, leave_one_out, load_interactions, synthetic_interactions
+from .evaluate import evaluate, popularity_metrics
+from .loss import build_model
+from .train import EpochReport, FitResult, TrainConfig, fit
+
+log = logging.getLogger(__name__)
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class Dataset:
+    name: str
+    sequences: SequenceData
+    id_map: IdMap
+    split: Split
+
+
+def load_dataset(path: str | Path | None, fmt: str = "auto", *, id_map: IdMap | None = None) -> Dataset:
+    """Read a dataset file (or ``None``/``"synthetic"`` for the labelled synthetic generator)."""
+    if path is None or str(path) == SYNTHETIC:
+        name, inter = "SYNTHETIC (generated, not real users)", synthetic_interactions(num_users=600, num_items=400, mean_len=60)
+    else:
+        name, inter = str(path), load_interactions(path, fmt)
+    seqs, id_map = build_sequences(inter, id_map)
+    return Dataset(name, seqs, id_map, leave_one_out(seqs))
+
+
+def train_on(
+    data: Dataset, model_overrides: dict[str, Any], train_cfg: TrainConfig, *,
+    out_dir: Path | None, device: torch.device | str = "cpu", resume: Path | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+) -> tuple[torch.nn.Module, FitResult]:
+    cfg = ModelConfig(num_items=data.id_map.num_items, **model_overrides)
+    if resume is not None:  # the checkpoint's configuration wins
+        cfg = load_checkpoint(resume).config
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(cfg)
+    result = fit(
+        model, data.split.train.items, data.split.train.timestamps, data.split.valid, train_cfg,
+        device=device, id_map_json=data.id_map.to_json(), out_dir=out_dir, resume=resume,
+        on_epoch=on_epoch,
+    )
+    return model, result
+
+
+def test_report(model: torch.nn.Module, data: Dataset, *, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Test-split metrics of the model next to a most-popular ranker, as one JSON-able dict."""
+    return {
+        "dataset": data.name,
+        "users": len(data.sequences),
+        "items": data.id_map.num_items,
+        "test_rows": len(data.split.test),
+        "model": dataclasses.asdict(model.cfg) | {"architecture": model.cfg.architecture.value, "policy": model.cfg.policy.value},
+        "test": evaluate(model, data.split.test, device=device),
+        "popularity_test": popularity_metrics(data.split.train.items, data.id_map.num_items, data.split.test),
+    }
+
+
+def write_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
