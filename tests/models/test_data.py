@@ -1,0 +1,331 @@
+"""models/data.py on the real MovieLens files in ../shared/data (or $PERSREC_DATA_DIR) and on
+small files written to tmp_path."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from persrec.models.data import (
+    IdMap,
+    Interactions,
+    SequenceData,
+    build_sequences,
+    data_dir,
+    default_dataset_path,
+    detect_format,
+    leave_one_out,
+    load_interactions,
+    synthetic_interactions,
+)
+
+DATA = Path(
+    os.environ.get("PERSREC_DATA_DIR")
+    or Path(__file__).resolve().parents[2].parent / "shared" / "data"
+)
+ML1M_SEQ = DATA / "ml-1m" / "ml-1m_sequences_original_ids.txt.gz"
+ML1M_DAT = DATA / "ml-1m" / "ratings_subset_users1-2999.dat.gz"
+LATEST_CSV = DATA / "ml-latest-small" / "ratings.csv"
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        pytest.skip(f"dataset file {path} not found (set PERSREC_DATA_DIR)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ml1m():
+    interactions = load_interactions(_need(ML1M_SEQ))
+    seqs, id_map = build_sequences(interactions)
+    return interactions, seqs, id_map
+
+
+# ---------------------------------------------------------------------------- real data
+
+
+def test_ml1m_sequences_counts_and_order(ml1m):
+    interactions, seqs, id_map = ml1m
+    assert len(interactions) == 1_000_209
+    assert interactions.timestamps is None
+    assert len(seqs) == 6_040
+    assert id_map.num_items == 3_706
+    assert int(seqs.lengths().sum()) == 1_000_209
+
+    with gzip.open(ML1M_SEQ, "rt") as f:
+        head = [next(f).split() for _ in range(20)]
+    user_1 = [item for user, item in head if user == "1"]
+    assert seqs.user_ids[0] == "1"
+    assert id_map.decode(seqs.items[0][: len(user_1)]) == user_1
+    # File order is kept exactly, so the first items get dense ids 1, 2, 3, ...
+    assert seqs.items[0][:5].tolist() == [1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(interactions.items[: len(user_1)], user_1)
+
+
+def test_ml1m_leave_one_out(ml1m):
+    _, seqs, _ = ml1m
+    split = leave_one_out(seqs)
+    lengths = seqs.lengths()
+    assert lengths.min() >= 3  # ML-1M users have at least 20 ratings
+    assert len(split.valid) == len(split.test) == 6_040
+    assert len(split.train) == len(seqs)
+    assert int(split.train.lengths().sum()) == 1_000_209 - 2 * 6_040
+    for u in (0, 17, 6_039):
+        s = seqs.items[u]
+        np.testing.assert_array_equal(split.train.items[u], s[:-2])
+        np.testing.assert_array_equal(split.valid.history[u], s[:-2])
+        np.testing.assert_array_equal(split.test.history[u], s[:-1])
+        assert split.valid.target[u] == s[-2] and split.test.target[u] == s[-1]
+    assert split.valid.history_ts is None and split.test.target_ts is None
+
+
+def test_grouplens_dat_subset():
+    interactions = load_interactions(_need(ML1M_DAT))
+    assert detect_format(ML1M_DAT) == "grouplens-dat"
+    assert len(interactions) == 487_650
+    assert interactions.timestamps is not None and interactions.timestamps.dtype == np.int64
+    with gzip.open(ML1M_DAT, "rt", encoding="latin-1") as f:
+        first_line = f.readline().strip().split("::")
+    assert [interactions.users[0], interactions.items[0], str(interactions.timestamps[0])] == [
+        first_line[0],
+        first_line[1],
+        first_line[3],
+    ]
+    seqs, _ = build_sequences(interactions)
+    assert len(seqs) == 2_999
+    assert seqs.user_ids[:3] == ["1", "2", "3"]
+    assert all(np.all(np.diff(t) >= 0) for t in seqs.timestamps)
+    # 2000-10-04 .. 2003-02-27 UTC, as the README says
+    assert (
+        970_617_600 <= interactions.timestamps.min()
+        and interactions.timestamps.max() < 1_046_390_400
+    )
+    split = leave_one_out(seqs)
+    assert np.all(split.test.target_ts >= split.valid.target_ts)
+
+
+def test_ml_latest_small_csv():
+    interactions = load_interactions(_need(LATEST_CSV))
+    assert detect_format(LATEST_CSV) == "csv"
+    assert len(interactions) == 100_836
+    assert (interactions.users[0], interactions.items[0], interactions.timestamps[0]) == (
+        "1",
+        "1",
+        964_982_703,
+    )
+    seqs, id_map = build_sequences(interactions)
+    assert len(seqs) == 610
+    assert id_map.num_items == 9_724
+    assert all(np.all(np.diff(t) >= 0) for t in seqs.timestamps)
+
+
+def test_data_dir_and_default_path(monkeypatch, tmp_path):
+    monkeypatch.delenv("PERSREC_DATA_DIR", raising=False)
+    assert data_dir() == Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    monkeypatch.setenv("PERSREC_DATA_DIR", str(tmp_path))
+    assert data_dir() == tmp_path
+    assert default_dataset_path() is None
+    target = tmp_path / "ml-1m" / "ml-1m_sequences_original_ids.txt.gz"
+    target.parent.mkdir()
+    target.write_bytes(gzip.compress(b"1 10\n"))
+    assert default_dataset_path() == target
+
+
+# ---------------------------------------------------------------------------- small files
+
+
+def test_csv_iso_timestamps_custom_columns(tmp_path):
+    path = tmp_path / "events.csv"
+    path.write_text(
+        "who,what,when,score\n"
+        "alice,007,2021-01-01T10:00:00Z,1\n"
+        "bob,x,2021-01-01T09:00:00+02:00,1\n"
+        "alice,y,2021-01-01T09:00:00,1\n"
+        "alice,z,2021-01-01T09:00:00,1\n"
+    )
+    interactions = load_interactions(path, user_col="who", item_col="what", time_col="when")
+    assert interactions.items.tolist() == ["007", "x", "y", "z"]  # ids stay strings
+    assert interactions.timestamps.tolist() == [1609495200, 1609484400, 1609491600, 1609491600]
+    seqs, id_map = build_sequences(interactions)
+    assert seqs.user_ids == ["alice", "bob"]
+    # Sorted by time; y before z (equal times keep file order).
+    assert id_map.decode(seqs.items[0]) == ["y", "z", "007"]
+    with pytest.raises(ValueError, match="cannot find a user column"):
+        load_interactions(path)
+    with pytest.raises(ValueError, match="no time column 'missing'"):
+        load_interactions(path, user_col="who", item_col="what", time_col="missing")
+
+
+def test_csv_mixed_time_strings_and_autodetected_names(tmp_path):
+    path = tmp_path / "log.csv.gz"
+    path.write_bytes(gzip.compress(b"user_id,item_id,ts\n1,a,100\n1,b,2021-01-01\n"))
+    interactions = load_interactions(path)
+    assert interactions.timestamps.tolist() == [100, 1609459200]
+
+
+def test_parquet(tmp_path):
+    path = tmp_path / "events.parquet"
+    table = pa.table(
+        {
+            "user_id": pa.array([5, 5, 7]),
+            "item_id": pa.array(["a", "b", "a"]).dictionary_encode(),
+            "time": pa.array([3_000, 1_000, 2_000], pa.timestamp("ms")),
+        }
+    )
+    pq.write_table(table, path)
+    interactions = load_interactions(path)
+    assert interactions.users.tolist() == ["5", "5", "7"]
+    assert interactions.timestamps.tolist() == [3, 1, 2]
+    seqs, id_map = build_sequences(interactions)
+    assert [id_map.decode(s) for s in seqs.items] == [["b", "a"], ["a"]]
+
+
+def test_bad_lines_name_the_line(tmp_path):
+    seq = tmp_path / "seq.txt"
+    seq.write_text("1 10\n1 11\n1 12 13\n")
+    with pytest.raises(ValueError, match=r"line 3: expected 2 fields, got 3"):
+        load_interactions(seq, fmt="ml1m-seq")
+    dat = tmp_path / "ratings.dat"
+    dat.write_text("1::10::5::100\n1::11::5\n")
+    with pytest.raises(ValueError, match=r"line 2: expected 4 fields, got 3"):
+        load_interactions(dat)
+    dat.write_text("1::10::5::100\n1::11::5::soon\n")
+    with pytest.raises(ValueError, match=r"line 2: timestamp .soon. is not an integer"):
+        load_interactions(dat)
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("userId,movieId,timestamp\n1,2,3\n1,2\n")
+    with pytest.raises(ValueError, match=r"line 3: expected 3 fields, got 2"):
+        load_interactions(bad_csv)
+    bad_csv.write_text("userId,movieId,timestamp\n1,2,3\n1,,4\n")
+    with pytest.raises(ValueError, match=r"line 3: empty 'movieId'"):
+        load_interactions(bad_csv)
+    bad_csv.write_text("userId,movieId,timestamp\n1,2,3\n1,4,yesterday\n")
+    with pytest.raises(ValueError, match=r"line 3: 'timestamp': cannot parse time 'yesterday'"):
+        load_interactions(bad_csv)
+    odd = tmp_path / "odd.txt"
+    odd.write_text("a b c\n")
+    with pytest.raises(ValueError, match="cannot detect the format"):
+        load_interactions(odd)
+    with pytest.raises(ValueError, match="unknown format"):
+        load_interactions(seq, fmt="json")
+
+
+def test_ml1m_seq_without_trailing_newline_and_crlf(tmp_path):
+    path = tmp_path / "seq.txt"
+    path.write_bytes(b"2 b\r\n1 a\r\n2 a")
+    interactions = load_interactions(path)
+    assert interactions.users.tolist() == ["2", "1", "2"]
+    seqs, id_map = build_sequences(interactions)
+    assert seqs.user_ids == ["2", "1"]
+    assert id_map.items.tolist() == ["b", "a"]
+    assert [s.tolist() for s in seqs.items] == [[1, 2], [2]]
+
+
+# ---------------------------------------------------------------------------- IdMap
+
+
+def test_id_map_encode_decode_unknown():
+    id_map = IdMap.from_items(["c", "a", "c", "b", "a"])
+    assert id_map.items.tolist() == ["c", "a", "b"]
+    assert id_map.num_items == len(id_map) == 3
+    np.testing.assert_array_equal(id_map.encode([["a", "b"], ["c", "c"]]), [[2, 3], [1, 1]])
+    assert id_map.encode(["a", "zz"], unknown=0).tolist() == [2, 0]
+    assert id_map.encode(["zz"], unknown=-1).tolist() == [-1]
+    with pytest.raises(KeyError, match="zz"):
+        id_map.encode(["a", "zz"])
+    assert id_map.decode([3, 1]) == ["b", "c"]
+    with pytest.raises(KeyError):
+        id_map.decode([0])
+    assert "a" in id_map and "zz" not in id_map
+    assert IdMap.from_items([1193, 661]).encode(["661"]).tolist() == [2]  # non-str ids via str()
+    with pytest.raises(ValueError, match="duplicate"):
+        IdMap(["a", "a"])
+    assert IdMap([]).encode(["a"], unknown=0).tolist() == [0]
+
+
+def test_id_map_save_load_and_fingerprint(tmp_path):
+    id_map = IdMap.from_items(["1193", "661", "914", "Amélie"])
+    path = tmp_path / "id_map.json"
+    id_map.save(path)
+    loaded = IdMap.load(path)
+    assert loaded == id_map
+    assert loaded.fingerprint() == id_map.fingerprint()
+    assert IdMap.from_json(id_map.to_json()) == id_map
+    # Stable across processes (no hash randomisation or dict-order effects) ...
+    code = (
+        "from persrec.models.data import IdMap; "
+        "print(IdMap(['1193', '661', '914', 'Amélie']).fingerprint())"
+    )
+    other_run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert other_run.stdout.strip() == id_map.fingerprint()
+    # ... and different for a different map, order included.
+    assert IdMap(["661", "1193", "914", "Amélie"]).fingerprint() != id_map.fingerprint()
+    assert IdMap(["1193", "661", "914"]).fingerprint() != id_map.fingerprint()
+    with pytest.raises(ValueError, match="not an IdMap"):
+        IdMap.from_json('{"items": []}')
+
+
+def test_build_sequences_with_given_map():
+    interactions = Interactions(np.array(["u", "u"]), np.array(["a", "b"]))
+    id_map = IdMap(["b", "a"])
+    seqs, same = build_sequences(interactions, id_map)
+    assert same is id_map and seqs.items[0].tolist() == [2, 1]
+    with pytest.raises(KeyError):
+        build_sequences(Interactions(np.array(["u"]), np.array(["c"])), id_map)
+
+
+# ---------------------------------------------------------------------------- split and synthetic
+
+
+def test_leave_one_out_short_users_stay_in_train():
+    seqs = SequenceData(
+        user_ids=["a", "b", "c"],
+        items=[np.array([1, 2, 3, 4]), np.array([5, 6]), np.array([7, 8, 9])],
+        timestamps=[np.array([1, 2, 3, 4]), np.array([1, 2]), np.array([5, 6, 7])],
+    )
+    split = leave_one_out(seqs)
+    assert [s.tolist() for s in split.train.items] == [[1, 2], [5, 6], [7]]
+    assert [t.tolist() for t in split.train.timestamps] == [[1, 2], [1, 2], [5]]
+    assert split.valid.user_index.tolist() == split.test.user_index.tolist() == [0, 2]
+    assert [h.tolist() for h in split.valid.history] == [[1, 2], [7]]
+    assert split.valid.target.tolist() == [3, 8]
+    assert [h.tolist() for h in split.test.history] == [[1, 2, 3], [7, 8]]
+    assert split.test.target.tolist() == [4, 9]
+    assert split.test.target_ts.tolist() == [4, 7]
+    assert [h.tolist() for h in split.test.history_ts] == [[1, 2, 3], [5, 6]]
+
+
+def test_synthetic_interactions_are_learnable_and_deterministic():
+    a = synthetic_interactions(num_users=200, num_items=100, mean_len=30, seed=3)
+    b = synthetic_interactions(num_users=200, num_items=100, mean_len=30, seed=3)
+    np.testing.assert_array_equal(a.items, b.items)
+    seqs, id_map = build_sequences(a)
+    assert len(seqs) == 200 and id_map.num_items <= 100
+    assert seqs.lengths().min() >= 3
+    assert abs(seqs.lengths().mean() - 30) < 3
+    assert all(np.all(np.diff(t) > 0) for t in seqs.timestamps)
+    # The most frequent successor of an item predicts the next item far better than the most
+    # popular item does: the structure a sequential model should find.
+    prev = np.concatenate([s[:-1] for s in seqs.items])
+    nxt = np.concatenate([s[1:] for s in seqs.items])
+    pairs = np.unique(np.stack([prev, nxt]), axis=1, return_counts=True)
+    best_next = {}
+    for (p, n), c in zip(pairs[0].T.tolist(), pairs[1].tolist(), strict=True):
+        if c > best_next.get(p, (0, None))[0]:
+            best_next[p] = (c, n)
+    markov_acc = np.mean(
+        [best_next[p][1] == n for p, n in zip(prev.tolist(), nxt.tolist(), strict=True)]
+    )
+    popular_acc = np.mean(nxt == np.bincount(nxt).argmax())
+    assert markov_acc > 0.5
+    assert popular_acc < 0.1
