@@ -1,0 +1,83 @@
+"""A dict-backed memory store for unit tests and single-process demos.
+
+It stores the same encoded column values as the SQL store (tensors cast to the storage dtype),
+so a test passing here sees the same rounding as on SQLite or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from persrec.memory.codec import check_storage_dtype
+from persrec.memory.record import MemoryRecord, MemoryStats, StaleMemoryError
+from persrec.memory.rows import columns_to_record, record_to_columns, utc_now
+from persrec.memory.store import MemoryStore, check_batch
+
+
+class InMemoryMemoryStore(MemoryStore):
+    def __init__(
+        self, storage_dtype: str = "float16", clock: Callable[[], datetime] = utc_now
+    ) -> None:
+        check_storage_dtype(storage_dtype)  # fail at construction on an unknown dtype
+        self.storage_dtype = storage_dtype
+        self._clock = clock
+        self._rows: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get_many(self, user_ids: Iterable[str], model_version: str) -> dict[str, MemoryRecord]:
+        with self._lock:
+            rows = [self._rows.get(u) for u in set(user_ids)]
+        return {
+            r["user_id"]: columns_to_record(r)
+            for r in rows
+            if r is not None and r["model_version"] == model_version
+        }
+
+    def put_many(
+        self,
+        records: Sequence[MemoryRecord],
+        expected_versions: Mapping[str, int] | None = None,
+    ) -> dict[str, int]:
+        check_batch(records, expected_versions)
+        now = self._clock()
+        # Encode before taking the lock: a bad tensor raises with nothing written.
+        new_rows = [record_to_columns(rec, self.storage_dtype, now) for rec in records]
+        with self._lock:
+            current = {r["user_id"]: self._version(r["user_id"]) for r in new_rows}
+            if expected_versions is not None:
+                stale = [u for u, v in current.items() if v != expected_versions[u]]
+                if stale:
+                    raise StaleMemoryError(stale)
+            for row in new_rows:
+                row["row_version"] = current[row["user_id"]] + 1
+                self._rows[row["user_id"]] = row
+        return {u: v + 1 for u, v in current.items()}
+
+    def delete_many(self, user_ids: Iterable[str]) -> int:
+        with self._lock:
+            return sum(self._rows.pop(u, None) is not None for u in set(user_ids))
+
+    def count(self, model_version: str | None = None) -> int:
+        with self._lock:
+            if model_version is None:
+                return len(self._rows)
+            return sum(r["model_version"] == model_version for r in self._rows.values())
+
+    def stale_users(self, model_version: str, limit: int) -> list[str]:
+        with self._lock:
+            stale = [u for u, r in self._rows.items() if r["model_version"] != model_version]
+        return sorted(stale)[:limit]
+
+    def stats(self) -> MemoryStats:
+        with self._lock:
+            rows = list(self._rows.values())
+        return MemoryStats(
+            rows=len(rows), bytes=sum(len(r["data"]) + len(r["history"] or b"") for r in rows)
+        )
+
+    def _version(self, user_id: str) -> int:
+        row = self._rows.get(user_id)
+        return 0 if row is None else row["row_version"]

@@ -1,0 +1,47 @@
+"""The `user_memory` table (SQLAlchemy 2 typed declarative).
+
+Alembic revision 0001 creates exactly this table; tests check that the migrated schema and this
+metadata agree on SQLite and PostgreSQL. Change both together, through a new revision.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, BigInteger, DateTime, Integer, LargeBinary, MetaData, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Deterministic constraint names, so later migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UserMemory(Base):
+    __tablename__ = "user_memory"
+
+    user_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(128), index=True)
+    dtype: Mapped[str] = mapped_column(String(16))  # storage dtype of `data`, e.g. "float16"
+    shape: Mapped[list[int]] = mapped_column(JSON)  # (L, 2, M, H, D/H)
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # little-endian tensor bytes
+    events_folded: Mapped[int] = mapped_column(BigInteger)
+    # Per-user seq of the last folded event; after a crash the stream drops events <= it from
+    # its recent window, since they are already in `data`.
+    watermark: Mapped[int] = mapped_column(BigInteger)
+    history: Mapped[bytes | None] = mapped_column(LargeBinary)  # (P,) int64 aged-out item ids
+    history_len: Mapped[int] = mapped_column(Integer)  # P; 0 when history is NULL
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # UTC
+    # Optimistic concurrency: 1 on insert, +1 per update. The store's upsert maintains it in
+    # SQL; ORM users get the same check through version_id_col.
+    row_version: Mapped[int] = mapped_column(Integer)
+
+    __mapper_args__ = {"version_id_col": row_version}
