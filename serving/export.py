@@ -1,0 +1,118 @@
+"""``persrec export``: a checkpoint -> a Triton model repository with ``recommend`` and
+``compress`` python-backend models (versioned directories, dynamic batching, GPU when present).
+
+The repository's code comes from ``triton_models/`` in this project; each version directory
+gets a copy of the checkpoint. ``manifest.json`` at the top tells the worker what it serves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from persrec.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "triton_models"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_version: str  # hash of config, id map and weights (persrec.models.checkpoint)
+    triton_version: int  # version directory number in the repository
+    window_len: int  # W: recent items sent per request (recent_len + fold_every)
+    top_k: int
+    memory_shape: tuple[int, ...]
+    has_memory: bool
+    policy: str
+    history_len: int  # RECOMPRESS: aged-out items kept and compressed (max_len - recent_len)
+
+    @classmethod
+    def read(cls, repository: Path) -> "Manifest":
+        d = json.loads((Path(repository) / MANIFEST).read_text())
+        d["memory_shape"] = tuple(d["memory_shape"])
+        return cls(**d)
+
+
+def _dims(shape) -> str:
+    return "[ " + ", ".join(str(s) for s in shape) + " ]"
+
+
+def _io(name: str, dtype: str, shape) -> str:
+    return f'  {{ name: "{name}" data_type: {dtype} dims: {_dims(shape)} }}'
+
+
+def model_config(name: str, ck: Checkpoint, kind: str, max_batch_size: int, params: dict[str, str],
+                 inputs: list[str], outputs: list[str], instances: int) -> str:
+    param_txt = "\n".join(
+        f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items()
+    )
+    sep = ",\n"
+    return f"""name: "{name}"
+backend: "python"
+max_batch_size: {max_batch_size}
+input [
+{sep.join(inputs)}
+]
+output [
+{sep.join(outputs)}
+]
+dynamic_batching {{ max_queue_delay_microseconds: 500 }}
+instance_group [ {{ count: {instances} kind: {kind} }} ]
+{param_txt}
+"""
+
+
+def export_repository(
+    checkpoint: Path | Checkpoint, out: Path, *, top_k: int = 10, fold_every: int = 25,
+    version: int = 1, kind: str = "auto", max_batch_size: int = 1024, instances: int = 1,
+    exclude_seen: bool = True,
+) -> Manifest:
+    """Write (or add a version to) the repository at ``out``; return its manifest."""
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    cfg = ck.config
+    if kind == "auto":
+        kind = "KIND_GPU" if torch.cuda.is_available() else "KIND_CPU"
+    window = cfg.recent_len + fold_every if cfg.has_memory else cfg.max_len
+    manifest = Manifest(
+        model_version=ck.model_version, triton_version=version, window_len=window, top_k=top_k,
+        memory_shape=tuple(cfg.memory_shape), has_memory=cfg.has_memory, policy=cfg.policy.value,
+        history_len=max(cfg.max_len - cfg.recent_len, 0),
+    )
+    params = {"model_version": ck.model_version}
+    mem = list(cfg.memory_shape)
+    rec_inputs = [_io("ITEMS", "TYPE_INT64", [-1]), _io("TIMESTAMPS", "TYPE_INT64", [-1]),
+                  _io("LENGTHS", "TYPE_INT64", [1])]
+    if cfg.has_memory:
+        rec_inputs += [_io("MEMORY", "TYPE_FP32", mem), _io("HAS_MEMORY", "TYPE_BOOL", [1])]
+    models = {
+        "recommend": model_config(
+            "recommend", ck, kind, max_batch_size,
+            params | {"top_k": str(top_k), "exclude_seen": str(exclude_seen).lower()},
+            rec_inputs,
+            [_io("TOP_IDS", "TYPE_INT64", [top_k]), _io("TOP_SCORES", "TYPE_FP32", [top_k])],
+            instances,
+        ),
+    }
+    if cfg.has_memory:
+        models["compress"] = model_config(
+            "compress", ck, kind, max_batch_size, params,
+            [_io("MEMORY", "TYPE_FP32", mem), _io("HAS_MEMORY", "TYPE_BOOL", [1]),
+             _io("ITEMS", "TYPE_INT64", [-1]), _io("TIMESTAMPS", "TYPE_INT64", [-1]),
+             _io("LENGTHS", "TYPE_INT64", [1])],
+            [_io("NEW_MEMORY", "TYPE_FP32", mem)],
+            instances,
+        )
+    out = Path(out)
+    for name, config in models.items():
+        vdir = out / name / str(version)
+        vdir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(TEMPLATES / name / "model.py", vdir / "model.py")
+        save_checkpoint(ck, vdir / "checkpoint.pt")
+        (out / name / "config.pbtxt").write_text(config)
+    (out / MANIFEST).write_text(json.dumps(manifest.__dict__, indent=2))
+    return manifest

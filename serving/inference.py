@@ -1,0 +1,73 @@
+"""Batched model calls on numpy arrays: what the Triton python models run.
+
+Kept free of Triton so the same code runs in-process (tests, offline checks) and inside
+``triton_models/*/model.py``. Shapes: memory ``[B, L, 2, M, H, Dh]`` float32, ``has_memory [B]``
+bool, items/timestamps ``[B, W]`` int64 right-padded, ``lengths [B]`` int64.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from persrec.models.checkpoint import Checkpoint, load_checkpoint
+from persrec.models.device import pick_device
+
+
+class ModelRunner:
+    def __init__(self, checkpoint: Checkpoint | str | Path, device: str = "auto") -> None:
+        self.device = pick_device(device)
+        ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        self.checkpoint = ck
+        self.cfg = ck.config
+        self.model_version = ck.model_version
+        self.model = ck.build_model(self.device)
+        self._empty = None
+        if self.cfg.has_memory:
+            with torch.inference_mode():
+                self._empty = self.model.empty_memory(1)  # [1, L, 2, M, H, Dh]
+
+    def _tensor(self, a: np.ndarray, dtype=None) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=self.device)
+
+    def _memory(self, memory: np.ndarray, has_memory: np.ndarray) -> torch.Tensor:
+        """Rows without a memory get the new-user memory (``compress`` of nothing)."""
+        mem = self._tensor(memory, torch.float32)
+        has = self._tensor(has_memory.reshape(-1), torch.bool)
+        return torch.where(has[:, None, None, None, None, None], mem, self._empty)
+
+    @torch.inference_mode()
+    def recommend(
+        self, memory: np.ndarray | None, has_memory: np.ndarray | None, items: np.ndarray,
+        lengths: np.ndarray, timestamps: np.ndarray | None, top_k: int, exclude_seen: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """-> top-k dense item ids ``[B, k]`` int64 and cosine scores ``[B, k]`` float32."""
+        ids = self._tensor(items, torch.long)
+        lens = self._tensor(lengths.reshape(-1), torch.long)
+        ts = None if timestamps is None else self._tensor(timestamps, torch.long)
+        mem = self._memory(memory, has_memory) if self.cfg.has_memory else None
+        scores = self.model.score(self.model.recommend(mem, ids, lens, ts))
+        if exclude_seen:
+            valid = torch.arange(ids.shape[1], device=ids.device)[None] < lens[:, None]
+            scores.scatter_(1, ids * valid, float("-inf"))  # padding maps to column 0, already -inf
+        k = min(top_k, self.cfg.num_items)
+        top = torch.topk(scores, k, dim=1)
+        return top.indices.cpu().numpy().astype(np.int64), top.values.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def fold(
+        self, memory: np.ndarray, has_memory: np.ndarray, items: np.ndarray, lengths: np.ndarray,
+        timestamps: np.ndarray | None,
+    ) -> np.ndarray:
+        """New memory ``[B, L, 2, M, H, Dh]`` float32 (``has_memory`` False = compress)."""
+        mem = self._tensor(memory, torch.float32)
+        has = self._tensor(has_memory.reshape(-1), torch.bool)
+        ts = None if timestamps is None else self._tensor(timestamps, torch.long)
+        out = self.model.fold(mem, has, self._tensor(items, torch.long), self._tensor(lengths.reshape(-1), torch.long), ts)
+        return out.float().cpu().numpy()
+
+    def empty_memory(self) -> np.ndarray:
+        """``[L, 2, M, H, Dh]`` float32."""
+        return self._empty[0].float().cpu().numpy()

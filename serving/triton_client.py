@@ -1,0 +1,97 @@
+"""Async gRPC client for the ``recommend`` and ``compress`` models, with timeouts and retries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+log = logging.getLogger(__name__)
+
+# gRPC status codes worth retrying: the server is down, restarting, overloaded or slow.
+RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL", "UNKNOWN")
+
+
+class TritonUnavailable(RuntimeError):
+    """Triton did not answer after the allowed attempts."""
+
+
+def _retryable(exc: InferenceServerException) -> bool:
+    status = (exc.status() or "").upper()
+    return any(code in status for code in RETRYABLE) or "unavailable" in str(exc).lower()
+
+
+class TritonModels:
+    """``recommend`` / ``compress`` calls on numpy batches (shapes as in persrec.serving.inference).
+
+    Each call has a deadline (``timeout_s``); retryable failures back off exponentially (capped at
+    ``max_backoff_s``) for at most ``max_attempts`` tries (None = until it succeeds: the worker
+    waits out a Triton restart instead of dropping events).
+    """
+
+    def __init__(self, url: str, *, timeout_s: float = 5.0, max_attempts: int | None = 3,
+                 max_backoff_s: float = 2.0) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.max_backoff_s = max_backoff_s
+        self._client = grpcclient.InferenceServerClient(url)
+        self.healthy = True
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def ready(self, model: str = "recommend") -> bool:
+        try:
+            return bool(await self._client.is_model_ready(model, client_timeout=self.timeout_s))
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return False
+
+    async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        tensors = []
+        for name, arr in inputs.items():
+            dtype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(bool): "BOOL"}[arr.dtype]
+            t = grpcclient.InferInput(name, list(arr.shape), dtype)
+            t.set_data_from_numpy(np.ascontiguousarray(arr))
+            tensors.append(t)
+        requested = [grpcclient.InferRequestedOutput(o) for o in outputs]
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                result = await self._client.infer(model, tensors, outputs=requested, client_timeout=self.timeout_s)
+                self.healthy = True
+                return {o: result.as_numpy(o) for o in outputs}
+            except InferenceServerException as exc:
+                if not _retryable(exc) or (self.max_attempts is not None and attempt >= self.max_attempts):
+                    self.healthy = False
+                    raise TritonUnavailable(f"{model} at {self.url}: {exc}") from exc
+                self.healthy = False
+                delay = min(self.max_backoff_s, 0.05 * 2 ** min(attempt, 10)) * (0.5 + random.random() / 2)
+                log.warning("triton %s failed (%s); retry %d in %.2fs", model, exc.status(), attempt, delay)
+                await asyncio.sleep(delay)
+
+    async def recommend(self, items: np.ndarray, timestamps: np.ndarray, lengths: np.ndarray,
+                        memory: np.ndarray | None = None, has_memory: np.ndarray | None = None,
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """-> TOP_IDS ``[B, k]`` int64 (dense ids), TOP_SCORES ``[B, k]`` float32."""
+        inputs = {"ITEMS": items.astype(np.int64), "TIMESTAMPS": timestamps.astype(np.int64),
+                  "LENGTHS": lengths.reshape(-1, 1).astype(np.int64)}
+        if memory is not None:
+            inputs |= {"MEMORY": memory.astype(np.float32), "HAS_MEMORY": has_memory.reshape(-1, 1).astype(bool)}
+        out = await self._infer("recommend", inputs, ["TOP_IDS", "TOP_SCORES"])
+        return out["TOP_IDS"], out["TOP_SCORES"]
+
+    async def compress(self, memory: np.ndarray, has_memory: np.ndarray, items: np.ndarray,
+                       timestamps: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """-> NEW_MEMORY ``[B, L, 2, M, H, Dh]`` float32."""
+        out = await self._infer("compress", {
+            "MEMORY": memory.astype(np.float32), "HAS_MEMORY": has_memory.reshape(-1, 1).astype(bool),
+            "ITEMS": items.astype(np.int64), "TIMESTAMPS": timestamps.astype(np.int64),
+            "LENGTHS": lengths.reshape(-1, 1).astype(np.int64),
+        }, ["NEW_MEMORY"])
+        return out["NEW_MEMORY"]

@@ -1,0 +1,40 @@
+"""Triton python-backend model ``compress``: (memory, segment) -> new memory.
+
+Inputs (per row): MEMORY fp32 [L,2,M,H,Dh], HAS_MEMORY bool [1] (False: compress the segment
+alone), ITEMS int64 [S], TIMESTAMPS int64 [S], LENGTHS int64 [1]. Output: NEW_MEMORY fp32.
+"""
+
+import json
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from persrec.serving.inference import ModelRunner
+from persrec.serving.triton_batch import concat_rows, split_rows
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        device = "cpu"
+        if args["model_instance_kind"] == "GPU":
+            device = f"cuda:{args['model_instance_device_id']}"
+        path = Path(args["model_repository"]) / args["model_version"] / "checkpoint.pt"
+        self.runner = ModelRunner(path, device)
+        if self.runner.model_version != params["model_version"]:
+            raise RuntimeError(f"checkpoint {self.runner.model_version} != config {params['model_version']}")
+
+    def execute(self, requests):
+        names = ["MEMORY", "HAS_MEMORY", "ITEMS", "TIMESTAMPS", "LENGTHS"]
+        arrays, sizes = concat_rows(
+            [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in names} for r in requests],
+            pad=("ITEMS", "TIMESTAMPS"),
+        )
+        memory = self.runner.fold(
+            arrays["MEMORY"], arrays["HAS_MEMORY"], arrays["ITEMS"], arrays["LENGTHS"], arrays["TIMESTAMPS"],
+        )
+        return [
+            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("NEW_MEMORY", m)])
+            for m in split_rows(memory, sizes)
+        ]
