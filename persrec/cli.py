@@ -155,6 +155,94 @@ def evaluate(
 
 
 @app.command()
+def export(
+    checkpoint: Path,
+    out: Annotated[Optional[Path], typer.Option(help="model repository (default: PERSREC_MODEL_REPOSITORY)")] = None,
+    top_k: int = 10,
+    fold_every: Annotated[Optional[int], typer.Option(help="default: PERSREC_FOLD_EVERY")] = None,
+    version: int = 1,
+    kind: Annotated[str, typer.Option(help="auto (GPU when CUDA is present), KIND_CPU, KIND_GPU")] = "auto",
+) -> None:
+    """Write a Triton model repository (recommend + compress) from a checkpoint."""
+    from persrec.serving.export import export_repository
+
+    settings = Settings()
+    out = out or settings.model_repository
+    m = export_repository(checkpoint, out, top_k=top_k, fold_every=fold_every or settings.fold_every,
+                          version=version, kind=kind)
+    console.print(f"model {m.model_version} -> {out} (version {m.triton_version}, window {m.window_len}, top {m.top_k})")
+
+
+@app.command()
+def triton(
+    repository: Annotated[Optional[Path], typer.Option(help="default: PERSREC_MODEL_REPOSITORY")] = None,
+) -> None:
+    """Run the local tritonserver binary on the model repository until Ctrl-C."""
+    from persrec.embedded.triton import EmbeddedTriton
+    from persrec.serving.export import Manifest
+
+    s = Settings()
+    repo = repository or s.model_repository
+    models = ["recommend"] + (["compress"] if Manifest.read(repo).has_memory else [])
+    http_port = int(s.triton_http_url.rsplit(":", 1)[1])
+    grpc_port = int(s.triton_grpc_url.rsplit(":", 1)[1])
+    with EmbeddedTriton(repo, models, s.work_dir / "triton", http_port=http_port, grpc_port=grpc_port) as server:
+        console.print(f"tritonserver pid {server.pid}: gRPC {server.grpc_url}, HTTP {server.http_url}; Ctrl-C stops it")
+        _wait_for_interrupt()
+
+
+def _wait_for_interrupt() -> None:
+    import signal
+    import threading
+
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def worker(loglevel: str = "info") -> None:
+    """Run a stream worker (Faust) with its status API, configured by PERSREC_* variables."""
+    from persrec.stream.worker import run_worker
+
+    run_worker(Settings(), loglevel)
+
+
+@app.command()
+def api() -> None:
+    """Run the status API alone (readiness, lag, memories in the DB)."""
+    from aiohttp import web
+
+    from persrec.serving.api import create_app
+
+    s = Settings()
+    web.run_app(create_app(s), host=s.api_host, port=s.api_port)
+
+
+@app.command()
+def replay(
+    file: Path,
+    rate: Annotated[Optional[float], typer.Option(help="events per second (default: as fast as possible)")] = None,
+    limit: Optional[int] = None,
+    fmt: Annotated[str, typer.Option("--format")] = "auto",
+) -> None:
+    """Publish a dataset's interactions as events, in time order, keyed by user id."""
+    from rich.progress import Progress
+
+    from persrec.replay import replay as run_replay
+
+    s = Settings()
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"replay -> {s.topic_interactions}", total=limit)
+        sent = run_replay(file, s.kafka_bootstrap, s.topic_interactions, rate=rate, limit=limit, fmt=fmt,
+                          on_progress=lambda n: progress.update(task, completed=n))
+    console.print(f"sent {sent} events")
+
+
+@app.command()
 def demo(
     data: DataArg = None,
     minutes: Annotated[float, typer.Option(help="training budget")] = 3.0,

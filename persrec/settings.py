@@ -23,6 +23,17 @@ class Settings(BaseSettings):
     topic_dlq: str = "interactions.dlq"
     partitions: int = Field(4, ge=1)
 
+    # stream worker
+    app_id: str = Field("persrec", description="Faust app id = Kafka consumer group")
+    model_repository: Path = Field(Path("var/model_repository"), description="from `persrec export`")
+    top_k: int = Field(10, ge=1, le=1000)
+    fold_every: int = Field(25, ge=1, description="fold when a window exceeds recent_len + this")
+    fold_interval_s: float = Field(0.5, gt=0)
+    max_batch: int = Field(256, ge=1, description="events per Triton recommend call")
+    batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
+    storage_dtype: str = Field("float16", pattern="^(float16|float32)$")
+    worker_web_port: int = Field(6066, description="Faust's own web server")
+
     # memory store
     database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite in work_dir")
 

@@ -25,6 +25,7 @@ class Manifest:
     model_version: str  # hash of config, id map and weights (persrec.models.checkpoint)
     triton_version: int  # version directory number in the repository
     window_len: int  # W: recent items sent per request (recent_len + fold_every)
+    recent_len: int  # items that stay in the window after a fold
     top_k: int
     memory_shape: tuple[int, ...]
     has_memory: bool
@@ -79,7 +80,8 @@ def export_repository(
         kind = "KIND_GPU" if torch.cuda.is_available() else "KIND_CPU"
     window = cfg.recent_len + fold_every if cfg.has_memory else cfg.max_len
     manifest = Manifest(
-        model_version=ck.model_version, triton_version=version, window_len=window, top_k=top_k,
+        model_version=ck.model_version, triton_version=version, window_len=window,
+        recent_len=cfg.recent_len, top_k=top_k,
         memory_shape=tuple(cfg.memory_shape), has_memory=cfg.has_memory, policy=cfg.policy.value,
         history_len=max(cfg.max_len - cfg.recent_len, 0),
     )

@@ -1,0 +1,306 @@
+"""The aiohttp status API.
+
+``GET /healthz`` (process up), ``GET /readyz`` (broker, DB and Triton reachable, model loaded;
+503 with the failing parts otherwise), ``GET /status`` (events in, recommendations out, DLQ,
+lag per partition, fold backlog, latency), ``GET /users/{user_id}`` (memory metadata, window,
+last recommendation), ``DELETE /users/{user_id}`` (erase a user's memory and window; needs the
+bearer token from ``PERSREC_API_TOKEN``), ``GET /metrics`` (Prometheus), ``GET /openapi.json``.
+
+Runs inside a worker (``persrec worker``: it sees that worker's windows and counters) or alone
+(``persrec api``: cluster-level facts only: readiness, lag, memories in the DB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from persrec.memory import SqlMemoryStore
+from persrec.serving.export import Manifest
+from persrec.serving.triton_client import TritonModels
+from persrec.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+WORKER = web.AppKey("worker", dict)  # the worker's state (runtime, table, topics); {} standalone
+STORE = web.AppKey("store", SqlMemoryStore)
+TRITON = web.AppKey("triton", TritonModels)
+KAFKA = web.AppKey("kafka", dict)
+MANIFEST = web.AppKey("manifest", dict)
+MAX_USER_ID = 256
+
+
+def _error(status: type[web.HTTPException], message: str) -> web.HTTPException:
+    return status(text=json.dumps({"error": message}), content_type="application/json")
+
+
+async def _resources(app: web.Application):
+    s = app[SETTINGS]
+    app[STORE] = SqlMemoryStore(s.resolved_database_url)
+    app[TRITON] = TritonModels(s.triton_grpc_url, timeout_s=2.0, max_attempts=1)
+    app[KAFKA] = {}
+    try:
+        app[MANIFEST] = {"manifest": Manifest.read(s.model_repository)}
+    except (OSError, ValueError, TypeError):
+        app[MANIFEST] = {}
+    yield
+    for client in app[KAFKA].values():
+        await client.close()
+    await app[TRITON].close()
+    app[STORE].close()
+
+
+async def _kafka(app: web.Application, kind: str):
+    """Lazily started aiokafka clients (the API must start while the broker is down)."""
+    clients = app[KAFKA]
+    if kind not in clients:
+        s = app[SETTINGS]
+        client = (AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=3000)
+                  if kind == "admin" else
+                  AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=3000))
+        await asyncio.wait_for(client.start(), 5)
+        clients[kind] = client
+    return clients[kind]
+
+
+async def _check(coro, timeout: float = 3.0) -> str | None:
+    """None if ``coro`` succeeds in time, else a short reason."""
+    try:
+        ok = await asyncio.wait_for(coro, timeout)
+        return None if ok is not False else "not ready"
+    except Exception as exc:  # noqa: BLE001 - readiness reports any failure
+        return f"{type(exc).__name__}: {exc}"[:200] or type(exc).__name__
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+
+    async def broker():
+        admin = await _kafka(app, "admin")
+        await admin.list_topics()
+
+    async def database():
+        await asyncio.to_thread(app[STORE].count)
+
+    async def triton():
+        return await app[TRITON].ready("recommend")
+
+    checks = {"broker": await _check(broker()), "database": await _check(database()),
+              "triton": await _check(triton())}
+    if not app[MANIFEST]:
+        checks["model"] = f"no manifest in {app[SETTINGS].model_repository}"
+    ready = not any(checks.values())
+    body = {"ready": ready, "checks": {k: (v or "ok") for k, v in checks.items()}}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def lag(app: web.Application) -> dict[str, int]:
+    s = app[SETTINGS]
+    admin = await _kafka(app, "admin")
+    consumer = await _kafka(app, "consumer")
+    committed = await admin.list_consumer_group_offsets(s.app_id)
+    tps = [TopicPartition(s.topic_interactions, p) for p in sorted(consumer.partitions_for_topic(s.topic_interactions) or range(s.partitions))]
+    ends = await consumer.end_offsets(tps)
+    out = {}
+    for tp in tps:
+        meta = committed.get(tp)
+        done = meta.offset if meta is not None and meta.offset >= 0 else 0
+        out[str(tp.partition)] = max(ends[tp] - done, 0)
+    return out
+
+
+async def status(request: web.Request) -> web.Response:
+    app = request.app
+    body: dict[str, Any] = {"time": time.time()}
+    try:
+        body["lag"] = await asyncio.wait_for(lag(app), 5)
+    except Exception as exc:  # noqa: BLE001
+        body["lag"] = None
+        body["lag_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    rt = app[WORKER].get("runtime")
+    if rt is not None:
+        c = rt.counters
+        body |= {
+            "events_in": c.events_in, "recs_out": c.recs_out, "dlq": c.dlq,
+            "duplicates": c.duplicates, "rerouted": c.rerouted, "cold_start": c.cold_start,
+            "folds": c.folds, "fold_backlog": len(rt.fold_pending),
+            "latency": c.latency_quantiles(), "model_version": rt.manifest.model_version,
+        }
+    return web.json_response(body)
+
+
+def _user_id(request: web.Request) -> str:
+    user_id = request.match_info["user_id"]
+    if not user_id or len(user_id) > MAX_USER_ID or not user_id.isprintable():
+        raise _error(web.HTTPBadRequest, f"user_id must be 1..{MAX_USER_ID} printable characters")
+    return user_id
+
+
+async def user(request: web.Request) -> web.Response:
+    app = request.app
+    user_id = _user_id(request)
+    manifest = app[MANIFEST].get("manifest")
+    body: dict[str, Any] = {"user_id": user_id, "memory": None}
+    if manifest is not None:
+        rows = await asyncio.to_thread(app[STORE].get_many, [user_id], manifest.model_version)
+        r = rows.get(user_id)
+        if r is not None:
+            body["memory"] = {
+                "model_version": r.model_version, "shape": list(r.tensor.shape),
+                "events_folded": r.events_folded, "watermark": r.watermark,
+                "history_len": 0 if r.history is None else int(len(r.history)),
+                "updated_at": r.updated_at.isoformat() if r.updated_at else None,
+                "row_version": r.row_version,
+            }
+    worker = app[WORKER]
+    if "runtime" in worker:
+        rt = worker["runtime"]
+        w = rt.read_window(user_id)
+        wm = body["memory"]["watermark"] if body["memory"] else 0
+        items, _ = rt.model_inputs(w, wm)
+        body["window"] = {"events": w.seq, "items_after_watermark": w.seq - wm,
+                          "known_items": len(items), "items": w.items[max(wm - w.base, 0):]}
+        body["last_recommendation"] = rt.last_recs.get(user_id)
+    if body["memory"] is None and body.get("window", {}).get("events", 0) == 0:
+        raise _error(web.HTTPNotFound, f"no state for user {user_id!r}")
+    return web.json_response(body)
+
+
+def _authorised(request: web.Request) -> None:
+    token = request.app[SETTINGS].api_token
+    if token is None:
+        raise _error(web.HTTPForbidden, "mutating endpoints are disabled: set PERSREC_API_TOKEN")
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode()):
+        raise _error(web.HTTPUnauthorized, "missing or wrong bearer token")
+
+
+async def delete_user(request: web.Request) -> web.Response:
+    """Queue the erasure on the interactions topic, ordered with the user's events; the worker
+    that owns the user deletes the window and the memory."""
+    _authorised(request)
+    user_id = _user_id(request)
+    s = request.app[SETTINGS]
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all")
+    try:
+        await asyncio.wait_for(producer.start(), 5)
+        await producer.send_and_wait(s.topic_interactions, json.dumps({"op": "delete_user", "user_id": user_id}).encode(),
+                                     key=user_id.encode())
+    except Exception as exc:  # noqa: BLE001
+        raise _error(web.HTTPServiceUnavailable, f"broker unavailable: {type(exc).__name__}") from None
+    finally:
+        await producer.stop()
+    return web.json_response({"user_id": user_id, "status": "deletion queued"}, status=202)
+
+
+class _WorkerCollector:
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    def collect(self):
+        rt = self.app[WORKER].get("runtime")
+        if rt is None:
+            return
+        c = rt.counters
+        for name, value, help_ in [
+            ("persrec_events_in", c.events_in, "events read"),
+            ("persrec_recommendations_out", c.recs_out, "recommendation messages published"),
+            ("persrec_dlq", c.dlq, "events sent to the dead-letter topic"),
+            ("persrec_duplicates", c.duplicates, "replayed event ids"),
+            ("persrec_folds", c.folds, "memories written by folds"),
+        ]:
+            m = CounterMetricFamily(name, help_)
+            m.add_metric([], value)
+            yield m
+        g = GaugeMetricFamily("persrec_fold_backlog", "users waiting for a fold")
+        g.add_metric([], len(rt.fold_pending))
+        yield g
+        q = c.latency_quantiles()
+        for k in ("p50_ms", "p99_ms"):
+            if q[k] is not None:
+                g = GaugeMetricFamily(f"persrec_latency_{k}", "event read -> recommendation published")
+                g.add_metric([], q[k])
+                yield g
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_WorkerCollector(request.app))
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+OPENAPI = {
+    "openapi": "3.0.3",
+    "info": {"title": "persrec status API", "version": "1"},
+    "paths": {
+        "/healthz": {"get": {"responses": {"200": {"description": "process is up"}}}},
+        "/readyz": {"get": {"responses": {"200": {"description": "ready"}, "503": {"description": "a dependency is down"}}}},
+        "/status": {"get": {"responses": {"200": {"description": "counters, lag, backlog, latency"}}}},
+        "/metrics": {"get": {"responses": {"200": {"description": "Prometheus text format"}}}},
+        "/users/{user_id}": {
+            "parameters": [{"name": "user_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID}}],
+            "get": {"responses": {"200": {"description": "user state"}, "400": {"description": "bad id"}, "404": {"description": "unknown user"}}},
+            "delete": {"security": [{"bearer": []}], "responses": {"202": {"description": "deletion queued"}, "401": {"description": "bad token"}, "403": {"description": "disabled"}}},
+        },
+    },
+    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+}
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
+
+
+@web.middleware
+async def errors(request: web.Request, handler):
+    """Domain errors become JSON 4xx; anything unexpected a JSON 500 without a stack trace."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:  # noqa: BLE001
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        raise _error(web.HTTPInternalServerError, "internal error") from None
+
+
+def create_app(settings: Settings, worker_state: dict | None = None) -> web.Application:
+    app = web.Application(middlewares=[errors])
+    app[SETTINGS] = settings
+    app[WORKER] = worker_state if worker_state is not None else {}
+    app.cleanup_ctx.append(_resources)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/users/{user_id}", user)
+    app.router.add_delete("/users/{user_id}", delete_user)
+    return app
+
+
+def serve_in_worker(faust_app, settings: Settings, worker_state: dict) -> None:
+    """Run the API inside a Faust worker's event loop."""
+
+    @faust_app.task
+    async def status_api() -> None:
+        runner = web.AppRunner(create_app(settings, worker_state))
+        await runner.setup()
+        await web.TCPSite(runner, settings.api_host, settings.api_port).start()
+        log.info("status API on http://%s:%d", settings.api_host, settings.api_port)

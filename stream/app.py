@@ -1,0 +1,185 @@
+"""The Faust worker: ``interactions`` -> per-user window table -> Triton -> ``recommendations``.
+
+For each event (in the agent, in partition order):
+  1. parse it; a bad event goes to the dead-letter topic with its reason, then is acknowledged;
+  2. an event keyed by something else than its user id is re-published keyed by the user id
+     (so each user's window lives in one partition), then acknowledged;
+  3. update the user's window in the changelog-backed table (a replayed event id changes nothing);
+  4. queue a recommendation request carrying a snapshot of the window.
+The batcher task then, per batch: calls Triton once, publishes one message per event, waits
+until the broker has them, and only then acknowledges the events. Offsets are committed after
+that (and after the table changelog is flushed), so a crash can repeat a recommendation (same
+event id) but never loses an acknowledged event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import faust
+
+from persrec.settings import Settings
+
+from . import window as win
+from .events import InvalidEvent, UserDeletion, parse_event
+from .runtime import RecRequest, Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Topics:
+    interactions: faust.TopicT
+    recommendations: faust.TopicT
+    dlq: faust.TopicT
+
+
+def create_app(settings: Settings) -> faust.App:
+    return faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",
+        topic_partitions=settings.partitions,
+        processing_guarantee="at_least_once",
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        web_port=settings.worker_web_port,
+        web_host="127.0.0.1",
+        table_standby_replicas=0,
+        producer_linger_ms=1,
+    )
+
+
+def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
+    """Register topics, the window table, the agent, the batcher and the fold timer on ``app``.
+
+    ``make_runtime(read_window)`` builds the Runtime inside the worker's event loop.
+    Returns a dict that will hold ``runtime`` once the worker runs (for the status API).
+    """
+    topics = Topics(
+        app.topic(settings.topic_interactions, key_serializer="raw", value_serializer="raw",
+                  partitions=settings.partitions),
+        app.topic(settings.topic_recommendations, key_serializer="raw", value_serializer="raw"),
+        app.topic(settings.topic_dlq, key_serializer="raw", value_serializer="raw"),
+    )
+    # Keys are raw user-id bytes and values JSON: the app's default serializers.
+    windows = app.Table("windows", default=None, partitions=settings.partitions)
+    state: dict = {"topics": topics, "windows": windows}
+    queue: asyncio.Queue[RecRequest] = asyncio.Queue(maxsize=4 * settings.max_batch)
+
+    def read_window(user_id: str) -> win.Window:
+        return win.Window.from_json(windows.get(user_id.encode()))
+
+    async def runtime() -> Runtime:
+        if "runtime" not in state:
+            state["runtime"] = await make_runtime(read_window)
+        return state["runtime"]
+
+    @app.agent(topics.interactions)
+    async def process(stream):
+        rt = await runtime()
+        async for event in stream.noack().events():
+            msg = event.message
+            source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+            rt.counters.events_in += 1
+            try:
+                ev = parse_event(event.value, now=time.time())
+            except InvalidEvent as exc:
+                await dead_letter(rt, event, exc.reason, exc.detail, source)
+                await stream.ack(event)
+                continue
+            key = ev.user_id.encode()
+            if event.key != key:
+                delivered = await topics.interactions.send(key=key, value=event.value)
+                await delivered
+                rt.counters.rerouted += 1
+                await stream.ack(event)
+                continue
+            if isinstance(ev, UserDeletion):
+                if windows.get(key) is not None:
+                    del windows[key]
+                await asyncio.to_thread(rt.store.delete_many, [ev.user_id])
+                rt.forget([ev.user_id])
+                log.info("erased user %r", ev.user_id)
+                await stream.ack(event)
+                continue
+            event_id = ev.event_id or f"{msg.topic}:{msg.partition}:{msg.offset}"
+            w = win.Window.from_json(windows.get(key))
+            duplicate = win.seen(w, event_id)
+            if duplicate:
+                rt.counters.duplicates += 1
+            else:
+                w = win.append(w, event_id, ev.item_id, int(ev.ts))
+                cached = rt.cached(ev.user_id)
+                if cached is not None:
+                    w = win.trim(w, cached.watermark)
+                windows[key] = w.to_json()
+            rt.in_flight[ev.user_id] += 1
+            await queue.put(RecRequest(ev.user_id, w, event_id, ev.ts, source, time.monotonic(),
+                                       duplicate, ack=lambda e=event: stream.ack(e)))
+
+    async def dead_letter(rt: Runtime, event, reason: str, detail: str, source: dict) -> None:
+        headers = {"reason": reason.encode(), "detail": detail.encode()[:500],
+                   "source": json.dumps(source).encode()}
+        delivered = await topics.dlq.send(key=event.key, value=event.value or b"", headers=headers)
+        await delivered
+        rt.counters.dlq += 1
+        log.info("dead-lettered %s:%s@%s: %s", source["topic"], source["partition"], source["offset"], reason)
+
+    @app.task
+    async def batcher() -> None:
+        rt = await runtime()
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await queue.get()]
+            deadline = loop.time() + settings.batch_wait_ms / 1000
+            while len(batch) < settings.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), timeout))
+                except asyncio.TimeoutError:
+                    break
+            delay = 0.1
+            while True:  # a batch is never dropped: its events stay unacknowledged until it succeeds
+                try:
+                    await publish(rt, batch)
+                    break
+                except Exception:  # noqa: BLE001 - Triton/broker/DB trouble: wait and retry
+                    log.exception("recommendation batch of %d failed; retrying in %.1fs", len(batch), delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+    async def publish(rt: Runtime, batch: list[RecRequest]) -> None:
+        messages = await rt.recommend_batch(batch)
+        futures = [
+            await topics.recommendations.send(key=m["user_id"].encode(), value=json.dumps(m).encode())
+            for m in messages
+        ]
+        await asyncio.gather(*futures)
+        for r in batch:
+            rt.in_flight[r.user_id] -= 1
+            if not rt.in_flight[r.user_id]:
+                del rt.in_flight[r.user_id]
+        now = time.monotonic()
+        for r in batch:
+            rt.counters.latencies_ms.append((now - r.received) * 1000)
+            await r.ack()
+        rt.counters.recs_out += len(batch)
+
+    @app.timer(settings.fold_interval_s)
+    async def fold() -> None:
+        rt = await runtime()
+        try:
+            while rt.fold_pending:
+                if not await rt.fold_once():
+                    break
+        except Exception:  # noqa: BLE001 - the users stay pending; the next tick retries
+            log.exception("fold failed; %d users pending", len(rt.fold_pending))
+
+    return state

@@ -1,0 +1,265 @@
+"""What the worker does with events, apart from Faust: memories, model calls, messages, folds.
+
+Recommendation path for a batch of requests (each: a user's window snapshot + its event):
+  1. load the users' memories (LRU cache, then one batched DB read for misses);
+  2. model input = window items after the memory's watermark, mapped to the model's item ids
+     (items the model does not know are skipped);
+  3. one Triton ``recommend`` call for the batch;
+  4. one message per request (see ``recommendation_message``).
+
+Fold path (``fold_once``), for users whose window outgrew ``recent_len + fold_every``:
+  1. skip users with a recommendation in flight (its window snapshot predates the fold);
+  2. segment = the oldest window items after the watermark, leaving ``recent_len``;
+  3. one Triton ``compress`` call: RECOMPRESS compresses the last ``history_len`` aged-out items
+     (kept in the DB row), INCREMENTAL folds the segment into the stored memory;
+  4. write memories with compare-and-set on row_version (a concurrent writer wins, we retry);
+  5. update the cache. The window is trimmed later, by the agent, from the new watermark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from persrec.memory import MemoryRecord, MemoryStore, StaleMemoryError
+from persrec.memory.codec import decode_tensor, encode_tensor
+from persrec.models.data import IdMap
+from persrec.serving.export import Manifest
+from persrec.serving.triton_client import TritonModels
+
+from . import window as win
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    top_k: int = 10
+    fold_every: int = 25  # fold when the window exceeds recent_len + fold_every
+    fold_batch: int = 256  # users per compress call
+    storage_dtype: str = "float16"  # memory tensors in the DB
+    cache_size: int = 100_000  # memories kept decoded in the worker
+
+
+@dataclass
+class CachedMemory:
+    tensor: np.ndarray | None  # [L, 2, M, H, Dh] float32 as stored; None = no memory yet
+    events_folded: int = 0
+    watermark: int = 0
+    history: np.ndarray | None = None  # RECOMPRESS: dense ids of the last aged-out items
+    row_version: int = 0  # 0 = no row for this model version
+
+
+@dataclass
+class RecRequest:
+    user_id: str
+    window: win.Window
+    event_id: str
+    event_ts: float
+    source: dict[str, Any]  # topic, partition, offset of the triggering event
+    received: float  # monotonic time the worker read the event
+    duplicate: bool = False
+    ack: Callable[[], Any] | None = None
+
+
+@dataclass
+class Counters:
+    events_in: int = 0
+    recs_out: int = 0
+    dlq: int = 0
+    duplicates: int = 0
+    rerouted: int = 0
+    cold_start: int = 0
+    folds: int = 0
+    fold_conflicts: int = 0
+    latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
+
+    def latency_quantiles(self) -> dict[str, float | None]:
+        if not self.latencies_ms:
+            return {"p50_ms": None, "p99_ms": None}
+        arr = np.fromiter(self.latencies_ms, float)
+        return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99))}
+
+
+class Runtime:
+    def __init__(self, store: MemoryStore, models: TritonModels, id_map: IdMap, manifest: Manifest,
+                 cfg: StreamConfig, read_window: Callable[[str], win.Window]) -> None:
+        self.store, self.models, self.id_map, self.manifest, self.cfg = store, models, id_map, manifest, cfg
+        self.read_window = read_window
+        self.cache: collections.OrderedDict[str, CachedMemory] = collections.OrderedDict()
+        self.fold_pending: set[str] = set()
+        self.in_flight: collections.Counter[str] = collections.Counter()
+        self.last_recs: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self.counters = Counters()
+        self._index = {item: i + 1 for i, item in enumerate(id_map.items.tolist())}
+
+    # -------------------------------------------------------------------------- memories
+    def cached(self, user_id: str) -> CachedMemory | None:
+        return self.cache.get(user_id)
+
+    def _remember(self, user_id: str, mem: CachedMemory) -> None:
+        self.cache[user_id] = mem
+        self.cache.move_to_end(user_id)
+        while len(self.cache) > self.cfg.cache_size:
+            self.cache.popitem(last=False)
+
+    async def memories(self, user_ids: list[str]) -> dict[str, CachedMemory]:
+        missing = [u for u in user_ids if u not in self.cache]
+        if missing:
+            rows = await asyncio.to_thread(self.store.get_many, missing, self.manifest.model_version)
+            for u in missing:
+                r = rows.get(u)
+                self._remember(u, CachedMemory(None) if r is None else CachedMemory(
+                    r.tensor.astype(np.float32), r.events_folded, r.watermark, r.history, r.row_version))
+        out = {}
+        for u in user_ids:
+            out[u] = self.cache[u]
+            self.cache.move_to_end(u)
+        return out
+
+    def forget(self, user_ids) -> None:
+        for u in user_ids:
+            self.cache.pop(u, None)
+            self.last_recs.pop(u, None)
+            self.fold_pending.discard(u)
+
+    # ---------------------------------------------------------------------- recommending
+    def model_inputs(self, w: win.Window, watermark: int) -> tuple[list[int], list[int]]:
+        items, ts = win.effective(w, watermark)
+        pairs = [(self._index[i], t) for i, t in zip(items, ts) if i in self._index]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    async def recommend_batch(self, reqs: list[RecRequest]) -> list[dict]:
+        mems = await self.memories(list(dict.fromkeys(r.user_id for r in reqs)))
+        inputs = [self.model_inputs(r.window, mems[r.user_id].watermark) for r in reqs]
+        live = [i for i, (items, _) in enumerate(inputs) if items]
+        top_ids = top_scores = None
+        if live:
+            width = max([self.manifest.window_len] + [len(inputs[i][0]) for i in live])
+            items = np.zeros((len(live), width), np.int64)
+            ts = np.zeros((len(live), width), np.int64)
+            lengths = np.zeros(len(live), np.int64)
+            for row, i in enumerate(live):
+                n = len(inputs[i][0])
+                items[row, :n], ts[row, :n], lengths[row] = inputs[i][0], inputs[i][1], n
+            memory = has = None
+            if self.manifest.has_memory:
+                memory = np.zeros((len(live), *self.manifest.memory_shape), np.float32)
+                has = np.zeros(len(live), bool)
+                for row, i in enumerate(live):
+                    m = mems[reqs[i].user_id]
+                    if m.tensor is not None:
+                        memory[row], has[row] = m.tensor, True
+            top_ids, top_scores = await self.models.recommend(items, ts, lengths, memory, has)
+        now = time.time()
+        messages, row_of = [], {i: row for row, i in enumerate(live)}
+        threshold = self.manifest.recent_len + self.cfg.fold_every
+        for i, r in enumerate(reqs):
+            m = mems[r.user_id]
+            if i in row_of:
+                row = row_of[i]
+                recs = [{"item_id": item, "score": round(float(s), 6)}
+                        for item, s in zip(self.id_map.decode(top_ids[row].tolist()), top_scores[row])]
+            else:
+                recs = []
+                self.counters.cold_start += 1
+            msg = recommendation_message(r, recs, self.manifest.model_version, m, len(inputs[i][0]), now)
+            messages.append(msg)
+            self.last_recs[r.user_id] = msg
+            self.last_recs.move_to_end(r.user_id)
+            if len(self.last_recs) > self.cfg.cache_size:
+                self.last_recs.popitem(last=False)
+            if self.manifest.has_memory and r.window.seq - m.watermark > threshold:
+                self.fold_pending.add(r.user_id)
+        return messages
+
+    # --------------------------------------------------------------------------- folding
+    async def fold_once(self) -> int:
+        """Fold one batch of pending users; returns how many memories were written."""
+        users = [u for u in list(self.fold_pending) if not self.in_flight[u]][: self.cfg.fold_batch]
+        if not users:
+            return 0
+        mems = await self.memories(users)
+        plan = []  # (user, memory, segment items (dense), segment ts, new watermark, folded count)
+        for u in users:
+            w, m = self.read_window(u), mems[u]
+            seg, seg_ts, new_wm = win.fold_segment(w, m.watermark, self.manifest.recent_len)
+            if not seg:
+                self.fold_pending.discard(u)
+                continue
+            known = [(self._index[i], t) for i, t in zip(seg, seg_ts) if i in self._index]
+            plan.append((u, m, [k for k, _ in known], [t for _, t in known], new_wm, len(seg)))
+        if not plan:
+            return 0
+        recompress = self.manifest.policy == "recompress"
+        rows = []
+        for u, m, seg, seg_ts, _, _ in plan:
+            if recompress:
+                hist = np.concatenate([m.history if m.history is not None else np.zeros(0, np.int64),
+                                       np.asarray(seg, np.int64)])[-self.manifest.history_len:]
+                rows.append((hist, np.zeros_like(hist), False, hist))
+            else:
+                rows.append((np.asarray(seg, np.int64), np.asarray(seg_ts, np.int64), m.tensor is not None, None))
+        width = max(1, max(len(r[0]) for r in rows))
+        items = np.zeros((len(rows), width), np.int64)
+        ts = np.zeros_like(items)
+        lengths = np.array([len(r[0]) for r in rows], np.int64)
+        memory = np.zeros((len(rows), *self.manifest.memory_shape), np.float32)
+        has = np.array([r[2] for r in rows], bool)
+        for i, (it, t, h, _) in enumerate(rows):
+            items[i, : len(it)], ts[i, : len(t)] = it, t
+            if h:
+                memory[i] = plan[i][1].tensor
+        new = await self.models.compress(memory, has, items, ts, lengths)
+        records, expected, fresh = [], {}, []
+        for i, (u, m, _, _, new_wm, n) in enumerate(plan):
+            stored = _as_stored(new[i], self.cfg.storage_dtype)
+            rec = MemoryRecord(u, self.manifest.model_version, stored, m.events_folded + n, new_wm, rows[i][3])
+            (records if m.row_version else fresh).append(rec)
+            if m.row_version:
+                expected[u] = m.row_version
+        written: dict[str, int] = {}
+        try:
+            if records:
+                written |= await asyncio.to_thread(self.store.put_many, records, expected)
+        except StaleMemoryError as exc:  # another worker owns these users now: reload later
+            self.counters.fold_conflicts += len(exc.users)
+            self.forget(exc.users)
+            records = []
+        if fresh:
+            written |= await asyncio.to_thread(self.store.put_many, fresh)
+        for rec in records + fresh:
+            self._remember(rec.user_id, CachedMemory(rec.tensor, rec.events_folded, rec.watermark, rec.history, written[rec.user_id]))
+            self.fold_pending.discard(rec.user_id)
+        self.counters.folds += len(written)
+        return len(written)
+
+
+def _as_stored(tensor: np.ndarray, dtype: str) -> np.ndarray:
+    """The tensor exactly as it will read back from the store (so cache == database)."""
+    data, dt, shape = encode_tensor(tensor, dtype)
+    return decode_tensor(data, dt, shape)
+
+
+def recommendation_message(r: RecRequest, recs: list[dict], model_version: str, m: CachedMemory,
+                           window_len: int, now: float) -> dict:
+    return {
+        "user_id": r.user_id,
+        "items": recs,
+        "model_version": model_version,
+        "memory_version": m.watermark,  # events folded into the memory used (0 = none)
+        "memory_row_version": m.row_version,
+        "window": window_len,  # known items after the watermark that the model read
+        "seq": r.window.seq,  # the user's event count including this event
+        "event_id": r.event_id,
+        "event": r.source,
+        "event_ts": r.event_ts,
+        "emit_ts": now,
+        "duplicate": r.duplicate,
+    }

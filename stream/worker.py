@@ -1,0 +1,59 @@
+"""Start a worker: topics, memory store, Triton client, Faust app, and the status API."""
+
+from __future__ import annotations
+
+import logging
+
+import faust
+
+from persrec.embedded.kafka import create_topics
+from persrec.memory import SqlMemoryStore, migrate
+from persrec.models.checkpoint import load_checkpoint
+from persrec.models.data import IdMap
+from persrec.serving.export import Manifest
+from persrec.serving.triton_client import TritonModels
+from persrec.settings import Settings
+
+from .app import create_app, wire
+from .runtime import Runtime, StreamConfig
+
+log = logging.getLogger(__name__)
+
+
+def load_serving_model(repository) -> tuple[Manifest, IdMap]:
+    manifest = Manifest.read(repository)
+    ck = load_checkpoint(repository / "recommend" / str(manifest.triton_version) / "checkpoint.pt")
+    return manifest, IdMap.from_json(ck.id_map_json)
+
+
+def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.App, dict]:
+    manifest, id_map = load_serving_model(settings.model_repository)
+    create_topics(settings.kafka_bootstrap, {
+        settings.topic_interactions: settings.partitions,
+        settings.topic_recommendations: settings.partitions,
+        settings.topic_dlq: settings.partitions,
+    })
+    db_url = settings.resolved_database_url
+    migrate(db_url)
+    cfg = StreamConfig(top_k=settings.top_k, fold_every=settings.fold_every,
+                       storage_dtype=settings.storage_dtype)
+
+    async def make_runtime(read_window):
+        store = SqlMemoryStore(db_url, storage_dtype=settings.storage_dtype)
+        models = TritonModels(settings.triton_grpc_url, timeout_s=settings.triton_timeout_s, max_attempts=None)
+        return Runtime(store, models, id_map, manifest, cfg, read_window)
+
+    app = create_app(settings)
+    state = wire(app, settings, make_runtime)
+    if with_api:
+        from persrec.serving.api import serve_in_worker
+
+        serve_in_worker(app, settings, state)
+    log.info("worker for model %s (%s policy), DB %s", manifest.model_version, manifest.policy, db_url)
+    return app, state
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    app, _ = build_worker(settings)
+    worker = faust.Worker(app, loglevel=loglevel)
+    worker.execute_from_commandline()
