@@ -138,7 +138,8 @@ async def status(request: web.Request) -> web.Response:
         body |= {
             "events_in": c.events_in, "recs_out": c.recs_out, "dlq": c.dlq,
             "duplicates": c.duplicates, "rerouted": c.rerouted, "cold_start": c.cold_start,
-            "folds": c.folds, "fold_backlog": len(rt.fold_pending),
+            "folds": c.folds, "fold_backlog": len(rt.fold_pending), "batches": c.batches,
+            "seconds_model": round(c.seconds_model, 3), "seconds_publish": round(c.seconds_publish, 3),
             "latency": c.latency_quantiles(), "model_version": rt.manifest.model_version,
         }
     return web.json_response(body)

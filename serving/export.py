@@ -71,7 +71,7 @@ instance_group [ {{ count: {instances} kind: {kind} }} ]
 def export_repository(
     checkpoint: Path | Checkpoint, out: Path, *, top_k: int = 10, fold_every: int = 25,
     version: int = 1, kind: str = "auto", max_batch_size: int = 1024, instances: int = 1,
-    exclude_seen: bool = True,
+    exclude_seen: bool = True, cpu_threads: int = 1,
 ) -> Manifest:
     """Write (or add a version to) the repository at ``out``; return its manifest."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
@@ -85,7 +85,7 @@ def export_repository(
         memory_shape=tuple(cfg.memory_shape), has_memory=cfg.has_memory, policy=cfg.policy.value,
         history_len=max(cfg.max_len - cfg.recent_len, 0),
     )
-    params = {"model_version": ck.model_version}
+    params = {"model_version": ck.model_version, "cpu_threads": str(cpu_threads)}
     mem = list(cfg.memory_shape)
     rec_inputs = [_io("ITEMS", "TYPE_INT64", [-1]), _io("TIMESTAMPS", "TYPE_INT64", [-1]),
                   _io("LENGTHS", "TYPE_INT64", [1])]

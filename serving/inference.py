@@ -17,8 +17,13 @@ from persrec.models.device import pick_device
 
 
 class ModelRunner:
-    def __init__(self, checkpoint: Checkpoint | str | Path, device: str = "auto") -> None:
+    def __init__(self, checkpoint: Checkpoint | str | Path, device: str = "auto",
+                 cpu_threads: int | None = None) -> None:
         self.device = pick_device(device)
+        if self.device.type == "cpu" and cpu_threads:
+            # Small batches gain nothing from more threads, and idle OpenMP threads spinning next
+            # to the worker and the broker on a few cores cost a lot.
+            torch.set_num_threads(cpu_threads)
         ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         self.checkpoint = ck
         self.cfg = ck.config

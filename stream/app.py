@@ -156,12 +156,17 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
                     delay = min(delay * 2, 5.0)
 
     async def publish(rt: Runtime, batch: list[RecRequest]) -> None:
+        t0 = time.perf_counter()
         messages = await rt.recommend_batch(batch)
+        t1 = time.perf_counter()
         futures = [
             await topics.recommendations.send(key=m["user_id"].encode(), value=json.dumps(m).encode())
             for m in messages
         ]
         await asyncio.gather(*futures)
+        rt.counters.seconds_model += t1 - t0
+        rt.counters.seconds_publish += time.perf_counter() - t1
+        rt.counters.batches += 1
         for r in batch:
             rt.in_flight[r.user_id] -= 1
             if not rt.in_flight[r.user_id]:

@@ -78,6 +78,9 @@ class Counters:
     cold_start: int = 0
     folds: int = 0
     fold_conflicts: int = 0
+    batches: int = 0
+    seconds_model: float = 0.0  # in recommend_batch (memories + Triton)
+    seconds_publish: float = 0.0  # producing and waiting for the broker's acks
     latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
 
     def latency_quantiles(self) -> dict[str, float | None]:

@@ -15,6 +15,7 @@ from persrec.serving.triton_client import TritonModels
 from persrec.settings import Settings
 
 from .app import create_app, wire
+from .kafka_compat import install_idle_fetch_backoff
 from .runtime import Runtime, StreamConfig
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ def load_serving_model(repository) -> tuple[Manifest, IdMap]:
 
 
 def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.App, dict]:
+    install_idle_fetch_backoff(settings.kafka_idle_fetch_backoff_ms / 1000)
     manifest, id_map = load_serving_model(settings.model_repository)
     create_topics(settings.kafka_bootstrap, {
         settings.topic_interactions: settings.partitions,

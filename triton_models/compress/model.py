@@ -21,7 +21,7 @@ class TritonPythonModel:
         if args["model_instance_kind"] == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
         path = Path(args["model_repository"]) / args["model_version"] / "checkpoint.pt"
-        self.runner = ModelRunner(path, device)
+        self.runner = ModelRunner(path, device, cpu_threads=int(params.get("cpu_threads", "1")))
         if self.runner.model_version != params["model_version"]:
             raise RuntimeError(f"checkpoint {self.runner.model_version} != config {params['model_version']}")
 
