@@ -42,6 +42,7 @@ def create_app(settings: Settings) -> faust.App:
     return faust.App(
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
+        datadir=str(settings.work_dir / "faust"),
         store="memory://",
         topic_partitions=settings.partitions,
         processing_guarantee="at_least_once",

@@ -1,0 +1,87 @@
+"""A small PerSRec model over ml-latest-small's items, exported to a Triton repository, served by
+a real tritonserver; and a factory for real ``persrec worker`` processes."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from persrec.embedded._proc import free_ports
+from persrec.models.checkpoint import Checkpoint, make_checkpoint
+from persrec.models.config import ModelConfig
+from persrec.models.data import IdMap, Interactions, build_sequences, data_dir, load_interactions
+from persrec.models.loss import build_model
+from persrec.serving.export import Manifest, export_repository
+from persrec.settings import Settings
+from persrec.stack import WorkerProcess
+
+RATINGS = data_dir() / "ml-latest-small" / "ratings.csv"
+
+
+@dataclass
+class ServedModel:
+    repository: Path
+    checkpoint: Checkpoint
+    manifest: Manifest
+    id_map: IdMap
+    interactions: Interactions
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory) -> ServedModel:
+    if not RATINGS.is_file():
+        pytest.fail(f"{RATINGS} is missing: the end-to-end tests replay ml-latest-small (set PERSREC_DATA_DIR)")
+    inter = load_interactions(RATINGS)
+    _, id_map = build_sequences(inter)
+    cfg = ModelConfig(num_items=id_map.num_items, dim=32, head_dim=16, num_heads=2, num_memory_tokens=4,
+                      recent_len=20, max_len=60, dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():  # random but non-trivial biases, so parity covers them
+        model.backbone.bias.pos_w.normal_(0, 0.5)
+    ck = make_checkpoint(model, id_map.to_json())
+    repo = tmp_path_factory.mktemp("model_repository")
+    manifest = export_repository(ck, repo, top_k=10, fold_every=10)
+    return ServedModel(repo, ck, manifest, id_map, inter)
+
+
+@pytest.fixture(scope="session")
+def triton(triton_factory, served_model):
+    return triton_factory(served_model.repository, ["recommend", "compress"])
+
+
+@pytest.fixture
+def worker_settings(tmp_path, kafka_bootstrap, triton, served_model):
+    """Settings for one isolated pipeline: its own topics, consumer group and SQLite file."""
+
+    def make(**overrides) -> Settings:
+        tag = uuid.uuid4().hex[:8]
+        api_port, web_port = free_ports(2)
+        base = dict(
+            app_id=f"persrec-{tag}", kafka_bootstrap=kafka_bootstrap,
+            topic_interactions=f"interactions-{tag}", topic_recommendations=f"recommendations-{tag}",
+            topic_dlq=f"interactions-{tag}.dlq", partitions=4, triton_grpc_url=triton.grpc_url,
+            model_repository=served_model.repository, work_dir=tmp_path / tag, api_port=api_port,
+            worker_web_port=web_port, fold_every=10, storage_dtype="float32",
+        )
+        return Settings(**(base | overrides))
+
+    return make
+
+
+@pytest.fixture
+def start_worker(tmp_path):
+    started: list[WorkerProcess] = []
+
+    def start(settings: Settings, name: str = "worker") -> WorkerProcess:
+        w = WorkerProcess(settings, tmp_path / f"{name}-{len(started)}.log", name)
+        started.append(w)
+        return w.start()
+
+    yield start
+    for w in started:
+        w.stop()

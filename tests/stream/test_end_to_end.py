@@ -1,0 +1,197 @@
+"""The whole pipeline on real services: noida-db broker, tritonserver, SQLite/PostgreSQL, and
+real ``persrec worker`` processes; 20,000 ml-latest-small events plus injected bad ones."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+
+from persrec.embedded.kafka import create_topics
+from persrec.replay import events_in_time_order
+from persrec.stack import get_json, wait_for
+
+pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
+
+N_EVENTS = int(os.environ.get("PERSREC_E2E_EVENTS", "20000"))
+NOW = time.time()
+
+
+def bad_events() -> list[tuple[bytes, bytes, str]]:
+    """(key, value, expected reason) for events that must land in the dead-letter topic."""
+    good = {"user_id": "1", "item_id": "1", "ts": 1_000_000_000}
+    cases = [
+        (b"{not json", "not_json"), (b"\xff\xfe\x00", "not_json"), (b"[1, 2]", "not_object"),
+        (b"42", "not_object"), (json.dumps({"item_id": "1", "ts": 1}).encode(), "missing_field"),
+        (json.dumps({"user_id": "1", "ts": 1}).encode(), "missing_field"),
+        (json.dumps({"user_id": "1", "item_id": "1"}).encode(), "missing_field"),
+        (json.dumps(good | {"user_id": 1.5}).encode(), "bad_type"),
+        (json.dumps(good | {"user_id": True}).encode(), "bad_type"),
+        (json.dumps(good | {"item_id": ["x"]}).encode(), "bad_type"),
+        (json.dumps(good | {"user_id": -3}).encode(), "bad_value"),
+        (json.dumps(good | {"item_id": 2**70}).encode(), "bad_value"),
+        (json.dumps(good | {"user_id": ""}).encode(), "bad_value"),
+        (json.dumps(good | {"user_id": "x" * 300}).encode(), "bad_value"),
+        (b'{"user_id": "1", "item_id": "1", "ts": NaN}', "bad_value"),
+        (b'{"user_id": "1", "item_id": "1", "ts": Infinity}', "bad_value"),
+        (json.dumps(good | {"ts": NOW + 10 * 86400}).encode(), "ts_out_of_range"),
+        (json.dumps(good | {"ts": -5}).encode(), "ts_out_of_range"),
+        (json.dumps(good | {"ts": "yesterday"}).encode(), "bad_value"),
+        (json.dumps(good | {"ts": None}).encode(), "bad_type"),
+        (json.dumps(good | {"event_id": 7}).encode(), "bad_value"),
+        (json.dumps(good | {"pad": "x" * 20_000}).encode(), "oversized"),
+        (json.dumps({"op": "drop_table", "user_id": "1"}).encode(), "bad_value"),
+    ]
+    return [(b"1", value, reason) for value, reason in cases]
+
+
+def consume(bootstrap: str, topic: str, expected: int, timeout: float, settle: float = 3.0) -> list:
+    """Every message of ``topic`` once ``expected`` have arrived (plus ``settle`` s for extras)."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=500)
+    out, deadline, extra_until = [], time.monotonic() + timeout, None
+    try:
+        while time.monotonic() < deadline:
+            out.extend(consumer)
+            if len(out) >= expected and extra_until is None:
+                extra_until = time.monotonic() + settle
+            if extra_until is not None and time.monotonic() > extra_until:
+                break
+    finally:
+        consumer.close()
+    return out
+
+
+def publish(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    for key, value in messages:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def build_traffic(served_model, seed: int = 0):
+    """Valid events (in time order) with bad ones mixed in; returns (messages, valid, bad)."""
+    valid = list(events_in_time_order(served_model.interactions, N_EVENTS))
+    # Valid but special: items the model does not know, a brand-new user with only such items
+    # (answered with an empty list), and events keyed by something else than their user.
+    valid += [
+        {"user_id": valid[0]["user_id"], "item_id": "never-seen-item", "ts": NOW, "event_id": "unknown-1"},
+        {"user_id": "new-user-1", "item_id": "never-seen-item", "ts": NOW, "event_id": "cold-1"},
+    ]
+    messages = [(e["user_id"].encode(), json.dumps(e).encode()) for e in valid]
+    for k in (100, N_EVENTS // 10, N_EVENTS * 3 // 4):  # re-keyed copies: the worker must route them to the right user
+        e = dict(valid[k], event_id=f"rekeyed-{k}", ts=valid[k]["ts"])
+        valid.append(e)
+        messages.append((b"not-" + e["user_id"].encode(), json.dumps(e).encode()))
+    bad = bad_events()
+    rng = random.Random(seed)
+    for key, value, _ in bad:
+        messages.insert(rng.randrange(len(messages)), (key, value))
+    return messages, valid, bad
+
+
+def offline_top10(served_model, user_events: list[dict], watermark: int, seq: int):
+    """The model's answer, computed offline, for a user whose memory holds their first
+    ``watermark`` events and whose window holds events ``watermark..seq``."""
+    model = served_model.checkpoint.build_model("cpu")
+    cfg, idm = model.cfg, served_model.id_map
+    known = lambda evs: [int(idm.encode([e["item_id"]])[0]) for e in evs if e["item_id"] in idm]  # noqa: E731
+    history = known(user_events[:watermark])[-(cfg.max_len - cfg.recent_len):]
+    recent = known(user_events[watermark:seq])
+    with torch.no_grad():
+        h = torch.tensor([history or [0]], dtype=torch.long)
+        memory = model.compress(h, torch.tensor([len(history)]))
+        vec = model.recommend(memory, torch.tensor([recent]), torch.tensor([len(recent)]))
+        scores = model.score(vec)[0]
+        scores[torch.tensor(recent)] = float("-inf")
+        top = torch.topk(scores, 10)
+    return idm.decode(top.indices.tolist()), top.values.numpy()
+
+
+def check_pipeline(served_model, settings, bootstrap, workers, valid, bad, *, parity_sample=150):
+    by_user = collections.defaultdict(list)
+    for e in valid:  # the order each user's events reach the worker: replay order, re-keyed last
+        by_user[e["user_id"]].append(e)
+    recs = consume(bootstrap, settings.topic_recommendations, len(valid), timeout=600)
+    bodies = [json.loads(m.value) for m in recs]
+    counts = collections.Counter(b["event_id"] for b in bodies)
+
+    # 1. every valid event got exactly one recommendation
+    assert set(counts) == {e["event_id"] for e in valid}
+    assert max(counts.values()) == 1 and len(bodies) == len(valid)
+    assert all(m.key.decode() == b["user_id"] for m, b in zip(recs, bodies))
+    cold = [b for b in bodies if b["event_id"] == "cold-1"][0]
+    assert cold["items"] == [] and cold["user_id"] == "new-user-1"
+
+    # 2. the DLQ holds exactly the injected bad events, each with its reason
+    dlq = consume(bootstrap, settings.topic_dlq, len(bad), timeout=60)
+    got = collections.Counter((m.value, dict(m.headers)["reason"].decode()) for m in dlq)
+    assert got == collections.Counter((v, r) for _, v, r in bad)
+
+    # 3. folded + window = every event of the user, and the window is the user's latest events
+    wait_for(lambda: all(w.status()["fold_backlog"] == 0 for w in workers), 120, "folds to finish")
+    total_folded = 0
+    for user_id, events in by_user.items():
+        bodies_u = [get_json(f"{w.api}/users/{user_id}")[1] for w in workers]
+        state = next(b for b in bodies_u if b.get("window", {}).get("events"))
+        folded = state["memory"]["events_folded"] if state["memory"] else 0
+        assert folded + state["window"]["items_after_watermark"] == len(events), user_id
+        assert state["window"]["items"] == [e["item_id"] for e in events[folded:]]
+        total_folded += folded
+    assert total_folded > N_EVENTS // 3  # folds really happened
+
+    # 4. parity with the offline model on a sample of messages
+    rng = random.Random(1)
+    with_memory = [b for b in bodies if b["items"] and b["memory_version"] > 0]
+    without = [b for b in bodies if b["items"] and b["memory_version"] == 0]
+    assert with_memory and without
+    half = parity_sample // 2
+    sample = rng.sample(with_memory, min(half, len(with_memory))) + rng.sample(without, min(half, len(without)))
+    for b in sample:
+        ids, scores = offline_top10(served_model, by_user[b["user_id"]], b["memory_version"], b["seq"])
+        assert [r["item_id"] for r in b["items"]] == ids, b["event_id"]
+        assert np.abs(np.array([r["score"] for r in b["items"]]) - scores).max() <= 1e-4
+    return bodies
+
+
+def run_pipeline(served_model, settings, start_worker, n_workers: int = 1):
+    bootstrap = settings.kafka_bootstrap
+    create_topics(bootstrap, {settings.topic_interactions: settings.partitions,
+                              settings.topic_recommendations: settings.partitions,
+                              settings.topic_dlq: settings.partitions})
+    workers = [start_worker(settings.model_copy(update={"api_port": settings.api_port + i * 7,
+                                                        "worker_web_port": settings.worker_web_port + i * 7}),
+                            f"worker{i}") for i in range(n_workers)]
+    if n_workers > 1:  # let the group settle so that no partition changes hands mid-replay
+        time.sleep(8)
+    messages, valid, bad = build_traffic(served_model)
+    publish(bootstrap, settings.topic_interactions, messages)
+    return workers, valid, bad
+
+
+def test_end_to_end_sqlite(served_model, worker_settings, start_worker):
+    settings = worker_settings()
+    workers, valid, bad = run_pipeline(served_model, settings, start_worker)
+    check_pipeline(served_model, settings, settings.kafka_bootstrap, workers, valid, bad)
+
+
+@pytest.mark.postgres
+def test_end_to_end_postgres(served_model, worker_settings, start_worker, postgres_url):
+    settings = worker_settings(database_url=postgres_url)
+    workers, valid, bad = run_pipeline(served_model, settings, start_worker)
+    check_pipeline(served_model, settings, settings.kafka_bootstrap, workers, valid, bad)
+
+
+def test_two_workers_split_partitions(served_model, worker_settings, start_worker):
+    settings = worker_settings()
+    workers, valid, bad = run_pipeline(served_model, settings, start_worker, n_workers=2)
+    check_pipeline(served_model, settings, settings.kafka_bootstrap, workers, valid, bad)
+    assert all(w.status()["events_in"] > 0 for w in workers)
