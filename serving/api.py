@@ -55,8 +55,8 @@ async def _resources(app: web.Application):
     except (OSError, ValueError, TypeError):
         app[MANIFEST] = {}
     yield
-    for client in app[KAFKA].values():
-        await client.close()
+    for kind, client in app[KAFKA].items():
+        await (client.close() if kind == "admin" else client.stop())
     await app[TRITON].close()
     app[STORE].close()
 
@@ -110,11 +110,15 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def lag(app: web.Application) -> dict[str, int]:
+    """Messages not yet committed by the worker group, per partition of the interactions topic."""
     s = app[SETTINGS]
     admin = await _kafka(app, "admin")
     consumer = await _kafka(app, "consumer")
+    described = await admin.describe_topics([s.topic_interactions])
+    if not described or described[0].get("error_code"):
+        raise LookupError(f"topic {s.topic_interactions!r} does not exist yet")
+    tps = sorted(TopicPartition(s.topic_interactions, p["partition"]) for p in described[0]["partitions"])
     committed = await admin.list_consumer_group_offsets(s.app_id)
-    tps = [TopicPartition(s.topic_interactions, p) for p in sorted(consumer.partitions_for_topic(s.topic_interactions) or range(s.partitions))]
     ends = await consumer.end_offsets(tps)
     out = {}
     for tp in tps:

@@ -1,57 +1,14 @@
-"""A small PerSRec model over ml-latest-small's items, exported to a Triton repository, served by
-a real tritonserver; and a factory for real ``persrec worker`` processes."""
+"""A factory for isolated pipelines (own topics, group, DB) run by real ``persrec worker`` processes."""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-import torch
 
 from persrec.embedded._proc import free_ports
-from persrec.models.checkpoint import Checkpoint, make_checkpoint
-from persrec.models.config import ModelConfig
-from persrec.models.data import IdMap, Interactions, build_sequences, data_dir, load_interactions
-from persrec.models.loss import build_model
-from persrec.serving.export import Manifest, export_repository
 from persrec.settings import Settings
 from persrec.stack import WorkerProcess
-
-RATINGS = data_dir() / "ml-latest-small" / "ratings.csv"
-
-
-@dataclass
-class ServedModel:
-    repository: Path
-    checkpoint: Checkpoint
-    manifest: Manifest
-    id_map: IdMap
-    interactions: Interactions
-
-
-@pytest.fixture(scope="session")
-def served_model(tmp_path_factory) -> ServedModel:
-    if not RATINGS.is_file():
-        pytest.fail(f"{RATINGS} is missing: the end-to-end tests replay ml-latest-small (set PERSREC_DATA_DIR)")
-    inter = load_interactions(RATINGS)
-    _, id_map = build_sequences(inter)
-    cfg = ModelConfig(num_items=id_map.num_items, dim=32, head_dim=16, num_heads=2, num_memory_tokens=4,
-                      recent_len=20, max_len=60, dropout=0.0)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    with torch.no_grad():  # random but non-trivial biases, so parity covers them
-        model.backbone.bias.pos_w.normal_(0, 0.5)
-    ck = make_checkpoint(model, id_map.to_json())
-    repo = tmp_path_factory.mktemp("model_repository")
-    manifest = export_repository(ck, repo, top_k=10, fold_every=10)
-    return ServedModel(repo, ck, manifest, id_map, inter)
-
-
-@pytest.fixture(scope="session")
-def triton(triton_factory, served_model):
-    return triton_factory(served_model.repository, ["recommend", "compress"])
 
 
 @pytest.fixture
