@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     # Triton
     triton_grpc_url: str = "127.0.0.1:8001"
     triton_http_url: str = "127.0.0.1:8000"
-    triton_timeout_s: float = Field(5.0, gt=0)
+    triton_timeout_s: float = Field(30.0, gt=0, description="deadline of one Triton call (retried)")
 
     # status API
     api_host: str = "127.0.0.1"

@@ -119,7 +119,7 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
                 if cached is not None:
                     w = win.trim(w, cached.watermark)
                 windows[key] = w.to_json()
-            rt.in_flight[ev.user_id] += 1
+            rt.request_queued(ev.user_id, w.seq)
             await queue.put(RecRequest(ev.user_id, w, event_id, ev.ts, source, time.monotonic(),
                                        duplicate, ack=lambda e=event: stream.ack(e)))
 
@@ -169,9 +169,7 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
         rt.counters.seconds_publish += time.perf_counter() - t1
         rt.counters.batches += 1
         for r in batch:
-            rt.in_flight[r.user_id] -= 1
-            if not rt.in_flight[r.user_id]:
-                del rt.in_flight[r.user_id]
+            rt.request_done(r.user_id)
         now = time.monotonic()
         for r in batch:
             rt.counters.latencies_ms.append((now - r.received) * 1000)

@@ -4,16 +4,17 @@ Recommendation path for a batch of requests (each: a user's window snapshot + it
   1. load the users' memories (LRU cache, then one batched DB read for misses);
   2. model input = window items after the memory's watermark, mapped to the model's item ids
      (items the model does not know are skipped);
-  3. one Triton ``recommend`` call for the batch;
+  2. one Triton ``recommend`` call for the batch;
   4. one message per request (see ``recommendation_message``).
 
 Fold path (``fold_once``), for users whose window outgrew ``recent_len + fold_every``:
-  1. skip users with a recommendation in flight (its window snapshot predates the fold);
-  2. segment = the oldest window items after the watermark, leaving ``recent_len``;
-  3. one Triton ``compress`` call: RECOMPRESS compresses the last ``history_len`` aged-out items
+  1. segment = the oldest window items after the watermark, leaving ``recent_len``, and never
+     past the oldest window snapshot of a request still in flight for the user (that request
+     must find its window's events after the new watermark);
+  2. one Triton ``compress`` call: RECOMPRESS compresses the last ``history_len`` aged-out items
      (kept in the DB row), INCREMENTAL folds the segment into the stored memory;
-  4. write memories with compare-and-set on row_version (a concurrent writer wins, we retry);
-  5. update the cache. The window is trimmed later, by the agent, from the new watermark.
+  3. write memories with compare-and-set on row_version (a concurrent writer wins, we retry);
+  4. update the cache. The window is trimmed later, by the agent, from the new watermark.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class Runtime:
         self.read_window = read_window
         self.cache: collections.OrderedDict[str, CachedMemory] = collections.OrderedDict()
         self.fold_pending: set[str] = set()
-        self.in_flight: collections.Counter[str] = collections.Counter()
+        # seq of each queued request's window snapshot, per user, oldest first
+        self.in_flight: dict[str, collections.deque[int]] = {}
         self.last_recs: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.counters = Counters()
         self._index = {item: i + 1 for i, item in enumerate(id_map.items.tolist())}
@@ -131,6 +133,15 @@ class Runtime:
             self.cache.pop(u, None)
             self.last_recs.pop(u, None)
             self.fold_pending.discard(u)
+
+    def request_queued(self, user_id: str, seq: int) -> None:
+        self.in_flight.setdefault(user_id, collections.deque()).append(seq)
+
+    def request_done(self, user_id: str) -> None:
+        pending = self.in_flight[user_id]
+        pending.popleft()  # requests complete in queue order
+        if not pending:
+            del self.in_flight[user_id]
 
     # ---------------------------------------------------------------------- recommending
     def model_inputs(self, w: win.Window, watermark: int) -> tuple[list[int], list[int]]:
@@ -185,14 +196,15 @@ class Runtime:
     # --------------------------------------------------------------------------- folding
     async def fold_once(self) -> int:
         """Fold one batch of pending users; returns how many memories were written."""
-        users = [u for u in list(self.fold_pending) if not self.in_flight[u]][: self.cfg.fold_batch]
+        users = list(self.fold_pending)[: self.cfg.fold_batch]
         if not users:
             return 0
         mems = await self.memories(users)
         plan = []  # (user, memory, segment items (dense), segment ts, new watermark, folded count)
         for u in users:
             w, m = self.read_window(u), mems[u]
-            seg, seg_ts, new_wm = win.fold_segment(w, m.watermark, self.manifest.recent_len)
+            limit = self.in_flight[u][0] - 1 if u in self.in_flight else None
+            seg, seg_ts, new_wm = win.fold_segment(w, m.watermark, self.manifest.recent_len, limit)
             if not seg:
                 self.fold_pending.discard(u)
                 continue

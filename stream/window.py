@@ -62,8 +62,13 @@ def effective(w: Window, watermark: int) -> tuple[list[str], list[int]]:
     return t.items, t.ts
 
 
-def fold_segment(w: Window, watermark: int, recent_len: int) -> tuple[list[str], list[int], int]:
-    """The oldest items to fold so that ``recent_len`` stay, and the watermark after folding."""
+def fold_segment(
+    w: Window, watermark: int, recent_len: int, max_watermark: int | None = None,
+) -> tuple[list[str], list[int], int]:
+    """The oldest items to fold so that ``recent_len`` stay (and the watermark does not pass
+    ``max_watermark``), and the watermark after folding."""
     items, ts = effective(w, watermark)
     n = max(len(items) - recent_len, 0)
+    if max_watermark is not None:
+        n = max(min(n, max_watermark - watermark), 0)
     return items[:n], ts[:n], watermark + n
