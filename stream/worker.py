@@ -29,6 +29,7 @@ def load_serving_model(repository) -> tuple[Manifest, IdMap]:
 
 def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.App, dict]:
     install_idle_fetch_backoff(settings.kafka_idle_fetch_backoff_ms / 1000)
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
     manifest, id_map = load_serving_model(settings.model_repository)
     create_topics(settings.kafka_bootstrap, {
         settings.topic_interactions: settings.partitions,
