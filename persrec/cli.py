@@ -245,19 +245,43 @@ def replay(
 @app.command()
 def demo(
     data: DataArg = None,
-    minutes: Annotated[float, typer.Option(help="training budget")] = 3.0,
+    train_minutes: Annotated[float, typer.Option(help="training budget for the demo model")] = 1.0,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="serve this checkpoint instead of training")] = None,
+    rate: Annotated[float, typer.Option(help="events per second replayed")] = 300.0,
+    duration: Annotated[Optional[float], typer.Option(help="stop after this many seconds (default: Ctrl-C)")] = None,
 ) -> None:
-    """The main job on embedded defaults: train a small PerSRec for a few minutes and evaluate it."""
-    from persrec.models.data import default_dataset_path
+    """The main job on embedded defaults: train a small PerSRec, then stream the dataset through a
+    local broker, Triton and a worker, showing live recommendations. Ctrl-C stops everything."""
+    from persrec.demo import run_demo
+    from persrec.models.data import data_dir
 
-    path = data if data is not None else default_dataset_path()
-    if path is None:
-        console.print("[yellow]ML-1M not found in the data dir: using the SYNTHETIC generator (not real users)[/]")
-        path = "synthetic"
-    train(data=str(path), out=Settings().work_dir / "demo-model", memory_tokens=8, recent_len=50,
-          epochs=1000, max_minutes=minutes, patience=5, fmt="auto", arch=Arch.hstu, policy=Policy.recompress,
-          segment_len=50, max_len=200, dim=50, layers=2, heads=1, head_dim=25, dropout=0.2, time_bias=False,
-          batch_size=128, lr=1e-3, eval_every=1, seed=42, resume=None, verbose=False)
+    _setup_logging(False)
+    logging.getLogger().setLevel(logging.WARNING)
+    settings = Settings()
+    if data is None:
+        default = data_dir() / "ml-latest-small" / "ratings.csv"
+        data = str(default) if default.is_file() else "synthetic"
+    if data == "synthetic":
+        console.print("[yellow]dataset not found: using the SYNTHETIC generator (not real users)[/]")
+        from persrec.models.data import synthetic_interactions
+
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        inter = synthetic_interactions(num_users=600, num_items=400, mean_len=60)
+        path = settings.work_dir / "synthetic.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pacsv.write_csv(pa.table({"user_id": inter.users, "item_id": inter.items, "timestamp": inter.timestamps}), path)
+        data = str(path)
+    if checkpoint is None:
+        out = settings.work_dir / "demo-model"
+        train(data=data, out=out, memory_tokens=8, recent_len=50, epochs=1000, max_minutes=train_minutes,
+              patience=5, fmt="auto", arch=Arch.hstu, policy=Policy.recompress, segment_len=50, max_len=200,
+              dim=50, layers=2, heads=1, head_dim=25, dropout=0.2, time_bias=False, batch_size=128, lr=1e-3,
+              eval_every=1, seed=42, resume=None, verbose=False)
+        checkpoint = out / "best.pt"
+    result = run_demo(settings, Path(data), checkpoint, rate=rate, duration=duration, console=console)
+    console.print_json(data={k: result.get(k) for k in ("events_published", "events_in", "recs_out", "dlq", "folds", "first_recommendation_s")})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,14 +32,18 @@ def events_in_time_order(inter: Interactions, limit: int | None = None) -> Itera
 def replay(
     path: str | Path, bootstrap: str, topic: str, *, rate: float | None = None,
     limit: int | None = None, fmt: str = "auto", on_progress: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
     """Publish up to ``limit`` events at ``rate`` events/s (None = as fast as possible), keyed by
-    user id; returns how many were sent (all acknowledged by the broker)."""
+    user id; returns how many were sent (all acknowledged by the broker). Setting ``stop`` ends it
+    early."""
     events = events_in_time_order(load_interactions(path, fmt), limit)
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     sent, start = 0, time.monotonic()
     try:
         for event in events:
+            if stop is not None and stop.is_set():
+                break
             producer.send(topic, key=event["user_id"].encode(), value=json.dumps(event).encode())
             sent += 1
             if rate:

@@ -52,6 +52,9 @@ def create_app(settings: Settings) -> faust.App:
         web_host="127.0.0.1",
         table_standby_replicas=0,
         producer_linger_ms=1,
+        # On shutdown do not wait for queued events to be acknowledged: they are not committed,
+        # so the next owner of the partition processes them again (at-least-once).
+        stream_wait_empty=False,
     )
 
 

@@ -111,8 +111,9 @@ class TritonInstall:
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         libpython = f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
         if not (Path(libdir) / libpython).exists():
-            log.warning("%s not in %r (Python built without --enable-shared?): the python-backend "
-                        "stub may load another libpython and fail to load models", libpython, libdir)
+            log.warning("%s not in %r (Python built without --enable-shared?): the "
+                        "python-backend stub may load another libpython and fail to load models",
+                        libpython, libdir)
         lib_dirs = [str(self.libs), libdir]
         env["LD_LIBRARY_PATH"] = _join_path(lib_dirs, env.get("LD_LIBRARY_PATH"))
         env["PATH"] = _join_path([str(Path(sys.prefix) / "bin")], env.get("PATH"))

@@ -1,0 +1,98 @@
+"""``persrec demo``: the whole system on one machine with embedded defaults.
+
+1. train a small PerSRec on the dataset for a short budget (or reuse ``--checkpoint``);
+2. export it to a Triton model repository;
+3. start, in a fresh ``$PERSREC_WORK_DIR/demo``, a local Kafka-protocol broker (noida-db), tritonserver and one ``persrec worker``
+   (SQLite memory store, status API on ``PERSREC_API_PORT``);
+4. replay the dataset as events in time order while printing a live summary and sample
+   recommendations; stop everything on Ctrl-C (or after ``duration`` seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from kafka import KafkaConsumer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from persrec.embedded.kafka import EmbeddedKafka
+from persrec.embedded.triton import EmbeddedTriton
+from persrec.replay import replay
+from persrec.settings import Settings
+from persrec.stack import WorkerProcess
+
+
+def _summary(status: dict, samples: list[dict], sent: int, started: float) -> Table:
+    t = Table(title=f"persrec demo — {time.monotonic() - started:.0f}s (Ctrl-C stops)")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    lat = status.get("latency") or {}
+    rows = [
+        ("events published", sent), ("events processed", status.get("events_in", 0)),
+        ("recommendations", status.get("recs_out", 0)), ("dead letters", status.get("dlq", 0)),
+        ("memories folded", status.get("folds", 0)), ("fold backlog", status.get("fold_backlog", 0)),
+        ("lag", sum((status.get("lag") or {}).values())),
+        ("latency p50 / p99 ms", f"{lat.get('p50_ms') or 0:.0f} / {lat.get('p99_ms') or 0:.0f}"),
+    ]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    for s in samples[-3:]:
+        t.add_row(f"user {s['user_id']} (memory {s['memory_version']} ev, window {s['window']})",
+                  ", ".join(r["item_id"] for r in s["items"][:5]))
+    return t
+
+
+def run_demo(settings: Settings, data: Path, checkpoint: Path, *, rate: float, duration: float | None,
+             console: Console) -> dict:
+    from persrec.serving.export import export_repository
+
+    work = (settings.work_dir / "demo").resolve()
+    if work.exists():  # every demo starts from an empty broker, table and memory store
+        shutil.rmtree(work)
+    repo = work / "model_repository"
+    manifest = export_repository(checkpoint, repo, top_k=settings.top_k, fold_every=settings.fold_every)
+    console.print(f"model {manifest.model_version} exported to {repo}")
+    result: dict = {}
+    with EmbeddedKafka(work / "kafka") as kafka, \
+            EmbeddedTriton(repo, ["recommend", "compress"], work / "triton") as triton:
+        s = settings.model_copy(update={"kafka_bootstrap": kafka.bootstrap_servers, "triton_grpc_url": triton.grpc_url,
+                                        "model_repository": repo, "work_dir": work, "database_url": ""})
+        worker = WorkerProcess(s, work / "worker.log").start()
+        console.print(f"broker {kafka.bootstrap_servers}, Triton {triton.grpc_url}, status API {worker.api}/status")
+        sent, stop = [0], threading.Event()
+        replayer = threading.Thread(
+            target=lambda: replay(data, s.kafka_bootstrap, s.topic_interactions, rate=rate, stop=stop,
+                                  on_progress=lambda n: sent.__setitem__(0, n)), daemon=True)
+        replayer.start()
+        consumer = KafkaConsumer(s.topic_recommendations, bootstrap_servers=s.kafka_bootstrap,
+                                 auto_offset_reset="earliest", consumer_timeout_ms=200)
+        samples: list[dict] = []
+        started = time.monotonic()
+        first_rec = None
+        try:
+            with Live(console=console, refresh_per_second=2) as live:
+                while duration is None or time.monotonic() - started < duration:
+                    for m in consumer:
+                        rec = json.loads(m.value)
+                        if first_rec is None:
+                            first_rec = time.monotonic() - started
+                        if rec["items"] and (not samples or rec["memory_version"] > 0):
+                            samples.append(rec)
+                            samples = samples[-10:]
+                    live.update(_summary(worker.status(), samples, sent[0], started))
+        except KeyboardInterrupt:
+            console.print("stopping...")
+        finally:
+            result = worker.status() | {"events_published": sent[0], "first_recommendation_s": first_rec}
+            stop.set()
+            replayer.join(timeout=10)
+            consumer.close()
+            worker.stop()
+    console.print("stopped broker, Triton and worker")
+    return result
