@@ -222,6 +222,29 @@ def api() -> None:
     web.run_app(create_app(s), host=s.api_host, port=s.api_port)
 
 
+@app.command("rebuild-memories")
+def rebuild_memories_cmd(
+    old_checkpoint: Annotated[Path, typer.Argument(help="checkpoint of the model that wrote the memories")],
+    repository: Annotated[Optional[Path], typer.Option(help="new model's repository (default: PERSREC_MODEL_REPOSITORY)")] = None,
+) -> None:
+    """After a model change: recompress stored histories with the new model (RECOMPRESS policy).
+    Run it before starting workers on the new model."""
+    from persrec.memory import SqlMemoryStore
+    from persrec.models.checkpoint import load_checkpoint
+    from persrec.serving.export import Manifest
+    from persrec.serving.inference import ModelRunner
+    from persrec.serving.rebuild import rebuild_memories
+
+    s = Settings()
+    repo = repository or s.model_repository
+    manifest = Manifest.read(repo)
+    new = ModelRunner(repo / "compress" / str(manifest.triton_version) / "checkpoint.pt", s.device)
+    with SqlMemoryStore(s.resolved_database_url, storage_dtype=s.storage_dtype) as store:
+        report = rebuild_memories(store, load_checkpoint(old_checkpoint), new, storage_dtype=s.storage_dtype)
+    console.print(f"rebuilt {report.rebuilt} memories for {new.model_version} in {report.seconds:.1f}s; "
+                  f"{report.skipped_no_history} without stored history (replay their events)")
+
+
 @app.command()
 def replay(
     file: Path,

@@ -68,7 +68,8 @@ def fold_segment(
     """The oldest items to fold so that ``recent_len`` stay (and the watermark does not pass
     ``max_watermark``), and the watermark after folding."""
     items, ts = effective(w, watermark)
+    start = max(watermark, w.base)  # a memory may lag the window (e.g. lost in a model change)
     n = max(len(items) - recent_len, 0)
     if max_watermark is not None:
-        n = max(min(n, max_watermark - watermark), 0)
-    return items[:n], ts[:n], watermark + n
+        n = max(min(n, max_watermark - start), 0)
+    return items[:n], ts[:n], start + n

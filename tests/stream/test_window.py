@@ -43,3 +43,9 @@ def test_json_round_trip() -> None:
     w = fill(3)
     assert win.Window.from_json(w.to_json()) == w
     assert win.Window.from_json(None) == win.Window()
+
+
+def test_fold_after_the_memory_was_lost_continues_the_window_numbering() -> None:
+    w = win.trim(fill(40), 10)  # events 1..10 were in a memory that is gone (model change)
+    seg, _, wm = win.fold_segment(w, 0, recent_len=20)
+    assert seg == [f"i{i}" for i in range(11, 21)] and wm == 20

@@ -1,0 +1,49 @@
+"""Rebuilding memories after a model change, from the history kept with RECOMPRESS memories."""
+
+import numpy as np
+import pytest
+import torch
+
+from persrec.memory import InMemoryMemoryStore, MemoryRecord
+from persrec.models.checkpoint import make_checkpoint
+from persrec.models.config import ModelConfig
+from persrec.models.data import IdMap
+from persrec.models.loss import build_model
+from persrec.serving.inference import ModelRunner
+from persrec.serving.rebuild import rebuild_memories
+
+
+def checkpoint(items: list[str], seed: int, policy: str = "recompress"):
+    cfg = ModelConfig(num_items=len(items), dim=16, head_dim=8, num_memory_tokens=3, recent_len=5,
+                      max_len=20, dropout=0.0, policy=policy)
+    torch.manual_seed(seed)
+    return make_checkpoint(build_model(cfg), IdMap(items).to_json())
+
+
+def test_rebuild_recompresses_stored_history_with_the_new_model() -> None:
+    old = checkpoint([f"m{i}" for i in range(50)], 0)
+    new_items = [f"m{i}" for i in range(49, -1, -1) if i != 7] + ["m-new"]  # reordered, m7 dropped
+    new = ModelRunner(checkpoint(new_items, 1), "cpu")
+    store = InMemoryMemoryStore(storage_dtype="float32")
+    old_map = IdMap.from_json(old.id_map_json)
+    hist = old_map.encode(["m3", "m7", "m10", "m11"])
+    tensor = np.zeros(old.config.memory_shape, np.float32)
+    store.put_many([
+        MemoryRecord("a", old.model_version, tensor, 40, 40, hist),
+        MemoryRecord("b", old.model_version, tensor, 9, 9, None),  # no history: cannot rebuild
+    ])
+    report = rebuild_memories(store, old, new, storage_dtype="float32")
+    assert (report.rebuilt, report.skipped_no_history) == (1, 1)
+    row = store.get_many(["a", "b"], new.model_version)
+    assert list(row) == ["a"] and (row["a"].events_folded, row["a"].watermark) == (40, 40)
+    mapped = IdMap(new_items).encode(["m3", "m10", "m11"])
+    assert row["a"].history.tolist() == mapped.tolist()
+    with torch.no_grad():
+        expected = new.model.compress(torch.tensor([mapped]), torch.tensor([3]))[0].numpy()
+    assert np.abs(row["a"].tensor - expected).max() < 1e-6
+
+
+def test_incremental_memories_are_refused() -> None:
+    with pytest.raises(ValueError, match="replay"):
+        rebuild_memories(InMemoryMemoryStore(), checkpoint(["a", "b"], 0, "incremental"),
+                         ModelRunner(checkpoint(["a", "b"], 1, "incremental"), "cpu"))
