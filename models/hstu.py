@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layout import ITEM, attention_mask
+from .layout import ITEM, attention_mask, is_plain_causal
 
 
 class RelativeBias(nn.Module):
@@ -35,13 +35,64 @@ class RelativeBias(nn.Module):
         q_ts: torch.Tensor | None, k_ts: torch.Tensor | None,
     ) -> torch.Tensor:
         dist = (q_pos[:, :, None] - k_pos[:, None, :]).clamp(0, self.max_distance)
-        rab = self.pos_w[dist]  # [B, Nq, Nk]
+        rab = self.pos_w[dist]  # [B, Nq, Nk]; batch 1 when the positions have batch 1
         if self.time_w is not None and q_ts is not None and k_ts is not None:
             dt = (q_ts[:, :, None] - k_ts[:, None, :]).abs().clamp(min=1).double()
             bucket = (torch.log(dt) / 0.301).long().clamp(0, self.time_w.numel() - 1)
             both_items = q_item[:, :, None] & k_item[:, None, :]
             rab = rab + self.time_w[bucket] * both_items
         return rab
+
+
+def hstu_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rab: torch.Tensor, mask: torch.Tensor,
+    inv_norm: float,
+) -> torch.Tensor:
+    """``silu(Q K^T + rab) / max_len * mask`` applied to V, written plainly.
+
+    q ``[B, N, H, Dh]``, k, v ``[B, Nk, H, Dh]``, rab and mask ``[B, N, Nk]`` (batch may be 1)
+    -> ``[B, N, H, Dh]``. ``hstu_attention`` computes the same with fewer passes over memory.
+    """
+    logits = torch.einsum("bnhd,bmhd->bhnm", q, k) + rab[:, None]
+    attn = F.silu(logits) * inv_norm * mask[:, None].to(q.dtype)  # [B, H, N, Nk]
+    return torch.einsum("bhnm,bmhd->bnhd", attn, v)
+
+
+def hstu_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rab: torch.Tensor, weights: torch.Tensor,
+    causal_chunk: int | None = None,
+) -> torch.Tensor:
+    """``hstu_attention_reference`` with ``weights = mask / max_len`` precomputed once per
+    forward (shared by the layers), the bias add fused into the batched matmul and the mask
+    multiplying the SiLU output in place. Shapes as in the reference.
+
+    ``causal_chunk``: when key column j > query column i is always masked (one causal sequence,
+    no prefix), take the queries ``causal_chunk`` rows at a time, each against the keys up to
+    its last row only, which skips most of the all-zero upper triangle.
+    """
+    N = q.shape[1]
+    if causal_chunk is None or N <= causal_chunk:
+        return _attend(q, k, v, rab, weights)
+    outs = []
+    for s in range(0, N, causal_chunk):
+        e = min(s + causal_chunk, N)
+        outs.append(_attend(q[:, s:e], k[:, :e], v[:, :e], rab[:, s:e, :e], weights[:, s:e, :e]))
+    return torch.cat(outs, dim=1)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rab: torch.Tensor, weights: torch.Tensor,
+) -> torch.Tensor:
+    B, N, H, Dh = q.shape
+    heads_first = lambda t: t.transpose(1, 2).reshape(B * H, -1, Dh)  # noqa: E731  [B*H, n, Dh]
+    if rab.shape[0] > 1 and H > 1:
+        rab = rab.repeat_interleave(H, dim=0)  # [B*H, N, Nk]
+    if weights.shape[0] > 1 and H > 1:
+        weights = weights.repeat_interleave(H, dim=0)
+    logits = torch.baddbmm(rab, heads_first(q), heads_first(k).transpose(1, 2))  # [B*H, N, Nk]
+    attn = F.silu(logits).mul_(weights)  # in place: silu saves its input, not its output
+    o = torch.bmm(attn, heads_first(v))  # [B*H, N, Dh]
+    return o.view(B, H, N, Dh).transpose(1, 2)
 
 
 class HSTULayer(nn.Module):
@@ -61,32 +112,34 @@ class HSTULayer(nn.Module):
         self.norm_attn = nn.LayerNorm(inner)
         self.out = nn.Linear(inner, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.inv_norm = 1.0 / cfg.max_len
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, rab: torch.Tensor,
+        self, x: torch.Tensor, weights: torch.Tensor, rab: torch.Tensor,
         prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None,
+        causal_chunk: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x ``[B, N, D]``; mask, rab ``[B, N, P+N]``; prefix_k/v ``[B, P, H, Dh]`` or None.
-        Returns the new x ``[B, N, D]`` and this layer's k, v ``[B, N, H, Dh]``."""
+        """x ``[B, N, D]``; weights (mask / max_len), rab ``[B or 1, N, P+N]``; prefix_k/v
+        ``[B, P, H, Dh]`` or None; ``causal_chunk`` as in ``hstu_attention``. Returns the new
+        x ``[B, N, D]`` and this layer's k, v ``[B, N, H, Dh]``."""
         B, N, _ = x.shape
         u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)
         q, k, v = (t.view(B, N, self.heads, self.head_dim) for t in (q, k, v))
         keys = k if prefix_k is None else torch.cat([prefix_k, k], dim=1)  # [B, P+N, H, Dh]
         vals = v if prefix_v is None else torch.cat([prefix_v, v], dim=1)
-        logits = torch.einsum("bnhd,bmhd->bhnm", q, keys) + rab[:, None]
-        attn = F.silu(logits) * self.inv_norm * mask[:, None]  # [B, H, N, P+N]
-        o = torch.einsum("bhnm,bmhd->bnhd", attn, vals).reshape(B, N, -1)
+        o = hstu_attention(q, keys, vals, rab, weights, causal_chunk).reshape(B, N, -1)
         return x + self.out(self.dropout(self.norm_attn(o) * u)), k, v
 
 
 class HSTUStack(nn.Module):
     """L HSTU layers over one layout, optionally continuing from a prefix of cached K/V."""
 
+    causal_chunk = 64  # query rows per block when skipping the masked upper triangle
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.bias = RelativeBias(cfg)
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_layers))
+        self.inv_norm = 1.0 / cfg.max_len
 
     def forward(
         self, x: torch.Tensor, kind: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor,
@@ -97,6 +150,7 @@ class HSTUStack(nn.Module):
         """x ``[B, N, D]`` with attributes kind/seg/pos/ts ``[B, N]``; ``prefix`` ``[B, L, 2, P,
         H, Dh]`` with attributes ``[B, P]``. Returns the output ``[B, N, D]`` and, if ``keep`` is
         given, the keys/values of positions ``keep`` for every layer ``[B, L, 2, |keep|, H, Dh]``.
+        Outputs at padding positions are unspecified (nothing reads them).
         """
         if prefix is None:
             k_kind, k_seg, k_pos, k_ts = kind, seg, pos, ts
@@ -105,17 +159,33 @@ class HSTUStack(nn.Module):
             k_seg = torch.cat([prefix_seg, seg], 1)
             k_pos = torch.cat([prefix_pos, pos], 1)
             k_ts = None if ts is None else torch.cat([torch.zeros_like(prefix_pos), ts], 1)
-        mask = attention_mask(kind, seg, pos, k_kind, k_seg, k_pos).to(x.dtype)
-        rab = self.bias(pos, k_pos, kind == ITEM, k_kind == ITEM, ts, k_ts).to(x.dtype)
+        N = pos.shape[1]
+        q_pos, k_pos = _shared_rows(pos), _shared_rows(k_pos)  # [1, N] when all rows agree
+        # Positions 0..N-1 in column order and no prefix: the mask is lower triangular.
+        arange = torch.arange(N, device=pos.device)
+        triangular = prefix is None and q_pos.shape[0] == 1 and torch.equal(q_pos[0], arange)
+        chunk = self.causal_chunk if triangular else None
+        if triangular and is_plain_causal(kind, seg, pos):
+            mask = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()[None]  # [1, N, N]
+        else:
+            mask = attention_mask(kind, seg, q_pos, k_kind, k_seg, k_pos)
+        weights = mask.to(x.dtype).mul_(self.inv_norm)  # [B or 1, N, P+N]
+        rab = self.bias(q_pos, k_pos, kind == ITEM, k_kind == ITEM, ts, k_ts).to(x.dtype)
         kept = []
         for i, layer in enumerate(self.layers):
             pk = pv = None
             if prefix is not None:
                 pk, pv = prefix[:, i, 0], prefix[:, i, 1]
-            x, k, v = layer(x, mask, rab, pk, pv)
+            x, k, v = layer(x, weights, rab, pk, pv, chunk)
             if keep is not None:
                 kept.append(torch.stack([k[:, keep], v[:, keep]], dim=1))  # [B, 2, |keep|, H, Dh]
         return x, (torch.stack(kept, dim=1) if keep is not None else None)
+
+
+def _shared_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t[:1]`` if every row of ``t`` ``[B, N]`` equals the first, else ``t``: attributes
+    that all rows share make ``[1, Nq, Nk]`` masks and biases instead of ``[B, Nq, Nk]``."""
+    return t[:1] if bool((t == t[:1]).all()) else t
 
 
 def init_embedding_(weight: torch.Tensor, std: float = 0.02) -> None:

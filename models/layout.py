@@ -29,11 +29,12 @@ from .config import MemoryPolicy, ModelConfig
 PAD, ITEM, TOKEN = 0, 1, 2
 
 
-def attention_mask(
+def attention_mask_reference(
     q_kind: torch.Tensor, q_seg: torch.Tensor, q_pos: torch.Tensor,
     k_kind: torch.Tensor, k_seg: torch.Tensor, k_pos: torch.Tensor,
 ) -> torch.Tensor:
-    """``[B, Nq]`` query and ``[B, Nk]`` key attributes -> ``[B, Nq, Nk]`` bool (True = attend)."""
+    """The rule, case by case. ``[B, Nq]`` query and ``[B, Nk]`` key attributes ->
+    ``[B, Nq, Nk]`` bool (True = attend). ``attention_mask`` computes the same, faster."""
     qk, qs, qp = q_kind[:, :, None], q_seg[:, :, None], q_pos[:, :, None]
     kk, ks, kp = k_kind[:, None, :], k_seg[:, None, :], k_pos[:, None, :]
     q_item, q_tok = qk == ITEM, qk == TOKEN
@@ -46,6 +47,41 @@ def attention_mask(
         | (q_tok & k_tok & (same | prev))
     )
     return allowed & (kp <= qp)
+
+
+def attention_mask(
+    q_kind: torch.Tensor, q_seg: torch.Tensor, q_pos: torch.Tensor,
+    k_kind: torch.Tensor, k_seg: torch.Tensor, k_pos: torch.Tensor,
+) -> torch.Tensor:
+    """``attention_mask_reference`` in four ``[B, Nq, Nk]`` operations instead of about ten.
+
+    Each key gets a code, ``2 * seg`` for an item and ``2 * seg + 1`` for a token, so that what
+    a query of segment s may see is one interval of codes: an item query sees ``[2s-1, 2s]``
+    (tokens of block s-1, items of segment s), a token query ``[2s-1, 2s+1]`` (also the tokens
+    of its own block); padding keys and queries get codes and intervals that never meet.
+    Attributes may have batch 1 (shared by all rows, e.g. ``pos`` in training).
+    """
+    never = -4  # below every interval: seg >= 0, so lo >= -1
+    k_code = torch.where(k_kind == PAD, never, 2 * k_seg + (k_kind == TOKEN).long())
+    q_real = q_kind != PAD
+    lo = torch.where(q_real, 2 * q_seg - 1, 1 - never)  # padding queries: an empty interval
+    hi = torch.where(q_real, 2 * q_seg + (q_kind == TOKEN).long(), never - 1)
+    k_code = k_code[:, None, :]
+    in_interval = (k_code >= lo[:, :, None]) & (k_code <= hi[:, :, None])
+    return in_interval & (k_pos[:, None, :] <= q_pos[:, :, None])
+
+
+def is_plain_causal(kind: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor) -> bool:
+    """True when every row is ``[items | padding]`` in one segment with positions 0..N-1 (plain
+    HSTU training and serving). Then, for every item query, ``attention_mask`` is the causal
+    mask: right padding only ever sits after the queries that could see it."""
+    n = kind.shape[1]
+    return (
+        not bool((kind == TOKEN).any())
+        and bool((kind[:, 1:] <= kind[:, :-1]).all())  # ITEM (1) never after PAD (0)
+        and bool(((seg == seg[:, :1]) | (kind == PAD)).all())
+        and bool((pos == torch.arange(n, device=pos.device)).all())
+    )
 
 
 @dataclass(frozen=True)

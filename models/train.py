@@ -98,7 +98,8 @@ def fit(
 
     Under ``torchrun`` (process group initialised by the caller) each process trains on its
     share of the batches through DistributedDataParallel; rank 0 validates, decides early
-    stopping for everyone, and writes ``out_dir/best.pt`` and ``out_dir/last.pt``.
+    stopping for everyone, and writes ``out_dir/best.pt`` and ``out_dir/last.pt``; every
+    process ends holding rank 0's best weights.
     """
     rank, world = _world()
     mcfg = model.cfg
@@ -167,11 +168,20 @@ def fit(
         if stop:
             break
     model.load_state_dict(best_state)
+    _share_state(model)
     ckpt_path = None
     if out_dir is not None and rank == 0:
         state = dict(epoch=epoch, best=best, best_epoch=best_epoch, train_config=asdict(cfg))
         ckpt_path = save_checkpoint(make_checkpoint(model, id_map_json, state, best_metrics), out_dir / "best.pt")
     return FitResult(best_metrics, best_epoch, epoch, time.monotonic() - t_start, history, ckpt_path)
+
+
+def _share_state(model: nn.Module) -> None:
+    """Give every process rank 0's weights (only rank 0 validates, so only it knows the best)."""
+    if _world()[1] == 1:
+        return
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)
 
 
 def _agree(flag: bool, device: torch.device | str) -> bool:

@@ -33,6 +33,11 @@ def test_quick_offline_rows_write_json_table_and_plot(bench, tmp_path: Path) -> 
     assert "| recompress-k4 |" in (tmp_path / "offline_synthetic_quick.md").read_text()
     assert (tmp_path / "offline_synthetic_quick.png").stat().st_size > 0
 
+    bench.main(["--quick", "--data", "synthetic", "--out", str(tmp_path), "--retime"])
+    retimed = json.loads((tmp_path / "offline_synthetic_quick.json").read_text())["rows"]
+    assert retimed.keys() == rows.keys()
+    assert retimed["hstu-full"]["test"] == rows["hstu-full"]["test"]  # accuracy untouched
+
 
 def test_quick_long_history_cost_grows_for_full_history_only(bench, tmp_path: Path) -> None:
     bench.main(["--quick", "--long-history", "--data", "synthetic", "--out", str(tmp_path)])
