@@ -76,6 +76,11 @@ def export_repository(
     """Write (or add a version to) the repository at ``out``; return its manifest."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     cfg = ck.config
+    if cfg.has_memory and cfg.time_bias and cfg.policy.value == "recompress":
+        # The stream keeps aged-out item ids but not their times, so it could not reproduce
+        # this model's time biases when it recompresses.
+        raise ValueError("streaming a RECOMPRESS model with time_bias is not supported; "
+                         "train with the incremental policy or without --time-bias")
     if kind == "auto":
         kind = "KIND_GPU" if torch.cuda.is_available() else "KIND_CPU"
     window = cfg.recent_len + fold_every if cfg.has_memory else cfg.max_len

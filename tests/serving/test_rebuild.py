@@ -47,3 +47,13 @@ def test_incremental_memories_are_refused() -> None:
     with pytest.raises(ValueError, match="replay"):
         rebuild_memories(InMemoryMemoryStore(), checkpoint(["a", "b"], 0, "incremental"),
                          ModelRunner(checkpoint(["a", "b"], 1, "incremental"), "cpu"))
+
+
+def test_export_refuses_a_model_the_stream_cannot_reproduce(tmp_path) -> None:
+    from persrec.serving.export import export_repository
+
+    cfg = ModelConfig(num_items=5, dim=8, head_dim=4, num_memory_tokens=2, recent_len=2, max_len=8,
+                      time_bias=True)
+    ck = make_checkpoint(build_model(cfg), IdMap([str(i) for i in range(5)]).to_json())
+    with pytest.raises(ValueError, match="time_bias"):
+        export_repository(ck, tmp_path)
