@@ -76,3 +76,22 @@ class ModelRunner:
     def empty_memory(self) -> np.ndarray:
         """``[L, 2, M, H, Dh]`` float32."""
         return self._empty[0].float().cpu().numpy()
+
+
+def runner_from_triton_args(args: dict) -> tuple[ModelRunner, dict[str, str]]:
+    """The runner a python-backend model's ``initialize(args)`` needs, and its config parameters.
+
+    The checkpoint sits in the version directory; the model version in the config must match it.
+    """
+    import json
+
+    config = json.loads(args["model_config"])
+    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    device = "cpu"
+    if args["model_instance_kind"] == "GPU":
+        device = f"cuda:{args['model_instance_device_id']}"
+    path = Path(args["model_repository"]) / args["model_version"] / "checkpoint.pt"
+    runner = ModelRunner(path, device, cpu_threads=int(params.get("cpu_threads", "1")))
+    if runner.model_version != params["model_version"]:
+        raise RuntimeError(f"checkpoint {runner.model_version} != config {params['model_version']}")
+    return runner, params

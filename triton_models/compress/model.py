@@ -4,26 +4,15 @@ Inputs (per row): MEMORY fp32 [L,2,M,H,Dh], HAS_MEMORY bool [1] (False: compress
 alone), ITEMS int64 [S], TIMESTAMPS int64 [S], LENGTHS int64 [1]. Output: NEW_MEMORY fp32.
 """
 
-import json
-from pathlib import Path
-
 import triton_python_backend_utils as pb_utils
 
-from persrec.serving.inference import ModelRunner
+from persrec.serving.inference import runner_from_triton_args
 from persrec.serving.triton_batch import concat_rows, split_rows
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        device = "cpu"
-        if args["model_instance_kind"] == "GPU":
-            device = f"cuda:{args['model_instance_device_id']}"
-        path = Path(args["model_repository"]) / args["model_version"] / "checkpoint.pt"
-        self.runner = ModelRunner(path, device, cpu_threads=int(params.get("cpu_threads", "1")))
-        if self.runner.model_version != params["model_version"]:
-            raise RuntimeError(f"checkpoint {self.runner.model_version} != config {params['model_version']}")
+        self.runner, params = runner_from_triton_args(args)
 
     def execute(self, requests):
         names = ["MEMORY", "HAS_MEMORY", "ITEMS", "TIMESTAMPS", "LENGTHS"]

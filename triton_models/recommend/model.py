@@ -5,27 +5,16 @@ TIMESTAMPS int64 [W], LENGTHS int64 [1]. Outputs: TOP_IDS int64 [k], TOP_SCORES 
 Requests that Triton's dynamic batcher hands over together run as one batch.
 """
 
-import json
-from pathlib import Path
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from persrec.serving.inference import ModelRunner
+from persrec.serving.inference import runner_from_triton_args
 from persrec.serving.triton_batch import concat_rows, split_rows
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        device = "cpu"
-        if args["model_instance_kind"] == "GPU":
-            device = f"cuda:{args['model_instance_device_id']}"
-        path = Path(args["model_repository"]) / args["model_version"] / "checkpoint.pt"
-        self.runner = ModelRunner(path, device, cpu_threads=int(params.get("cpu_threads", "1")))
-        if self.runner.model_version != params["model_version"]:
-            raise RuntimeError(f"checkpoint {self.runner.model_version} != config {params['model_version']}")
+        self.runner, params = runner_from_triton_args(args)
         self.top_k = int(params["top_k"])
         self.exclude_seen = params.get("exclude_seen", "true") == "true"
         self.has_memory = self.runner.cfg.has_memory
