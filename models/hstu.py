@@ -194,3 +194,20 @@ def init_embedding_(weight: torch.Tensor, std: float = 0.02) -> None:
 
 def input_scale(dim: int) -> float:
     return math.sqrt(dim)
+
+
+class ItemScoring:
+    """Cosine scoring against the item table ``self.item_emb`` (shared by every model here)."""
+
+    item_emb: nn.Embedding
+
+    def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised item embeddings ``[I+1, D]`` (or of ``ids``)."""
+        w = self.item_emb.weight if ids is None else self.item_emb(ids)
+        return F.normalize(w, dim=-1)
+
+    def score(self, user_vectors: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` -> cosine scores ``[B, I+1]``; column 0 (padding) is -inf."""
+        scores = user_vectors @ self.item_vectors().T
+        scores[:, 0] = float("-inf")
+        return scores

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Architecture, ModelConfig
-from .hstu import HSTUStack, init_embedding_, input_scale
+from .hstu import ItemScoring, HSTUStack, init_embedding_, input_scale
 from .layout import ITEM, PAD, TOKEN, LayoutBatch
 
 
-class PerSRec(nn.Module):
+class PerSRec(ItemScoring, nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.architecture is not Architecture.HSTU:
@@ -54,18 +54,6 @@ class PerSRec(nn.Module):
         h, _ = self.backbone(x, batch.kind, batch.seg, batch.pos, self._ts(batch.ts))
         return F.normalize(h, dim=-1)
 
-    def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised item embeddings ``[I+1, D]`` (or of ``ids``)."""
-        w = self.item_emb.weight if ids is None else self.item_emb(ids)
-        return F.normalize(w, dim=-1)
-
-    def score(self, user_vectors: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` -> cosine scores ``[B, I+1]``; column 0 (padding) is -inf."""
-        scores = user_vectors @ self.item_vectors().T
-        scores[:, 0] = float("-inf")
-        return scores
-
-    # ------------------------------------------------------------------------- serving path
     def _ts(self, ts: torch.Tensor | None) -> torch.Tensor | None:
         return ts if self.cfg.time_bias else None
 

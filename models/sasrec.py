@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Architecture, ModelConfig
-from .hstu import init_embedding_, input_scale
+from .hstu import ItemScoring, init_embedding_, input_scale
 from .layout import ITEM, LayoutBatch
 
 
@@ -30,7 +30,7 @@ class SASRecBlock(nn.Module):
         return x + self.dropout(self.ffn(self.norm2(x)))
 
 
-class SASRec(nn.Module):
+class SASRec(ItemScoring, nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.architecture is not Architecture.SASREC:
@@ -61,15 +61,6 @@ class SASRec(nn.Module):
     def forward(self, batch: LayoutBatch) -> torch.Tensor:
         """Full causal pass -> L2-normalised outputs ``[B, N, D]``."""
         return self._encode(batch.item_ids, batch.kind == ITEM)
-
-    def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
-        w = self.item_emb.weight if ids is None else self.item_emb(ids)
-        return F.normalize(w, dim=-1)
-
-    def score(self, user_vectors: torch.Tensor) -> torch.Tensor:
-        scores = user_vectors @ self.item_vectors().T
-        scores[:, 0] = float("-inf")
-        return scores
 
     def recommend(self, memory: None, items: torch.Tensor, lengths: torch.Tensor, ts=None) -> torch.Tensor:
         if memory is not None:
