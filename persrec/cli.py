@@ -83,6 +83,7 @@ def train(
     max_minutes: Optional[float] = None,
     seed: int = 42,
     resume: Annotated[Optional[Path], typer.Option(help="continue from a last.pt checkpoint")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 is fastest on a busy 2-core machine)")] = None,
     verbose: bool = False,
 ) -> None:
     """Train a model with early stopping on validation NDCG@10; write checkpoints and test metrics.
@@ -96,6 +97,10 @@ def train(
     from persrec.models.train import TrainConfig
 
     _setup_logging(verbose)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     rank, world = _init_distributed()
     settings = Settings()
     device = pick_device(settings.device if world == 1 else ("auto" if rank == 0 else "cpu"))
@@ -301,7 +306,7 @@ def demo(
         train(data=data, out=out, memory_tokens=8, recent_len=50, epochs=1000, max_minutes=train_minutes,
               patience=5, fmt="auto", arch=Arch.hstu, policy=Policy.recompress, segment_len=50, max_len=200,
               dim=50, layers=2, heads=1, head_dim=25, dropout=0.2, time_bias=False, batch_size=128, lr=1e-3,
-              eval_every=1, seed=42, resume=None, verbose=False)
+              eval_every=1, seed=42, resume=None, threads=None, verbose=False)
         checkpoint = out / "best.pt"
     result = run_demo(settings, Path(data), checkpoint, rate=rate, duration=duration, console=console)
     console.print_json(data={k: result.get(k) for k in ("events_published", "events_in", "recs_out", "dlq", "folds", "first_recommendation_s")})
