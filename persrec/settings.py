@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     api_token: SecretStr | None = None
+
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _empty_token_means_none(cls, v):
+        """An empty token must not make ``Authorization: Bearer `` valid: it disables DELETE."""
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
 
     @property
     def resolved_database_url(self) -> str:

@@ -14,4 +14,6 @@ if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests: failing on purpose" >&2
     exit 1
 fi
+# The containers suite (Docker daemon, stand-in images) runs after a green full run.
+if [ "$rc" -eq 0 ] && [ "$#" -eq 0 ]; then bash "$root/scripts/containers-test.sh" || rc=$?; fi
 exit "$rc"

@@ -16,7 +16,9 @@ import torch
 
 from persrec.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "triton_models"
+import persrec.triton_models
+
+TEMPLATES = Path(persrec.triton_models.__file__).resolve().parent
 MANIFEST = "manifest.json"
 
 

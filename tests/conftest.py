@@ -19,6 +19,7 @@ pytest_plugins = [
     "persrec.testing.kafka",
     "persrec.testing.triton",
     "persrec.testing.postgres",
+    "persrec.testing.containers",
 ]
 
 RATINGS = data_dir() / "ml-latest-small" / "ratings.csv"

@@ -14,6 +14,7 @@ import pytest
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 
+from persrec.embedded._proc import free_ports
 from persrec.embedded.kafka import create_topics
 from persrec.replay import events_in_time_order
 from persrec.stack import get_json, wait_for
@@ -167,9 +168,11 @@ def run_pipeline(served_model, settings, start_worker, n_workers: int = 1):
     create_topics(bootstrap, {settings.topic_interactions: settings.partitions,
                               settings.topic_recommendations: settings.partitions,
                               settings.topic_dlq: settings.partitions})
-    workers = [start_worker(settings.model_copy(update={"api_port": settings.api_port + i * 7,
-                                                        "worker_web_port": settings.worker_web_port + i * 7}),
-                            f"worker{i}") for i in range(n_workers)]
+    workers = []
+    for i in range(n_workers):
+        ports = (settings.api_port, settings.worker_web_port) if i == 0 else free_ports(2)
+        workers.append(start_worker(settings.model_copy(update={"api_port": ports[0], "worker_web_port": ports[1]}),
+                                    f"worker{i}"))
     if n_workers > 1:  # let the group settle so that no partition changes hands mid-replay
         time.sleep(8)
     messages, valid, bad = build_traffic(served_model)
