@@ -34,6 +34,15 @@ def get_json(url: str, timeout: float = 2.0) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
+def worker_ready(api: str) -> bool:
+    """A worker is ready once its status API answers with the runtime's counters."""
+    try:
+        code, body = get_json(api + "/status")
+    except OSError:
+        return False
+    return code == 200 and "events_in" in body
+
+
 class WorkerProcess:
     """``persrec worker`` in its own process group, ready once its status API reports a runtime."""
 
@@ -50,16 +59,9 @@ class WorkerProcess:
     def pid(self) -> int | None:
         return self._proc.pid
 
-    def _ready(self) -> bool:
-        try:
-            code, body = get_json(self.api + "/status")
-        except OSError:
-            return False
-        return code == 200 and "events_in" in body
-
     def start(self, timeout: float = 120.0) -> "WorkerProcess":
         self._proc.start()
-        self._proc.wait_until(self._ready, timeout, "worker status API")
+        self._proc.wait_until(lambda: worker_ready(self.api), timeout, "worker status API")
         return self
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -102,6 +102,7 @@ class Runtime:
         self.in_flight: dict[str, collections.deque[int]] = {}
         self.last_recs: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.counters = Counters()
+        # A dict beats IdMap.encode's vectorised search on the few items of one request.
         self._index = {item: i + 1 for i, item in enumerate(id_map.items.tolist())}
 
     # -------------------------------------------------------------------------- memories
@@ -144,10 +145,13 @@ class Runtime:
             del self.in_flight[user_id]
 
     # ---------------------------------------------------------------------- recommending
-    def model_inputs(self, w: win.Window, watermark: int) -> tuple[list[int], list[int]]:
-        items, ts = win.effective(w, watermark)
+    def known(self, items: list[str], ts: list[int]) -> tuple[list[int], list[int]]:
+        """Model ids and times of the items the model knows (unknown items are skipped)."""
         pairs = [(self._index[i], t) for i, t in zip(items, ts) if i in self._index]
         return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def model_inputs(self, w: win.Window, watermark: int) -> tuple[list[int], list[int]]:
+        return self.known(*win.effective(w, watermark))
 
     async def recommend_batch(self, reqs: list[RecRequest]) -> list[dict]:
         mems = await self.memories(list(dict.fromkeys(r.user_id for r in reqs)))
@@ -208,8 +212,7 @@ class Runtime:
             if not seg:
                 self.fold_pending.discard(u)
                 continue
-            known = [(self._index[i], t) for i, t in zip(seg, seg_ts) if i in self._index]
-            plan.append((u, m, [k for k, _ in known], [t for _, t in known], new_wm, len(seg)))
+            plan.append((u, m, *self.known(seg, seg_ts), new_wm, len(seg)))
         if not plan:
             return 0
         recompress = self.manifest.policy == "recompress"

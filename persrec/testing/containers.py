@@ -55,7 +55,7 @@ import pytest
 
 from persrec.embedded._proc import free_port, http_ok
 from persrec.settings import Settings
-from persrec.stack import get_json, settings_env
+from persrec.stack import get_json, settings_env, worker_ready
 
 if TYPE_CHECKING:
     import tritonclient.http as triton_http
@@ -414,11 +414,7 @@ class WorkerContainer(ServiceContainer):
         return get_json(self.api + "/status")[1]
 
     def _ready(self) -> bool:
-        try:
-            code, body = get_json(self.api + "/status")
-        except OSError:
-            return False
-        return code == 200 and "events_in" in body
+        return worker_ready(self.api)
 
 
 # -- pytest ---------------------------------------------------------------------------------
