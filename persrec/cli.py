@@ -131,6 +131,11 @@ def train(
         experiment.write_json(report, out / "metrics.json")
         console.print(_metrics_table(f"test ({dataset.name})", {arch.value + (f"+M{memory_tokens}" if memory_tokens else ""): report["test"], "most popular": report["popularity_test"]}))
         console.print(f"checkpoint: {result.checkpoint}  metrics: {out / 'metrics.json'}")
+    if world > 1:  # leave together: a rank exiting with gloo still up can abort (std::terminate)
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @app.command()
