@@ -22,6 +22,11 @@ pytest_plugins = [
     "persrec.testing.containers",
 ]
 
+def pytest_addoption(parser):
+    parser.addoption("--reliability", choices=["short", "long"], default="short",
+                     help="size of tests/reliability scenarios (long = the figures of RELIABILITY.md)")
+
+
 RATINGS = data_dir() / "ml-latest-small" / "ratings.csv"
 
 

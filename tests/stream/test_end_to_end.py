@@ -11,13 +11,12 @@ import time
 
 import numpy as np
 import pytest
-import torch
-from kafka import KafkaConsumer, KafkaProducer
 
 from persrec.embedded._proc import free_ports
 from persrec.embedded.kafka import create_topics
 from persrec.replay import events_in_time_order
-from persrec.stack import get_json, wait_for
+from persrec.stack import wait_for
+from persrec.testing.pipeline import check_user_states, consume, events_by_user, offline_top10, publish
 
 pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
 
@@ -53,31 +52,6 @@ def bad_events() -> list[tuple[bytes, bytes, str]]:
     return [(b"1", value, reason) for value, reason in cases]
 
 
-def consume(bootstrap: str, topic: str, expected: int, timeout: float, settle: float = 3.0) -> list:
-    """Every message of ``topic`` once ``expected`` have arrived (plus ``settle`` s for extras)."""
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=500)
-    out, deadline, extra_until = [], time.monotonic() + timeout, None
-    try:
-        while time.monotonic() < deadline:
-            out.extend(consumer)
-            if len(out) >= expected and extra_until is None:
-                extra_until = time.monotonic() + settle
-            if extra_until is not None and time.monotonic() > extra_until:
-                break
-    finally:
-        consumer.close()
-    return out
-
-
-def publish(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    for key, value in messages:
-        producer.send(topic, key=key, value=value)
-    producer.flush()
-    producer.close()
-
-
 def build_traffic(served_model, seed: int = 0):
     """Valid events (in time order) with bad ones mixed in; returns (messages, valid, bad)."""
     valid = list(events_in_time_order(served_model.interactions, N_EVENTS))
@@ -99,28 +73,8 @@ def build_traffic(served_model, seed: int = 0):
     return messages, valid, bad
 
 
-def offline_top10(served_model, user_events: list[dict], watermark: int, seq: int):
-    """The model's answer, computed offline, for a user whose memory holds their first
-    ``watermark`` events and whose window holds events ``watermark..seq``."""
-    model = served_model.checkpoint.build_model("cpu")
-    cfg, idm = model.cfg, served_model.id_map
-    known = lambda evs: [int(idm.encode([e["item_id"]])[0]) for e in evs if e["item_id"] in idm]  # noqa: E731
-    history = known(user_events[:watermark])[-(cfg.max_len - cfg.recent_len):]
-    recent = known(user_events[watermark:seq])
-    with torch.no_grad():
-        h = torch.tensor([history or [0]], dtype=torch.long)
-        memory = model.compress(h, torch.tensor([len(history)]))
-        vec = model.recommend(memory, torch.tensor([recent]), torch.tensor([len(recent)]))
-        scores = model.score(vec)[0]
-        scores[torch.tensor(recent)] = float("-inf")
-        top = torch.topk(scores, 10)
-    return idm.decode(top.indices.tolist()), top.values.numpy()
-
-
 def check_pipeline(served_model, settings, bootstrap, workers, valid, bad, *, parity_sample=150):
-    by_user = collections.defaultdict(list)
-    for e in valid:  # the order each user's events reach the worker: replay order, re-keyed last
-        by_user[e["user_id"]].append(e)
+    by_user = events_by_user(valid)  # replay order, re-keyed copies last
     recs = consume(bootstrap, settings.topic_recommendations, len(valid), timeout=600)
     bodies = [json.loads(m.value) for m in recs]
     counts = collections.Counter(b["event_id"] for b in bodies)
@@ -139,14 +93,7 @@ def check_pipeline(served_model, settings, bootstrap, workers, valid, bad, *, pa
 
     # 3. folded + window = every event of the user, and the window is the user's latest events
     wait_for(lambda: all(w.status()["fold_backlog"] == 0 for w in workers), 120, "folds to finish")
-    total_folded = 0
-    for user_id, events in by_user.items():
-        bodies_u = [get_json(f"{w.api}/users/{user_id}")[1] for w in workers]
-        state = next(b for b in bodies_u if b.get("window", {}).get("events"))
-        folded = state["memory"]["events_folded"] if state["memory"] else 0
-        assert folded + state["window"]["items_after_watermark"] == len(events), user_id
-        assert state["window"]["items"] == [e["item_id"] for e in events[folded:]]
-        total_folded += folded
+    total_folded = check_user_states([w.api for w in workers], by_user)
     assert total_folded > N_EVENTS // 3  # folds really happened
 
     # 4. parity with the offline model on a sample of messages
@@ -157,7 +104,7 @@ def check_pipeline(served_model, settings, bootstrap, workers, valid, bad, *, pa
     half = parity_sample // 2
     sample = rng.sample(with_memory, min(half, len(with_memory))) + rng.sample(without, min(half, len(without)))
     for b in sample:
-        ids, scores = offline_top10(served_model, by_user[b["user_id"]], b["memory_version"], b["seq"])
+        ids, scores = offline_top10(served_model.checkpoint, served_model.id_map, by_user[b["user_id"]], b["memory_version"], b["seq"])
         assert [r["item_id"] for r in b["items"]] == ids, b["event_id"]
         assert np.abs(np.array([r["score"] for r in b["items"]]) - scores).max() <= 1e-4
     return bodies

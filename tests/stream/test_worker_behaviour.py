@@ -17,7 +17,7 @@ from persrec.replay import events_in_time_order
 from persrec.serving.export import export_repository
 from persrec.stack import get_json, wait_for
 
-from .test_end_to_end import consume, publish
+from persrec.testing.pipeline import consume, publish
 
 pytestmark = [pytest.mark.kafka, pytest.mark.triton]
 

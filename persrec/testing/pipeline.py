@@ -1,0 +1,78 @@
+"""Checks on a running pipeline from the outside, shared by the end-to-end, reliability and
+benchmark suites: publish and read topics with kafka-python, recompute what the model should
+have answered offline, and compare each user's state with their event log."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+
+from persrec.stack import get_json
+
+
+def consume(bootstrap: str, topic: str, expected: int, timeout: float, settle: float = 3.0) -> list:
+    """Every message of ``topic`` once ``expected`` have arrived (plus ``settle`` s for extras)."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=500)
+    out, deadline, extra_until = [], time.monotonic() + timeout, None
+    try:
+        while time.monotonic() < deadline:
+            out.extend(consumer)
+            if len(out) >= expected and extra_until is None:
+                extra_until = time.monotonic() + settle
+            if extra_until is not None and time.monotonic() > extra_until:
+                break
+    finally:
+        consumer.close()
+    return out
+
+
+def publish(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    for key, value in messages:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def events_by_user(events: list[dict]) -> dict[str, list[dict]]:
+    """Each user's events in the order given (the order they reach the worker)."""
+    by_user: dict[str, list[dict]] = collections.defaultdict(list)
+    for e in events:
+        by_user[e["user_id"]].append(e)
+    return by_user
+
+
+def offline_top10(checkpoint, id_map, user_events: list[dict], watermark: int, seq: int):
+    """The model's answer, computed offline, for a user whose memory holds their first
+    ``watermark`` events and whose window holds events ``watermark..seq`` (recompress policy)."""
+    model = checkpoint.build_model("cpu")
+    cfg = model.cfg
+    known = lambda evs: [int(id_map.encode([e["item_id"]])[0]) for e in evs if e["item_id"] in id_map]  # noqa: E731
+    history = known(user_events[:watermark])[-(cfg.max_len - cfg.recent_len):]
+    recent = known(user_events[watermark:seq])
+    with torch.no_grad():
+        h = torch.tensor([history or [0]], dtype=torch.long)
+        memory = model.compress(h, torch.tensor([len(history)]))
+        vec = model.recommend(memory, torch.tensor([recent]), torch.tensor([len(recent)]))
+        scores = model.score(vec)[0]
+        scores[torch.tensor(recent)] = float("-inf")
+        top = torch.topk(scores, 10)
+    return id_map.decode(top.indices.tolist()), top.values.numpy()
+
+
+def check_user_states(apis: list[str], by_user: dict[str, list[dict]]) -> int:
+    """Each user's folded events + window = all their events, each once, and the window holds
+    their latest events, as the status APIs of ``apis`` report them. Returns events folded."""
+    total_folded = 0
+    for user_id, events in by_user.items():
+        bodies = [get_json(f"{api}/users/{user_id}")[1] for api in apis]
+        state = next(b for b in bodies if b.get("window", {}).get("events"))
+        folded = state["memory"]["events_folded"] if state["memory"] else 0
+        assert folded + state["window"]["items_after_watermark"] == len(events), user_id
+        assert state["window"]["items"] == [e["item_id"] for e in events[folded:]], user_id
+        total_folded += folded
+    return total_folded
