@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     fold_interval_s: float = Field(0.5, gt=0)
     max_batch: int = Field(256, ge=1, description="events per Triton recommend call")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
+    max_in_flight_batches: int = Field(4, ge=1, description="recommend batches processed at once")
     storage_dtype: str = Field("float16", pattern="^(float16|float32)$")
     worker_web_port: int = Field(6066, description="Faust's own web server")
 

@@ -15,6 +15,7 @@ event id) but never loses an acknowledged event.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ import faust
 from persrec.settings import Settings
 
 from . import window as win
+from .acks import OrderedAcks
 from .events import InvalidEvent, UserDeletion, parse_event
 from .runtime import RecRequest, Runtime
 
@@ -83,25 +85,30 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
             state["runtime"] = await make_runtime(read_window)
         return state["runtime"]
 
+    acks = OrderedAcks(lambda event: stream_of["process"].ack(event))
+    stream_of: dict = {}
+
     @app.agent(topics.interactions)
     async def process(stream):
         rt = await runtime()
+        stream_of["process"] = stream
         async for event in stream.noack().events():
             msg = event.message
+            handle = acks.track(msg.tp, event)
             source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
             rt.counters.events_in += 1
             try:
                 ev = parse_event(event.value, now=time.time())
             except InvalidEvent as exc:
                 await dead_letter(rt, event, exc.reason, exc.detail, source)
-                await stream.ack(event)
+                await acks.finish(handle)
                 continue
             key = ev.user_id.encode()
             if event.key != key:
                 delivered = await topics.interactions.send(key=key, value=event.value)
                 await delivered
                 rt.counters.rerouted += 1
-                await stream.ack(event)
+                await acks.finish(handle)
                 continue
             if isinstance(ev, UserDeletion):
                 if windows.get(key) is not None:
@@ -109,7 +116,7 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
                 await asyncio.to_thread(rt.store.delete_many, [ev.user_id])
                 rt.forget([ev.user_id])
                 log.info("erased user %r", ev.user_id)
-                await stream.ack(event)
+                await acks.finish(handle)
                 continue
             event_id = ev.event_id or f"{msg.topic}:{msg.partition}:{msg.offset}"
             w = win.Window.from_json(windows.get(key))
@@ -117,14 +124,11 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
             if duplicate:
                 rt.counters.duplicates += 1
             else:
-                w = win.append(w, event_id, ev.item_id, int(ev.ts))
-                cached = rt.cached(ev.user_id)
-                if cached is not None:
-                    w = win.trim(w, cached.watermark)
+                w = rt.trimmed(ev.user_id, win.append(w, event_id, ev.item_id, int(ev.ts)))
                 windows[key] = w.to_json()
             rt.request_queued(ev.user_id, w.seq)
             await queue.put(RecRequest(ev.user_id, w, event_id, ev.ts, source, time.monotonic(),
-                                       duplicate, ack=lambda e=event: stream.ack(e)))
+                                       duplicate, ack=functools.partial(acks.finish, handle)))
 
     async def dead_letter(rt: Runtime, event, reason: str, detail: str, source: dict) -> None:
         headers = {"reason": reason.encode(), "detail": detail.encode()[:500],
@@ -134,45 +138,77 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
         rt.counters.dlq += 1
         log.info("dead-lettered %s:%s@%s: %s", source["topic"], source["partition"], source["offset"], reason)
 
+    async def next_batch() -> list[RecRequest]:
+        loop = asyncio.get_running_loop()
+        batch = [await queue.get()]
+        deadline = loop.time() + settings.batch_wait_ms / 1000
+        while len(batch) < settings.max_batch:
+            if not queue.empty():
+                batch.append(queue.get_nowait())
+                continue
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(queue.get(), timeout))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
     @app.task
     async def batcher() -> None:
+        """Up to ``max_in_flight_batches`` batches at once: the model call of one overlaps the
+        publishing of another. Messages are still sent in event order (each batch sends after
+        the previous one has sent), so a user's recommendations arrive in the order of their
+        events."""
         rt = await runtime()
-        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(settings.max_in_flight_batches)
+        running: set[asyncio.Task] = set()
+        previous: asyncio.Future | None = None
         while True:
-            batch = [await queue.get()]
-            deadline = loop.time() + settings.batch_wait_ms / 1000
-            while len(batch) < settings.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), timeout))
-                except asyncio.TimeoutError:
-                    break
-            delay = 0.1
-            while True:  # a batch is never dropped: its events stay unacknowledged until it succeeds
-                try:
-                    await publish(rt, batch)
-                    break
-                except Exception:  # noqa: BLE001 - Triton/broker/DB trouble: wait and retry
-                    log.exception("recommendation batch of %d failed; retrying in %.1fs", len(batch), delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+            batch = await next_batch()
+            await slots.acquire()
+            sent = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(handle_batch(rt, batch, previous, sent))
+            running.add(task)
+            task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+            previous = sent
 
-    async def publish(rt: Runtime, batch: list[RecRequest]) -> None:
-        t0 = time.perf_counter()
-        messages = await rt.recommend_batch(batch)
-        t1 = time.perf_counter()
-        futures = [
-            await topics.recommendations.send(key=m["user_id"].encode(), value=json.dumps(m).encode())
-            for m in messages
-        ]
-        await asyncio.gather(*futures)
+    async def retrying(what: str, size: int, step):
+        delay = 0.1
+        while True:  # a batch is never dropped: its events stay unacknowledged until it succeeds
+            try:
+                return await step()
+            except Exception:  # noqa: BLE001 - Triton/broker/DB trouble: wait and retry
+                log.exception("%s of a batch of %d failed; retrying in %.1fs", what, size, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def handle_batch(rt: Runtime, batch: list[RecRequest], previous: asyncio.Future | None,
+                           sent: asyncio.Future) -> None:
+        try:
+            t0 = time.perf_counter()
+            messages = await retrying("recommending", len(batch), lambda: rt.recommend_batch(batch))
+            for r in batch:  # their window snapshots are read: folds may pass them now
+                rt.request_done(r.user_id, r.window.seq)
+            t1 = time.perf_counter()
+            if previous is not None:
+                await previous
+            payload = [(m["user_id"].encode(), json.dumps(m, separators=(",", ":")).encode()) for m in messages]
+
+            async def deliver() -> None:  # a retry sends the whole batch again (same event ids)
+                futures = [await topics.recommendations.send(key=k, value=v) for k, v in payload]
+                if not sent.done():
+                    sent.set_result(None)
+                await asyncio.gather(*futures)
+
+            await retrying("publishing", len(batch), deliver)
+        finally:
+            if not sent.done():
+                sent.set_result(None)
         rt.counters.seconds_model += t1 - t0
         rt.counters.seconds_publish += time.perf_counter() - t1
         rt.counters.batches += 1
-        for r in batch:
-            rt.request_done(r.user_id)
         now = time.monotonic()
         for r in batch:
             rt.counters.latencies_ms.append((now - r.received) * 1000)

@@ -98,8 +98,8 @@ class Runtime:
         self.read_window = read_window
         self.cache: collections.OrderedDict[str, CachedMemory] = collections.OrderedDict()
         self.fold_pending: set[str] = set()
-        # seq of each queued request's window snapshot, per user, oldest first
-        self.in_flight: dict[str, collections.deque[int]] = {}
+        # seq of each queued request's window snapshot, per user
+        self.in_flight: dict[str, list[int]] = {}
         self.last_recs: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.counters = Counters()
         # A dict beats IdMap.encode's vectorised search on the few items of one request.
@@ -129,6 +129,14 @@ class Runtime:
             self.cache.move_to_end(u)
         return out
 
+    def trimmed(self, user_id: str, w: win.Window) -> win.Window:
+        """The window without what the model no longer reads: items folded into the user's
+        cached memory, or, for a model without memory, items beyond its longest input."""
+        if not self.manifest.has_memory:
+            return win.trim(w, w.seq - self.manifest.window_len)
+        cached = self.cache.get(user_id)
+        return w if cached is None else win.trim(w, cached.watermark)
+
     def forget(self, user_ids) -> None:
         for u in user_ids:
             self.cache.pop(u, None)
@@ -136,13 +144,19 @@ class Runtime:
             self.fold_pending.discard(u)
 
     def request_queued(self, user_id: str, seq: int) -> None:
-        self.in_flight.setdefault(user_id, collections.deque()).append(seq)
+        self.in_flight.setdefault(user_id, []).append(seq)
 
-    def request_done(self, user_id: str) -> None:
+    def request_done(self, user_id: str, seq: int) -> None:
+        """The model has read this request's window snapshot (batches finish in any order)."""
         pending = self.in_flight[user_id]
-        pending.popleft()  # requests complete in queue order
+        pending.remove(seq)
         if not pending:
             del self.in_flight[user_id]
+
+    def oldest_in_flight(self, user_id: str) -> int | None:
+        """seq of the oldest window snapshot a queued request will still read."""
+        pending = self.in_flight.get(user_id)
+        return min(pending) if pending else None
 
     # ---------------------------------------------------------------------- recommending
     def known(self, items: list[str], ts: list[int]) -> tuple[list[int], list[int]]:
@@ -207,7 +221,8 @@ class Runtime:
         plan = []  # (user, memory, segment items (dense), segment ts, new watermark, folded count)
         for u in users:
             w, m = self.read_window(u), mems[u]
-            limit = self.in_flight[u][0] - 1 if u in self.in_flight else None
+            oldest = self.oldest_in_flight(u)
+            limit = None if oldest is None else oldest - 1
             seg, seg_ts, new_wm = win.fold_segment(w, m.watermark, self.manifest.recent_len, limit)
             if not seg:
                 self.fold_pending.discard(u)

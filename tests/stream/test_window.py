@@ -49,3 +49,32 @@ def test_fold_after_the_memory_was_lost_continues_the_window_numbering() -> None
     w = win.trim(fill(40), 10)  # events 1..10 were in a memory that is gone (model change)
     seg, _, wm = win.fold_segment(w, 0, recent_len=20)
     assert seg == [f"i{i}" for i in range(11, 21)] and wm == 20
+
+
+def _runtime(has_memory: bool):
+    from persrec.models.data import IdMap
+    from persrec.serving.export import Manifest
+    from persrec.stream.runtime import CachedMemory, Runtime, StreamConfig
+
+    manifest = Manifest("v", 1, window_len=5, recent_len=3, top_k=10, memory_shape=(1, 2, 2, 1, 4),
+                        has_memory=has_memory, policy="recompress", history_len=2)
+    rt = Runtime(None, None, IdMap(["a"]), manifest, StreamConfig(), read_window=None)
+    return rt, CachedMemory
+
+
+def test_window_of_a_model_without_memory_keeps_only_its_longest_input():
+    rt, _ = _runtime(has_memory=False)
+    w = win.Window()
+    for k in range(12):
+        w = rt.trimmed("u", win.append(w, f"e{k}", f"i{k}", k))
+    assert w.seq == 12 and w.items == [f"i{k}" for k in range(7, 12)]
+
+
+def test_window_of_a_memory_model_drops_what_the_cached_memory_folded():
+    rt, CachedMemory = _runtime(has_memory=True)
+    w = win.Window()
+    for k in range(12):
+        w = rt.trimmed("u", win.append(w, f"e{k}", f"i{k}", k))
+    assert len(w.items) == 12  # no memory yet: nothing folded, nothing dropped
+    rt._remember("u", CachedMemory(None, events_folded=8, watermark=8))
+    assert rt.trimmed("u", w).items == ["i8", "i9", "i10", "i11"]

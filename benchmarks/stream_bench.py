@@ -1,0 +1,499 @@
+"""Streaming benchmark (issue 6): the pipeline against the pass-through limit and against
+full-history serving, measured side by side in one run on real services (noida-db broker,
+tritonserver, SQLite, real ``persrec worker`` processes).
+
+    .venv/bin/python benchmarks/stream_bench.py                  # everything (~15 min on 2 cores)
+    .venv/bin/python benchmarks/stream_bench.py --quick          # small sizes, a smoke run
+    .venv/bin/python benchmarks/stream_bench.py --profile        # + py-spy of the worker
+
+Phases, each on its own topics and consumer group:
+1. pass-through: a Faust app configured like the worker (``stream.app.create_app``) whose agent
+   reads ``interactions`` and writes one message per event;
+2. PerSRec pipeline (memory K=8 + recent window 50, recompress policy): max events/s, then
+   event -> recommendation latency at 25/50/90% of that max, fold throughput and backlog;
+3. full-history baseline: the same pipeline serving an HSTU without memory that reads the
+   user's whole history (the last L events, L = 200 / 1,000 / 2,000) for every event.
+
+Workload: real ml-latest-small events in time order (all 610 users). Before each pipeline
+phase every user is given L prior events (items drawn from the catalogue by popularity), as
+state restored from the window table's changelog, and for PerSRec a memory of them in the DB,
+computed with the served model: so both pipelines start in the steady state of users with
+long histories. Models have random weights (cost does not depend on them) with the published
+ML-1M shape (2 blocks, width 50). Throughput = events answered per second while a backlog is
+drained (rate between the 10th and 90th percentile of output times); latency = output record
+time - input record time (both CreateTime on this host) for events produced at a fixed rate.
+
+Results: ``benchmarks/results/stream_bench.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from persrec.embedded._proc import free_ports
+from persrec.embedded.kafka import EmbeddedKafka, create_topics
+from persrec.embedded.triton import EmbeddedTriton
+from persrec.memory import MemoryRecord, SqlMemoryStore, migrate
+from persrec.models.checkpoint import make_checkpoint
+from persrec.models.config import ModelConfig
+from persrec.models.data import build_sequences, data_dir, load_interactions
+from persrec.models.loss import build_model
+from persrec.replay import events_in_time_order
+from persrec.serving.export import export_repository
+from persrec.serving.inference import ModelRunner
+from persrec.settings import Settings
+from persrec.stack import WorkerProcess, get_json, settings_env
+
+log = logging.getLogger("stream_bench")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# ----------------------------------------------------------------------------- workload
+@dataclass
+class Workload:
+    events: list[dict]  # real events, time order
+    users: list[str]
+    popular: np.ndarray  # original item ids, sampled by popularity for seeded histories
+    weights: np.ndarray
+    first_ts: int
+    id_map: object
+
+    def history(self, user: str, length: int) -> tuple[list[str], list[int]]:
+        """``length`` prior items for ``user`` (deterministic per user), older than every event."""
+        rng = np.random.default_rng(zlib.crc32(user.encode()))
+        items = rng.choice(self.popular, size=length, p=self.weights).tolist()
+        ts = [self.first_ts - 60 * (length - i) for i in range(length)]
+        return items, ts
+
+
+def load_workload(n_events: int) -> Workload:
+    inter = load_interactions(data_dir() / "ml-latest-small" / "ratings.csv")
+    _, id_map = build_sequences(inter)
+    events = list(events_in_time_order(inter, n_events))
+    items, counts = np.unique(inter.items.astype(str), return_counts=True)
+    return Workload(events, sorted({str(u) for u in inter.users}), items, counts / counts.sum(),
+                    min(e["ts"] for e in events), id_map)
+
+
+def model_repository(work: Path, wl: Workload, *, memory: bool, max_len: int) -> tuple[Path, object]:
+    cfg = ModelConfig(num_items=wl.id_map.num_items, dim=50, num_layers=2, num_heads=1, head_dim=25,
+                      max_len=max_len, recent_len=50, num_memory_tokens=8 if memory else 0, dropout=0.0)
+    torch.manual_seed(0)
+    ck = make_checkpoint(build_model(cfg), wl.id_map.to_json())
+    repo = work / f"repo-{'persrec' if memory else f'full{max_len}'}"
+    manifest = export_repository(ck, repo, top_k=10, fold_every=25)
+    return repo, (ck, manifest)
+
+
+# ------------------------------------------------------------------------------ helpers
+def produce(bootstrap: str, topic: str, events: list[dict], rate: float | None = None) -> float:
+    """Publish events keyed by user id (at ``rate``/s, or as fast as possible); returns seconds."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, batch_size=256_000)
+    start = time.monotonic()
+    for k, e in enumerate(events):
+        producer.send(topic, key=e["user_id"].encode(), value=json.dumps(e).encode())
+        if rate:
+            ahead = (k + 1) / rate - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+    producer.flush()
+    producer.close()
+    return time.monotonic() - start
+
+
+def end_offsets(bootstrap: str, topic: str, partitions: int) -> int:
+    c = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        return sum(c.end_offsets([TopicPartition(topic, p) for p in range(partitions)]).values())
+    finally:
+        c.close()
+
+
+def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> list:
+    c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                      enable_auto_commit=False, consumer_timeout_ms=1000, max_partition_fetch_bytes=8 << 20)
+    out, deadline = [], time.monotonic() + timeout
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            out.extend(c)
+    finally:
+        c.close()
+    return out
+
+
+def wait_count(bootstrap: str, topic: str, partitions: int, target: int, limit_s: float,
+               sample=None) -> float:
+    """Wait until ``topic`` holds ``target`` messages or ``limit_s`` passed; returns seconds."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit_s:
+        if sample is not None:
+            sample()
+        if end_offsets(bootstrap, topic, partitions) >= target:
+            break
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
+def drain_rate(records: list) -> float:
+    """Messages per second between the 10th and the 90th percentile of their record times."""
+    ts = np.sort(np.array([r.timestamp for r in records], float)) / 1000
+    if len(ts) < 20:
+        return float("nan")
+    lo, hi = np.percentile(ts, [10, 90])
+    inside = np.count_nonzero((ts >= lo) & (ts <= hi))
+    return inside / max(hi - lo, 1e-9)
+
+
+def latency_ms(inputs: list, outputs: list) -> np.ndarray:
+    """[n, 2]: input record time (ms) and its latency, per output message."""
+    created = {(r.partition, r.offset): r.timestamp for r in inputs}
+    lat = []
+    for r in outputs:
+        src = json.loads(r.value)["event"]
+        t0 = created.get((src["partition"], src["offset"]))
+        if t0 is not None:
+            lat.append((t0, r.timestamp - t0))
+    return np.array(lat, float).reshape(-1, 2)
+
+
+def quantiles(a: np.ndarray) -> dict:
+    if not len(a):
+        return {}
+    p = np.percentile(a, [50, 95, 99])
+    return {"p50_ms": round(p[0], 1), "p95_ms": round(p[1], 1), "p99_ms": round(p[2], 1), "n": int(len(a))}
+
+
+def rss_mb(pid: int | None) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, TypeError):
+        return None
+    return None
+
+
+class Profiler:
+    """py-spy on a process for a while (raw collapsed stacks); summarised by own time."""
+
+    def __init__(self, pid: int, seconds: float, out: Path) -> None:
+        self.out = out
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration",
+             str(int(seconds)), "--rate", "200", "--format", "raw", "--output", str(out), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def summary(self, top: int = 25) -> list[tuple[str, float]]:
+        self.proc.wait(timeout=120)
+        own, total = collections.Counter(), 0
+        for line in self.out.read_text().splitlines() if self.out.is_file() else []:
+            stack, _, count = line.rpartition(" ")
+            n = int(count)
+            total += n
+            own[stack.split(";")[-1]] += n
+        return [(frame, round(100 * n / total, 1)) for frame, n in own.most_common(top)]
+
+
+# ---------------------------------------------------------------------------- seeding
+def seed_state(settings: Settings, wl: Workload, history_len: int, ck, manifest) -> None:
+    """Give every user ``history_len`` prior events: the window table's changelog (what a
+    worker restores its table from) and, for a memory model, the memory of all but the last
+    ``recent_len`` of them in the database (as the pipeline's own folds would leave it)."""
+    changelog = f"{settings.app_id}-windows-changelog"
+    create_topics(settings.kafka_bootstrap, {changelog: settings.partitions})
+    migrate(settings.resolved_database_url)
+    keep = manifest.recent_len if manifest.has_memory else manifest.window_len
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=20)
+    records = []
+    runner = ModelRunner(ck, "cpu") if manifest.has_memory else None
+    for start in range(0, len(wl.users), 128):
+        chunk = wl.users[start:start + 128]
+        hist = [wl.history(u, history_len) for u in chunk]
+        for u, (items, ts) in zip(chunk, hist):
+            window = {"seq": history_len, "items": items[-keep:], "ts": ts[-keep:], "recent_ids": []}
+            producer.send(changelog, key=u.encode(), value=json.dumps(window).encode())
+        if runner is None:
+            continue
+        folded = [items[: history_len - keep] for items, _ in hist]
+        dense = [wl.id_map.encode(f[-manifest.history_len:]).astype(np.int64) for f in folded]
+        width = max(len(d) for d in dense)
+        items = np.zeros((len(dense), width), np.int64)
+        for i, d in enumerate(dense):
+            items[i, : len(d)] = d
+        lengths = np.array([len(d) for d in dense])
+        mem = runner.fold(np.zeros((len(dense), *manifest.memory_shape), np.float32),
+                          np.zeros(len(dense), bool), items, lengths, np.zeros_like(items))
+        records += [MemoryRecord(u, manifest.model_version, mem[i], history_len - keep, history_len - keep, dense[i])
+                    for i, u in enumerate(chunk)]
+    producer.flush()
+    producer.close()
+    if records:
+        SqlMemoryStore(settings.resolved_database_url, storage_dtype=settings.storage_dtype).put_many(records)
+
+
+def state_bytes(settings: Settings, manifest) -> dict:
+    """Mean stored bytes per user: window (changelog value) and memory row payload."""
+    changelog = f"{settings.app_id}-windows-changelog"
+    latest = {}
+    for r in read_all(settings.kafka_bootstrap, changelog, expected=10**9, timeout=8):
+        latest[r.key] = len(r.value or b"")
+    out = {"window_bytes": round(float(np.mean(list(latest.values()))), 1) if latest else None}
+    if manifest.has_memory:
+        stats = SqlMemoryStore(settings.resolved_database_url).stats()
+        out["memory_bytes"] = round(stats.bytes / max(stats.rows, 1), 1)
+    out["total_bytes"] = round(sum(v for v in out.values() if v), 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- phases
+def make_settings(work: Path, bootstrap: str, triton: EmbeddedTriton | None, repo: Path | None,
+                  name: str, **overrides) -> Settings:
+    tag = f"{name}-{uuid.uuid4().hex[:6]}"
+    api_port, web_port = free_ports(2)
+    base = dict(app_id=f"bench-{tag}", kafka_bootstrap=bootstrap, topic_interactions=f"in-{tag}",
+                topic_recommendations=f"out-{tag}", topic_dlq=f"dlq-{tag}", partitions=4,
+                work_dir=work / tag, api_port=api_port, worker_web_port=web_port)
+    if triton is not None:
+        base |= dict(triton_grpc_url=triton.grpc_url, model_repository=repo)
+    return Settings(**(base | overrides))
+
+
+def topics_for(s: Settings) -> None:
+    create_topics(s.kafka_bootstrap, {s.topic_interactions: s.partitions,
+                                      s.topic_recommendations: s.partitions, s.topic_dlq: s.partitions})
+
+
+def phase_passthrough(work: Path, bootstrap: str, wl: Workload, n: int, limit_s: float) -> dict:
+    s = make_settings(work, bootstrap, None, None, "pass")
+    s.work_dir.mkdir(parents=True)
+    topics_for(s)
+    produce(bootstrap, s.topic_interactions, wl.events[:n])
+    env = dict(os.environ) | settings_env(s)
+    logf = open(work / f"{s.app_id}.log", "w")
+    proc = subprocess.Popen([sys.executable, __file__, "passthrough-worker"], env=env, stdout=logf,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        secs = wait_count(bootstrap, s.topic_recommendations, s.partitions, n, limit_s)
+        out = read_all(bootstrap, s.topic_recommendations, n)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        logf.close()
+    rate = drain_rate(out)
+    log.info("pass-through: %d/%d messages, %.0f msg/s", len(out), n, rate)
+    return {"events": len(out), "events_per_s": round(rate, 1), "wall_s": round(secs, 1)}
+
+
+def phase_pipeline(work: Path, kafka: EmbeddedKafka, wl: Workload, *, memory: bool, max_len: int,
+                   history_len: int, n: int, limit_s: float, loads: list[float], load_s: float,
+                   profile: bool) -> dict:
+    bootstrap = kafka.bootstrap_servers
+    repo, (ck, manifest) = model_repository(work, wl, memory=memory, max_len=max_len)
+    name = "persrec" if memory else f"full{max_len}"
+    models = ["recommend", "compress"] if memory else ["recommend"]
+    # a batch holds at most ~51,200 items, so long histories do not blow up attention memory
+    max_batch = max(8, min(256, 51_200 // manifest.window_len))
+    with EmbeddedTriton(repo, models, work / f"triton-{name}") as triton:
+        s = make_settings(work, bootstrap, triton, repo, name, max_batch=max_batch)
+        topics_for(s)
+        seed_state(s, wl, history_len, ck, manifest)
+        produce(bootstrap, s.topic_interactions, wl.events[:n])
+        worker = WorkerProcess(s, work / f"{s.app_id}.log", name)
+        row: dict = {"history": history_len, "max_batch": max_batch, "window_len": manifest.window_len}
+        try:
+            worker.start()
+            samples = []
+
+            def sample() -> None:
+                st = worker.status()
+                samples.append((time.monotonic(), st.get("folds", 0), st.get("fold_backlog", 0)))
+
+            prof = Profiler(worker.pid, min(limit_s, 20), work / f"profile-{name}.txt") if profile else None
+            secs = wait_count(bootstrap, s.topic_recommendations, s.partitions, n, limit_s, sample)
+            out = read_all(bootstrap, s.topic_recommendations, n, timeout=120)
+            rate = drain_rate(out)
+            row |= {"events": len(out), "events_per_s": round(rate, 1), "wall_s": round(secs, 1)}
+            if prof is not None:
+                row["profile_own_pct"] = prof.summary()
+            if memory and len(samples) > 2:
+                t, f, b = map(np.array, zip(*samples))
+                row["folds_per_s"] = round(float((f[-1] - f[0]) / max(t[-1] - t[0], 1e-9)), 1)
+                row["fold_backlog_max"] = int(b.max())
+            st = worker.status()
+            row["status"] = {k: st.get(k) for k in ("batches", "seconds_model", "seconds_publish", "folds")}
+            log.info("%s: %d/%d events, %.0f ev/s", name, len(out), n, rate)
+            # Latency at fixed fractions of the measured maximum, continuing the same stream.
+            extra = wl.events[n:] + wl.events[:n]
+            offset, lat_rows = 0, []
+            for frac in loads:
+                target = rate * frac
+                count = int(target * load_s)
+                evs = [dict(e, event_id=f"l{frac}-{k}") for k, e in enumerate((extra * 3)[offset:offset + count])]
+                offset += count
+                before = end_offsets(bootstrap, s.topic_interactions, s.partitions)
+                produce(bootstrap, s.topic_interactions, evs, rate=target)
+                total = before + count
+                wait_count(bootstrap, s.topic_recommendations, s.partitions, total, 120)
+                tag = f"l{frac}-"
+                outs = [r for r in read_all(bootstrap, s.topic_recommendations, total, timeout=120)
+                        if json.loads(r.value)["event_id"].startswith(tag)]
+                ins = read_all(bootstrap, s.topic_interactions, total, timeout=120)
+                lat = latency_ms(ins, outs)
+                np.save(work / f"latency-{name}-{frac}.npy", lat)
+                q = quantiles(lat[:, 1])
+                lat_rows.append({"load": frac, "rate": round(target, 1), **q})
+                log.info("%s at %.0f%% (%.0f ev/s): %s", name, 100 * frac, target, q)
+            if lat_rows:
+                row["latency"] = lat_rows
+            row["rss_mb"] = {"worker": rss_mb(worker.pid), "triton": rss_mb(triton.pid)}
+        finally:
+            worker.stop()
+        row["state"] = state_bytes(s, manifest)
+    return row
+
+
+# -------------------------------------------------------------------------- reporting
+def markdown(res: dict) -> str:
+    p, m = res["passthrough"], res["persrec"]
+    lines = [
+        f"Machine: {res['machine']}; {res['date']}; command: `{res['command']}`", "",
+        "| pipeline | events/s | vs pass-through | vs full-history | bytes/user |",
+        "|---|---|---|---|---|",
+        f"| pass-through (read + write one message) | {p['events_per_s']:,.0f} | 1.00 | | |",
+        f"| PerSRec (K=8 memory + window 50) | {m['events_per_s']:,.0f} | {m['events_per_s'] / p['events_per_s']:.2f} | | "
+        f"{m['state']['total_bytes']:,.0f} |",
+    ]
+    for L in res["lengths"]:
+        f = res[f"full{L}"]
+        lines.append(f"| full-history HSTU, L={L:,} | {f['events_per_s']:,.1f} | {f['events_per_s'] / p['events_per_s']:.3f} | "
+                     f"PerSRec {m['events_per_s'] / f['events_per_s']:.1f}x | {f['state']['total_bytes']:,.0f} |")
+    lines += ["", "| PerSRec load | events/s | p50 ms | p95 ms | p99 ms | events |", "|---|---|---|---|---|---|"]
+    for r in m.get("latency", []):
+        lines.append(f"| {100 * r['load']:.0f}% | {r['rate']:,.0f} | {r.get('p50_ms')} | {r.get('p95_ms')} | {r.get('p99_ms')} | {r.get('n')} |")
+    lines += ["", f"Folds: {m.get('folds_per_s')} memories/s during the drain, backlog at most {m.get('fold_backlog_max')} users."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = res["persrec"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    lat = m.get("latency", [])
+    if lat:
+        a.plot([r["rate"] for r in lat], [r["p99_ms"] for r in lat], "o-", label="p99")
+        a.plot([r["rate"] for r in lat], [r["p50_ms"] for r in lat], "s--", label="p50")
+        a.set_xlabel("offered load (events/s)")
+        a.set_ylabel("event -> recommendation (ms)")
+        a.set_title(f"PerSRec pipeline (max {m['events_per_s']:,.0f} ev/s)")
+        a.legend()
+    Ls = res["lengths"]
+    b.plot(Ls, [res[f"full{L}"]["events_per_s"] for L in Ls], "o-", label="full-history HSTU")
+    b.plot(Ls, [m["events_per_s"]] * len(Ls), "s--", label="PerSRec (memory + recent)")
+    b.axhline(res["passthrough"]["events_per_s"], color="grey", lw=0.8, label="pass-through")
+    b.set_xlabel("user history length")
+    b.set_ylabel("events/s (one recommendation each)")
+    b.set_yscale("log")
+    b.set_title("Throughput vs history length")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------------------ main
+def passthrough_worker() -> None:
+    """The pass-through Faust app (run in its own process by phase 1)."""
+    import faust
+
+    from persrec.stream.app import create_app
+    from persrec.stream.kafka_compat import install_idle_fetch_backoff
+
+    s = Settings()
+    install_idle_fetch_backoff(s.kafka_idle_fetch_backoff_ms / 1000)
+    app = create_app(s)
+    src = app.topic(s.topic_interactions, key_serializer="raw", value_serializer="raw", partitions=s.partitions)
+    dst = app.topic(s.topic_recommendations, key_serializer="raw", value_serializer="raw")
+
+    @app.agent(src)
+    async def forward(stream):
+        async for event in stream.events():
+            await dst.send(key=event.key, value=event.value)
+
+    faust.Worker(app, loglevel="warning").execute_from_commandline()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "passthrough-worker"])
+    ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    ap.add_argument("--events", type=int, default=30_000, help="backlog drained per throughput phase")
+    ap.add_argument("--limit-s", type=float, default=60.0, help="longest drain per phase")
+    ap.add_argument("--load-s", type=float, default=20.0, help="seconds per latency load level")
+    ap.add_argument("--lengths", default="200,1000,2000")
+    ap.add_argument("--history", type=int, default=2000, help="prior events per user for PerSRec")
+    ap.add_argument("--phases", default="passthrough,persrec,full")
+    ap.add_argument("--profile", action="store_true", help="py-spy the PerSRec worker while it drains")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--work-dir", type=Path, default=None)
+    args = ap.parse_args()
+    if args.mode == "passthrough-worker":
+        return passthrough_worker()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    if args.quick:
+        args.events, args.limit_s, args.load_s, args.lengths = 3000, 30.0, 5.0, "200,1000"
+    lengths = [int(x) for x in args.lengths.split(",")]
+    phases = set(args.phases.split(","))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="stream-bench-"))
+    wl = load_workload(None)
+    res: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
+                 if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+                 "date": time.strftime("%Y-%m-%d"), "command": "benchmarks/stream_bench.py " + " ".join(sys.argv[1:]),
+                 "lengths": lengths, "events": args.events}
+    out_json = args.out / "stream_bench.json"
+    if out_json.is_file():  # phases not rerun keep their previous figures
+        res = json.loads(out_json.read_text()) | {k: v for k, v in res.items()}
+    with EmbeddedKafka(work / "kafka") as kafka:
+        if "passthrough" in phases:
+            res["passthrough"] = phase_passthrough(work, kafka.bootstrap_servers, wl, args.events, args.limit_s)
+        if "persrec" in phases:
+            res["persrec"] = phase_pipeline(work, kafka, wl, memory=True, max_len=200, history_len=args.history,
+                                            n=args.events, limit_s=args.limit_s, loads=[0.25, 0.5, 0.9],
+                                            load_s=args.load_s, profile=args.profile)
+        if "full" in phases:
+            for L in lengths:
+                res[f"full{L}"] = phase_pipeline(work, kafka, wl, memory=False, max_len=L, history_len=L,
+                                                 n=args.events, limit_s=args.limit_s, loads=[], load_s=0,
+                                                 profile=False)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(res, indent=2) + "\n")
+    md = markdown(res)
+    (args.out / "stream_bench.md").write_text(md)
+    plot(res, args.out / "stream_bench.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
