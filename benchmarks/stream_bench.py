@@ -383,7 +383,9 @@ def markdown(res: dict) -> str:
         f"{m['state']['total_bytes']:,.0f} |",
     ]
     for L in res["lengths"]:
-        f = res[f"full{L}"]
+        f = res.get(f"full{L}")
+        if f is None:
+            continue
         lines.append(f"| full-history HSTU, L={L:,} | {f['events_per_s']:,.1f} | {f['events_per_s'] / p['events_per_s']:.3f} | "
                      f"PerSRec {m['events_per_s'] / f['events_per_s']:.1f}x | {f['state']['total_bytes']:,.0f} |")
     lines += ["", "| PerSRec load | events/s | p50 ms | p95 ms | p99 ms | events |", "|---|---|---|---|---|---|"]
@@ -409,7 +411,7 @@ def plot(res: dict, path: Path) -> None:
         a.set_ylabel("event -> recommendation (ms)")
         a.set_title(f"PerSRec pipeline (max {m['events_per_s']:,.0f} ev/s)")
         a.legend()
-    Ls = res["lengths"]
+    Ls = [L for L in res["lengths"] if f"full{L}" in res]
     b.plot(Ls, [res[f"full{L}"]["events_per_s"] for L in Ls], "o-", label="full-history HSTU")
     b.plot(Ls, [m["events_per_s"]] * len(Ls), "s--", label="PerSRec (memory + recent)")
     b.axhline(res["passthrough"]["events_per_s"], color="grey", lw=0.8, label="pass-through")

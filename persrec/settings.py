@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     topic_recommendations: str = "recommendations"
     topic_dlq: str = "interactions.dlq"
     partitions: int = Field(4, ge=1)
+    kafka_linger_ms: int = Field(
+        5, ge=0, description="producer wait to fill a batch: fewer, larger produce requests")
     kafka_idle_fetch_backoff_ms: float = Field(
         20.0, ge=0, description="pause after an empty fetch that returned at once (stream/kafka_compat.py)")
 

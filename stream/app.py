@@ -53,7 +53,7 @@ def create_app(settings: Settings) -> faust.App:
         web_port=settings.worker_web_port,
         web_host="127.0.0.1",
         table_standby_replicas=0,
-        producer_linger_ms=1,
+        producer_linger_ms=settings.kafka_linger_ms,
         # On shutdown do not wait for queued events to be acknowledged: they are not committed,
         # so the next owner of the partition processes them again (at-least-once).
         stream_wait_empty=False,
