@@ -251,21 +251,74 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _json(description: str, schema: dict) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _object(required: list[str], **properties: dict) -> dict:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+_INT = {"type": "integer", "minimum": 0}
+_STR = {"type": "string"}
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_READINESS = {"$ref": "#/components/schemas/Readiness"}
+_BAD_ID = _json(f"user_id is not 1..{MAX_USER_ID} printable characters", _ERROR)
+_STATUS = _object(
+    ["time", "lag"], time={"type": "number"},
+    lag={"type": "object", "nullable": True, "additionalProperties": _INT}, lag_error=_STR,
+    **{name: _INT for name in ("events_in", "recs_out", "dlq", "duplicates", "rerouted", "cold_start", "folds",
+                               "fold_backlog", "batches")},
+    seconds_model={"type": "number"}, seconds_publish={"type": "number"}, model_version=_STR,
+    latency={"type": "object", "properties": {"p50_ms": {"type": "number", "nullable": True},
+                                              "p99_ms": {"type": "number", "nullable": True}}},
+)
+_MEMORY = _object(
+    ["model_version", "events_folded", "watermark"], model_version=_STR, shape={"type": "array", "items": _INT},
+    events_folded=_INT, watermark=_INT, history_len=_INT, updated_at={"type": "string", "nullable": True},
+    row_version=_INT,
+)
+_USER = _object(
+    ["user_id", "memory"], user_id=_STR, memory=_MEMORY | {"nullable": True},
+    window=_object(["events", "items_after_watermark", "known_items", "items"], events=_INT,
+                   items_after_watermark=_INT, known_items=_INT, items={"type": "array", "items": _STR}),
+    last_recommendation={"type": "object", "nullable": True},
+)
 OPENAPI = {
     "openapi": "3.0.3",
     "info": {"title": "persrec status API", "version": "1"},
     "paths": {
-        "/healthz": {"get": {"responses": {"200": {"description": "process is up"}}}},
-        "/readyz": {"get": {"responses": {"200": {"description": "ready"}, "503": {"description": "a dependency is down"}}}},
-        "/status": {"get": {"responses": {"200": {"description": "counters, lag, backlog, latency"}}}},
-        "/metrics": {"get": {"responses": {"200": {"description": "Prometheus text format"}}}},
+        "/healthz": {"get": {"responses": {
+            "200": _json("process is up", _object(["status"], status={"type": "string", "enum": ["ok"]}))}}},
+        "/readyz": {"get": {"responses": {
+            "200": _json("ready", _READINESS), "503": _json("a dependency is down (named in checks)", _READINESS)}}},
+        "/status": {"get": {"responses": {
+            "200": _json("counters, lag, backlog, latency (counters only inside a worker)", _STATUS)}}},
+        "/metrics": {"get": {"responses": {"200": {
+            "description": "Prometheus text format", "content": {"text/plain": {"schema": _STR}}}}}},
         "/users/{user_id}": {
-            "parameters": [{"name": "user_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID}}],
-            "get": {"responses": {"200": {"description": "user state"}, "400": {"description": "bad id"}, "404": {"description": "unknown user"}}},
-            "delete": {"security": [{"bearer": []}], "responses": {"202": {"description": "deletion queued"}, "401": {"description": "bad token"}, "403": {"description": "disabled"}}},
+            "parameters": [{"name": "user_id", "in": "path", "required": True,
+                            "description": f"1..{MAX_USER_ID} printable characters (what the event contract accepts)",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID}}],
+            "get": {"responses": {
+                "200": _json("user state (window and last recommendation only inside a worker)", _USER),
+                "400": _BAD_ID, "404": _json("no state for this user", _ERROR)}},
+            "delete": {"security": [{"bearer": []}], "responses": {
+                "202": _json("deletion queued on the interactions topic", _object(["user_id", "status"],
+                                                                                 user_id=_STR, status=_STR)),
+                "400": _BAD_ID, "401": _json("missing or wrong bearer token", _ERROR),
+                "403": _json("disabled: PERSREC_API_TOKEN is not set", _ERROR),
+                "503": _json("broker unavailable", _ERROR)}},
         },
     },
-    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": _object(["error"], error={"type": "string", "minLength": 1}),
+            "Readiness": _object(["ready", "checks"], ready={"type": "boolean"},
+                                 checks={"type": "object", "additionalProperties": _STR}),
+        },
+    },
 }
 
 

@@ -72,8 +72,10 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
         app.topic(settings.topic_recommendations, key_serializer="raw", value_serializer="raw"),
         app.topic(settings.topic_dlq, key_serializer="raw", value_serializer="raw"),
     )
-    # Keys are raw user-id bytes and values JSON: the app's default serializers.
-    windows = app.Table("windows", default=None, partitions=settings.partitions)
+    # Keys are raw user-id bytes, values JSON. ``key_type=bytes`` matters: without it Faust
+    # restores changelog keys with the JSON codec (b"42" -> 42; non-numeric ids fail), so a
+    # restarted worker found no window at all.
+    windows = app.Table("windows", default=None, partitions=settings.partitions, key_type=bytes)
     state: dict = {"topics": topics, "windows": windows}
     queue: asyncio.Queue[RecRequest] = asyncio.Queue(maxsize=4 * settings.max_batch)
 
@@ -100,15 +102,14 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
             try:
                 ev = parse_event(event.value, now=time.time())
             except InvalidEvent as exc:
-                await dead_letter(rt, event, exc.reason, exc.detail, source)
-                await acks.finish(handle)
+                headers = {"reason": exc.reason.encode(), "detail": exc.detail.encode()[:500],
+                           "source": json.dumps(source).encode()}
+                log.info("dead-lettering %s:%s@%s: %s", msg.topic, msg.partition, msg.offset, exc.reason)
+                await forward(topics.dlq, event.key, event.value or b"", headers, handle, "dlq")
                 continue
             key = ev.user_id.encode()
             if event.key != key:
-                delivered = await topics.interactions.send(key=key, value=event.value)
-                await delivered
-                rt.counters.rerouted += 1
-                await acks.finish(handle)
+                await forward(topics.interactions, key, event.value, None, handle, "rerouted")
                 continue
             if isinstance(ev, UserDeletion):
                 if windows.get(key) is not None:
@@ -120,23 +121,40 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
                 continue
             event_id = ev.event_id or f"{msg.topic}:{msg.partition}:{msg.offset}"
             w = win.Window.from_json(windows.get(key))
-            duplicate = win.seen(w, event_id)
+            where = (msg.topic, msg.partition, msg.offset)
+            duplicate = win.seen(w, event_id, where)
             if duplicate:
                 rt.counters.duplicates += 1
             else:
-                w = rt.trimmed(ev.user_id, win.append(w, event_id, ev.item_id, int(ev.ts)))
+                w = rt.trimmed(ev.user_id, win.append(w, event_id, ev.item_id, int(ev.ts), where))
                 windows[key] = w.to_json()
             rt.request_queued(ev.user_id, w.seq)
             await queue.put(RecRequest(ev.user_id, w, event_id, ev.ts, source, time.monotonic(),
                                        duplicate, ack=functools.partial(acks.finish, handle)))
 
-    async def dead_letter(rt: Runtime, event, reason: str, detail: str, source: dict) -> None:
-        headers = {"reason": reason.encode(), "detail": detail.encode()[:500],
-                   "source": json.dumps(source).encode()}
-        delivered = await topics.dlq.send(key=event.key, value=event.value or b"", headers=headers)
-        await delivered
-        rt.counters.dlq += 1
-        log.info("dead-lettered %s:%s@%s: %s", source["topic"], source["partition"], source["offset"], reason)
+    forwarding = asyncio.Semaphore(1024)  # messages being forwarded at once (backpressure)
+    background: set[asyncio.Task] = set()
+
+    async def forward(topic, key: bytes | None, value: bytes, headers: dict | None, handle, counter: str) -> None:
+        """Send one message (a dead letter, a re-keyed event) without waiting for the broker;
+        the input event is acknowledged once the broker has it (retried until then)."""
+        await forwarding.acquire()
+
+        async def run() -> None:
+            try:
+                async def deliver() -> None:
+                    await (await topic.send(key=key, value=value, headers=headers))
+
+                await retrying(f"forwarding to {topic.get_topic_name()}", 1, deliver)
+                rt = await runtime()
+                setattr(rt.counters, counter, getattr(rt.counters, counter) + 1)
+                await acks.finish(handle)
+            finally:
+                forwarding.release()
+
+        task = asyncio.create_task(run())
+        background.add(task)
+        task.add_done_callback(background.discard)
 
     async def next_batch() -> list[RecRequest]:
         loop = asyncio.get_running_loop()

@@ -1,6 +1,6 @@
 """The event contract, and the one place that decides what a bad event is.
 
-An event on the ``interactions`` topic is a JSON object keyed by user id:
+An event on the ``interactions`` topic is a UTF-8 JSON object keyed by user id:
 ``{"user_id": str|int, "item_id": str|int, "ts": unix seconds or ISO-8601, "event_id": str?}``.
 ``parse_event`` returns an ``Event`` or raises ``InvalidEvent`` whose ``reason`` is a short
 stable code (it becomes the dead-letter ``reason`` header) and ``detail`` a human sentence.
@@ -57,7 +57,10 @@ def _ts(value: object, now: float) -> float:
     if isinstance(value, bool) or value is None:
         raise InvalidEvent("bad_type", "ts must be unix seconds or an ISO-8601 string")
     if isinstance(value, (int, float)):
-        ts = float(value)
+        try:
+            ts = float(value)
+        except OverflowError:  # an integer beyond float range
+            raise InvalidEvent("ts_out_of_range", "ts is before 1970 or more than a day ahead") from None
     elif isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -84,16 +87,19 @@ class UserDeletion:
 
 def parse_event(raw: bytes | None, *, now: float) -> Event | UserDeletion:
     """Validate one message value. ``now`` (unix seconds) bounds timestamps from the future."""
-    if raw is None:
+    if not raw:  # a null (tombstone) or zero-length value
         raise InvalidEvent("empty", "message has no value")
     if len(raw) > MAX_EVENT_BYTES:
         raise InvalidEvent("oversized", f"{len(raw)} bytes > {MAX_EVENT_BYTES}")
     try:
-        obj = json.loads(raw, parse_constant=_reject_constant)
+        # JSON on the wire is UTF-8 (RFC 8259 section 8.1): no UTF-16/32 guessing, no BOM.
+        obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except InvalidEvent:
         raise
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidEvent("not_json", str(exc)[:200]) from None
+    except RecursionError:
+        raise InvalidEvent("not_json", "JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise InvalidEvent("not_object", f"expected a JSON object, got {type(obj).__name__}")
     if "op" in obj:
@@ -102,8 +108,9 @@ def parse_event(raw: bytes | None, *, now: float) -> Event | UserDeletion:
         return UserDeletion(_id(obj, "user_id"))
     event_id = obj.get("event_id")
     if event_id is not None:
-        if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_ID_CHARS:
-            raise InvalidEvent("bad_value", f"event_id must be 1..{MAX_ID_CHARS} characters when given")
+        if (not isinstance(event_id, str) or not event_id or len(event_id) > MAX_ID_CHARS
+                or not event_id.isprintable()):  # control characters or lone surrogates: garbage
+            raise InvalidEvent("bad_value", f"event_id must be 1..{MAX_ID_CHARS} printable characters when given")
     if "ts" not in obj:
         raise InvalidEvent("missing_field", "ts is required")
     return Event(_id(obj, "user_id"), _id(obj, "item_id"), _ts(obj["ts"], now), event_id)

@@ -24,13 +24,16 @@ class Window:
     items: list[str] = field(default_factory=list)
     ts: list[int] = field(default_factory=list)
     recent_ids: list[str] = field(default_factory=list)
+    # [topic, partition, offset] of the input message of the last event applied
+    source: list | None = None
 
     @classmethod
     def from_json(cls, d: dict | None) -> "Window":
         return cls(**d) if d else cls()
 
     def to_json(self) -> dict:
-        return {"seq": self.seq, "items": self.items, "ts": self.ts, "recent_ids": self.recent_ids}
+        return {"seq": self.seq, "items": self.items, "ts": self.ts, "recent_ids": self.recent_ids,
+                "source": self.source}
 
     @property
     def base(self) -> int:
@@ -38,14 +41,25 @@ class Window:
         return self.seq - len(self.items)
 
 
-def seen(w: Window, event_id: str) -> bool:
-    return event_id in w.recent_ids
+def seen(w: Window, event_id: str, source: tuple[str, int, int] | None = None) -> bool:
+    """An event already applied: its id is among the last ``RECENT_IDS``, or its input message
+    (topic, partition, offset) is at or before the last one applied from that partition. The
+    second rule catches redeliveries after a crash or rebalance: the table's changelog can run
+    ahead of the committed offsets by any number of one user's events. (It assumes offsets of
+    the input topic never go back, i.e. the topic is not recreated under a live changelog.)"""
+    if event_id in w.recent_ids:
+        return True
+    last = w.source
+    return (source is not None and last is not None
+            and (last[0], last[1]) == (source[0], source[1]) and source[2] <= last[2])
 
 
-def append(w: Window, event_id: str, item: str, ts: int) -> Window:
-    """The window after one new event."""
+def append(w: Window, event_id: str, item: str, ts: int,
+           source: tuple[str, int, int] | None = None) -> Window:
+    """The window after one new event (read from input message ``source``)."""
     ids = (w.recent_ids + [event_id])[-RECENT_IDS:]
-    return Window(w.seq + 1, w.items + [item], w.ts + [ts], ids)
+    last = list(source) if source is not None else w.source
+    return Window(w.seq + 1, w.items + [item], w.ts + [ts], ids, last)
 
 
 def trim(w: Window, watermark: int) -> Window:
@@ -53,7 +67,7 @@ def trim(w: Window, watermark: int) -> Window:
     cut = min(max(watermark - w.base, 0), len(w.items))
     if cut == 0:
         return w
-    return Window(w.seq, w.items[cut:], w.ts[cut:], w.recent_ids)
+    return Window(w.seq, w.items[cut:], w.ts[cut:], w.recent_ids, w.source)
 
 
 def effective(w: Window, watermark: int) -> tuple[list[str], list[int]]:

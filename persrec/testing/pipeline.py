@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import time
+import urllib.parse
 
 import torch
 from kafka import KafkaConsumer, KafkaProducer
@@ -69,7 +70,7 @@ def check_user_states(apis: list[str], by_user: dict[str, list[dict]]) -> int:
     their latest events, as the status APIs of ``apis`` report them. Returns events folded."""
     total_folded = 0
     for user_id, events in by_user.items():
-        bodies = [get_json(f"{api}/users/{user_id}")[1] for api in apis]
+        bodies = [get_json(f"{api}/users/{urllib.parse.quote(user_id, safe='')}")[1] for api in apis]
         state = next(b for b in bodies if b.get("window", {}).get("events"))
         folded = state["memory"]["events_folded"] if state["memory"] else 0
         assert folded + state["window"]["items_after_watermark"] == len(events), user_id

@@ -78,3 +78,18 @@ def test_window_of_a_memory_model_drops_what_the_cached_memory_folded():
     assert len(w.items) == 12  # no memory yet: nothing folded, nothing dropped
     rt._remember("u", CachedMemory(None, events_folded=8, watermark=8))
     assert rt.trimmed("u", w).items == ["i8", "i9", "i10", "i11"]
+
+
+def test_redelivered_messages_are_seen_however_far_back() -> None:
+    # After a crash the restored window can be ahead of the committed offsets by more than
+    # RECENT_IDS of one user's events: input offsets, not ids, recognise those redeliveries.
+    w = win.Window()
+    for k in range(200):
+        w = win.append(w, f"e{k}", f"i{k}", k, ("interactions", 2, 1000 + k))
+    assert w.source == ["interactions", 2, 1199] and not win.seen(w, "e0")
+    assert win.seen(w, "e0", ("interactions", 2, 1000)) and win.seen(w, "e199", ("interactions", 2, 1199))
+    assert not win.seen(w, "e200", ("interactions", 2, 1200))
+    assert not win.seen(w, "x", ("interactions", 3, 5)) and not win.seen(w, "x", ("other", 2, 5))
+    assert win.trim(w, 150).source == w.source
+    assert win.Window.from_json(w.to_json()) == w
+    assert win.Window.from_json({"seq": 1, "items": ["i"], "ts": [1], "recent_ids": ["e"]}).source is None
