@@ -8,12 +8,23 @@ import random
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
 log = logging.getLogger(__name__)
 
 # gRPC status codes worth retrying: the server is down, restarting, overloaded or slow.
 RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL", "UNKNOWN")
+
+
+# tritonclient's message size limits, plus a cap on gRPC's own reconnect backoff: left at its
+# default (growing to 120 s), a channel whose server was away for 30 s may wait ~25 s more after
+# the server is back before it tries to connect again (tests/reliability/test_outages.py).
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 class TritonUnavailable(RuntimeError):
@@ -34,12 +45,16 @@ class TritonModels:
     """
 
     def __init__(self, url: str, *, timeout_s: float = 5.0, max_attempts: int | None = 3,
-                 max_backoff_s: float = 2.0) -> None:
+                 max_backoff_s: float = 2.0, version: str = "") -> None:
         self.url = url
+        # The Triton model version to call ("" = whatever the server serves). A worker pins the
+        # version of its manifest, so that once a new version is loaded it is never answered by
+        # a model other than the one its memories and messages name.
+        self.version = version
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.max_backoff_s = max_backoff_s
-        self._client = grpcclient.InferenceServerClient(url)
+        self._client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         self.healthy = True
 
     async def close(self) -> None:
@@ -63,7 +78,8 @@ class TritonModels:
         while True:
             attempt += 1
             try:
-                result = await self._client.infer(model, tensors, outputs=requested, client_timeout=self.timeout_s)
+                result = await self._client.infer(model, tensors, model_version=self.version, outputs=requested,
+                                                  client_timeout=self.timeout_s)
                 self.healthy = True
                 return {o: result.as_numpy(o) for o in outputs}
             except InferenceServerException as exc:

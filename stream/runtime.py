@@ -165,7 +165,18 @@ class Runtime:
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
     def model_inputs(self, w: win.Window, watermark: int) -> tuple[list[int], list[int]]:
-        return self.known(*win.effective(w, watermark))
+        """Known items after the watermark, at most the model's max_len (the latest ones).
+
+        The window after the watermark outgrows max_len only when folds lag behind (e.g. a
+        backlog holding hundreds of one user's events, each pinning the watermark while queued).
+        The model was trained on at most max_len items, and one long row would pad its whole
+        batch to that length: attention is quadratic, so Triton took seconds per batch and the
+        backlog grew until calls timed out (tests/reliability/test_soak.py). The skipped items
+        are folded into the memory later; ``window`` in the message says how many were read.
+        """
+        items, ts = self.known(*win.effective(w, watermark))
+        cap = max(self.manifest.window_len, self.manifest.recent_len + self.manifest.history_len)
+        return items[-cap:], ts[-cap:]
 
     async def recommend_batch(self, reqs: list[RecRequest]) -> list[dict]:
         mems = await self.memories(list(dict.fromkeys(r.user_id for r in reqs)))

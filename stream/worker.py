@@ -43,7 +43,8 @@ def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.Ap
 
     async def make_runtime(read_window):
         store = SqlMemoryStore(db_url, storage_dtype=settings.storage_dtype)
-        models = TritonModels(settings.triton_grpc_url, timeout_s=settings.triton_timeout_s, max_attempts=None)
+        models = TritonModels(settings.triton_grpc_url, timeout_s=settings.triton_timeout_s, max_attempts=None,
+                              version=str(manifest.triton_version))
         return Runtime(store, models, id_map, manifest, cfg, read_window)
 
     app = create_app(settings)
