@@ -54,7 +54,7 @@ def offline_top10(checkpoint, id_map, user_events: list[dict], watermark: int, s
     cfg = model.cfg
     known = lambda evs: [int(id_map.encode([e["item_id"]])[0]) for e in evs if e["item_id"] in id_map]  # noqa: E731
     history = known(user_events[:watermark])[-(cfg.max_len - cfg.recent_len):]
-    recent = known(user_events[watermark:seq])
+    recent = known(user_events[watermark:seq])[-cfg.max_len:]  # the worker's cap (Runtime.model_inputs)
     with torch.no_grad():
         h = torch.tensor([history or [0]], dtype=torch.long)
         memory = model.compress(h, torch.tensor([len(history)]))
