@@ -3,6 +3,7 @@ the package so users can import them in their own suites: see persrec/testing/."
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,10 @@ from persrec.models.checkpoint import Checkpoint, make_checkpoint
 from persrec.models.config import ModelConfig
 from persrec.models.data import IdMap, Interactions, build_sequences, data_dir, load_interactions
 from persrec.models.loss import build_model
+from persrec.embedded._proc import free_ports
 from persrec.serving.export import Manifest, export_repository
+from persrec.settings import Settings
+from persrec.stack import WorkerProcess
 
 pytest_plugins = [
     "persrec.testing.kafka",
@@ -62,3 +66,34 @@ def triton(triton_factory, served_model):
     return triton_factory(served_model.repository, ["recommend", "compress"])
 
 
+@pytest.fixture
+def worker_settings(tmp_path, kafka_bootstrap, triton, served_model):
+    """Settings for one isolated pipeline: its own topics, consumer group and SQLite file."""
+
+    def make(**overrides) -> Settings:
+        tag = uuid.uuid4().hex[:8]
+        api_port, web_port = free_ports(2)
+        base = dict(
+            app_id=f"persrec-{tag}", kafka_bootstrap=kafka_bootstrap,
+            topic_interactions=f"interactions-{tag}", topic_recommendations=f"recommendations-{tag}",
+            topic_dlq=f"interactions-{tag}.dlq", partitions=4, triton_grpc_url=triton.grpc_url,
+            model_repository=served_model.repository, work_dir=tmp_path / tag, api_port=api_port,
+            worker_web_port=web_port, fold_every=10, storage_dtype="float32",
+        )
+        return Settings(**(base | overrides))
+
+    return make
+
+
+@pytest.fixture
+def start_worker(tmp_path):
+    started: list[WorkerProcess] = []
+
+    def start(settings: Settings, name: str = "worker") -> WorkerProcess:
+        w = WorkerProcess(settings, tmp_path / f"{name}-{len(started)}.log", name)
+        started.append(w)
+        return w.start()
+
+    yield start
+    for w in started:
+        w.stop()

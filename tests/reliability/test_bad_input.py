@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import json
-import random
 import re
 import time
 import urllib.parse
@@ -34,7 +33,6 @@ from pathlib import Path
 import pytest
 from kafka import KafkaProducer
 
-from persrec.embedded._proc import free_ports
 from persrec.embedded.kafka import create_topics
 from persrec.replay import events_in_time_order
 from persrec.settings import Settings
@@ -49,15 +47,8 @@ URL_SAFE = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")  # ids check_user_state
 
 
 @pytest.fixture
-def bad_input_settings(tmp_path, kafka_bootstrap, triton, served_model) -> Settings:
-    tag = f"badinput-{random.getrandbits(32):08x}"
-    api_port, web_port = free_ports(2)
-    return Settings(
-        app_id=tag, kafka_bootstrap=kafka_bootstrap, topic_interactions=f"interactions-{tag}",
-        topic_recommendations=f"recommendations-{tag}", topic_dlq=f"interactions-{tag}.dlq", partitions=4,
-        triton_grpc_url=triton.grpc_url, model_repository=served_model.repository, work_dir=tmp_path / tag,
-        api_port=api_port, worker_web_port=web_port, fold_every=10, storage_dtype="float32",
-    )
+def bad_input_settings(worker_settings) -> Settings:
+    return worker_settings()
 
 
 @pytest.fixture

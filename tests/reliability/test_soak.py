@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import sys
 import time
 from collections.abc import Iterator
@@ -90,15 +89,8 @@ def diagnostics(triton, worker: WorkerProcess) -> str:
 
 
 @pytest.fixture
-def soak_settings(tmp_path, kafka_bootstrap, triton, served_model) -> Settings:
-    tag = f"soak-{random.getrandbits(32):08x}"
-    api_port, web_port = free_ports(2)
-    return Settings(
-        app_id=tag, kafka_bootstrap=kafka_bootstrap, topic_interactions=f"interactions-{tag}",
-        topic_recommendations=f"recommendations-{tag}", topic_dlq=f"interactions-{tag}.dlq", partitions=4,
-        triton_grpc_url=triton.grpc_url, model_repository=served_model.repository, work_dir=tmp_path / tag,
-        api_port=api_port, worker_web_port=web_port, fold_every=10,
-    )
+def soak_settings(worker_settings) -> Settings:
+    return worker_settings(storage_dtype="float16")
 
 
 @pytest.fixture

@@ -35,7 +35,6 @@ import torch
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.admin import MemberToRemove
 
-from persrec.embedded._proc import free_ports
 from persrec.embedded.kafka import create_topics
 from persrec.memory import SqlMemoryStore
 from persrec.models.data import data_dir
@@ -106,16 +105,8 @@ def evict_members(bootstrap: str, group: str) -> int:
 
 
 @pytest.fixture
-def crash_settings(tmp_path, kafka_bootstrap, triton, served_model) -> Settings:
-    """One isolated pipeline (own topics, group, SQLite file) with float32 memories."""
-    tag = f"crash-{random.getrandbits(32):08x}"
-    api_port, web_port = free_ports(2)
-    return Settings(
-        app_id=tag, kafka_bootstrap=kafka_bootstrap, topic_interactions=f"interactions-{tag}",
-        topic_recommendations=f"recommendations-{tag}", topic_dlq=f"interactions-{tag}.dlq", partitions=4,
-        triton_grpc_url=triton.grpc_url, model_repository=served_model.repository, work_dir=tmp_path / tag,
-        api_port=api_port, worker_web_port=web_port, fold_every=10, storage_dtype="float32",
-    )
+def crash_settings(worker_settings) -> Settings:
+    return worker_settings()
 
 
 @pytest.fixture
