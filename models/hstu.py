@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layout import ITEM, attention_mask, is_plain_causal
+from .layout import ITEM, attention_mask, causal_mask
 
 
 class RelativeBias(nn.Module):
@@ -66,17 +66,20 @@ def hstu_attention(
     forward (shared by the layers), the bias add fused into the batched matmul and the mask
     multiplying the SiLU output in place. Shapes as in the reference.
 
-    ``causal_chunk``: when key column j > query column i is always masked (one causal sequence,
-    no prefix), take the queries ``causal_chunk`` rows at a time, each against the keys up to
-    its last row only, which skips most of the all-zero upper triangle.
+    ``causal_chunk``: when the keys are a prefix of P = Nk - N positions that every query may
+    see followed by the queries themselves, causally (key column P + j > P + i always masked),
+    take the queries ``causal_chunk`` rows at a time, each against the keys up to its last row
+    only, which skips most of the all-zero upper triangle.
     """
     N = q.shape[1]
     if causal_chunk is None or N <= causal_chunk:
         return _attend(q, k, v, rab, weights)
+    P = k.shape[1] - N
     outs = []
     for s in range(0, N, causal_chunk):
         e = min(s + causal_chunk, N)
-        outs.append(_attend(q[:, s:e], k[:, :e], v[:, :e], rab[:, s:e, :e], weights[:, s:e, :e]))
+        keys = slice(0, P + e)
+        outs.append(_attend(q[:, s:e], k[:, keys], v[:, keys], rab[:, s:e, keys], weights[:, s:e, keys]))
     return torch.cat(outs, dim=1)
 
 
@@ -159,15 +162,16 @@ class HSTUStack(nn.Module):
             k_seg = torch.cat([prefix_seg, seg], 1)
             k_pos = torch.cat([prefix_pos, pos], 1)
             k_ts = None if ts is None else torch.cat([torch.zeros_like(prefix_pos), ts], 1)
-        N = pos.shape[1]
         q_pos, k_pos = _shared_rows(pos), _shared_rows(k_pos)  # [1, N] when all rows agree
-        # Positions 0..N-1 in column order and no prefix: the mask is lower triangular.
-        arange = torch.arange(N, device=pos.device)
-        triangular = prefix is None and q_pos.shape[0] == 1 and torch.equal(q_pos[0], arange)
-        chunk = self.causal_chunk if triangular else None
-        if triangular and is_plain_causal(kind, seg, pos):
-            mask = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()[None]  # [1, N, N]
-        else:
+        # Key positions 0..P+N-1 in column order, the queries being the last N: every mask
+        # (all include pos_k <= pos_q) is lower triangular after the prefix.
+        Nk, N = k_pos.shape[1], pos.shape[1]
+        column_order = (k_pos.shape[0] == 1 and q_pos.shape[0] == 1
+                        and torch.equal(k_pos[0], torch.arange(Nk, device=pos.device))
+                        and torch.equal(q_pos[0], k_pos[0, Nk - N:]))
+        chunk = self.causal_chunk if column_order else None
+        mask = causal_mask(kind, seg, pos, prefix_kind, prefix_seg, prefix_pos)  # [1, N, P+N]
+        if mask is None:
             mask = attention_mask(kind, seg, q_pos, k_kind, k_seg, k_pos)
         weights = mask.to(x.dtype).mul_(self.inv_norm)  # [B or 1, N, P+N]
         rab = self.bias(q_pos, k_pos, kind == ITEM, k_kind == ITEM, ts, k_ts).to(x.dtype)

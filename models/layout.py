@@ -71,17 +71,45 @@ def attention_mask(
     return in_interval & (k_pos[:, None, :] <= q_pos[:, :, None])
 
 
-def is_plain_causal(kind: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor) -> bool:
-    """True when every row is ``[items | padding]`` in one segment with positions 0..N-1 (plain
-    HSTU training and serving). Then, for every item query, ``attention_mask`` is the causal
-    mask: right padding only ever sits after the queries that could see it."""
+def is_plain_causal(kind: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor, start: int = 0) -> bool:
+    """True when every row is ``[items | padding]`` in one segment with positions
+    ``start..start+N-1`` (plain HSTU training and serving). Then, for every item query,
+    ``attention_mask`` is the causal mask: right padding only ever sits after the queries that
+    could see it."""
     n = kind.shape[1]
     return (
         not bool((kind == TOKEN).any())
         and bool((kind[:, 1:] <= kind[:, :-1]).all())  # ITEM (1) never after PAD (0)
         and bool(((seg == seg[:, :1]) | (kind == PAD)).all())
-        and bool((pos == torch.arange(n, device=pos.device)).all())
+        and bool((pos == torch.arange(start, start + n, device=pos.device)).all())
     )
+
+
+def causal_mask(
+    kind: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor,
+    prefix_kind: torch.Tensor | None = None, prefix_seg: torch.Tensor | None = None,
+    prefix_pos: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``[1, N, P+N]`` bool ``[ones(N, P) | tril(N, N)]`` when that is what ``attention_mask``
+    gives every item query, else None.
+
+    That holds for plain causal items (``is_plain_causal``, positions after the prefix) behind a
+    prefix of P tokens of the items' previous block at positions ``0..P-1``: the serving path
+    ``recommend(memory, R)``. Masks of this shape skip the per-row mask and let the attention
+    drop the masked upper triangle (``hstu_attention``'s ``causal_chunk``).
+    """
+    P = 0 if prefix_kind is None else prefix_kind.shape[1]
+    if P and not (
+        bool((prefix_kind == TOKEN).all())
+        and bool((prefix_seg == seg[:, :1] - 1).all())
+        and bool((prefix_pos == torch.arange(P, device=pos.device)).all())
+    ):
+        return None
+    if not is_plain_causal(kind, seg, pos, start=P):
+        return None
+    N = kind.shape[1]
+    mask = torch.ones(N, P + N, dtype=torch.bool, device=kind.device).tril(diagonal=P)
+    return mask[None]
 
 
 @dataclass(frozen=True)

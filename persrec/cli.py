@@ -75,6 +75,8 @@ def train(
     head_dim: int = 25,
     dropout: float = 0.2,
     time_bias: bool = False,
+    negatives: Annotated[int, typer.Option(help="uniform negatives per sequence in the sampled softmax")] = 128,
+    temperature: float = 0.05,
     epochs: int = 100,
     batch_size: int = 128,
     lr: float = 1e-3,
@@ -114,6 +116,7 @@ def train(
         architecture=arch.value, num_memory_tokens=memory_tokens, recent_len=recent_len,
         policy=policy.value, segment_len=segment_len, max_len=max_len, dim=dim, num_layers=layers,
         num_heads=heads, head_dim=head_dim, dropout=dropout, time_bias=time_bias,
+        num_negatives=negatives, temperature=temperature,
     )
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
                        eval_every=eval_every, max_minutes=max_minutes, seed=seed)

@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     model_repository: Path = Field(Path("var/model_repository"), description="from `persrec export`")
     top_k: int = Field(10, ge=1, le=1000)
     fold_every: int = Field(25, ge=1, description="fold when a window exceeds recent_len + this")
-    fold_interval_s: float = Field(0.5, gt=0)
+    fold_interval_s: float = Field(
+        0.1, gt=0, description="pause between fold passes (a busy user's window grows meanwhile)")
     max_batch: int = Field(256, ge=1, description="events per Triton recommend call")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
     max_in_flight_batches: int = Field(4, ge=1, description="recommend batches processed at once")

@@ -5,7 +5,8 @@ For each event (in the agent, in partition order):
   2. an event keyed by something else than its user id is re-published keyed by the user id
      (so each user's window lives in one partition), then acknowledged;
   3. update the user's window in the changelog-backed table (a replayed event id changes nothing);
-  4. queue a recommendation request carrying a snapshot of the window.
+  4. queue a recommendation request carrying a snapshot of the window (and the memory it was
+     trimmed against, see ``Runtime.memory_for``).
 The batcher task then, per batch: calls Triton once, publishes one message per event, waits
 until the broker has them, and only then acknowledges the events. Offsets are committed after
 that (and after the table changelog is flushed), so a crash can repeat a recommendation (same
@@ -128,9 +129,10 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
             else:
                 w = rt.trimmed(ev.user_id, win.append(w, event_id, ev.item_id, int(ev.ts), where))
                 windows[key] = w.to_json()
-            rt.request_queued(ev.user_id, w.seq)
-            await queue.put(RecRequest(ev.user_id, w, event_id, ev.ts, source, time.monotonic(),
-                                       duplicate, ack=functools.partial(acks.finish, handle)))
+            request = RecRequest(ev.user_id, w, event_id, ev.ts, source, time.monotonic(),
+                                 duplicate, ack=functools.partial(acks.finish, handle))
+            rt.request_queued(request)
+            await queue.put(request)
 
     forwarding = asyncio.Semaphore(1024)  # messages being forwarded at once (backpressure)
     background: set[asyncio.Task] = set()
@@ -208,7 +210,7 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
             t0 = time.perf_counter()
             messages = await retrying("recommending", len(batch), lambda: rt.recommend_batch(batch))
             for r in batch:  # their window snapshots are read: folds may pass them now
-                rt.request_done(r.user_id, r.window.seq)
+                rt.request_done(r)
             t1 = time.perf_counter()
             if previous is not None:
                 await previous

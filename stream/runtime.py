@@ -8,9 +8,11 @@ Recommendation path for a batch of requests (each: a user's window snapshot + it
   4. one message per request (see ``recommendation_message``).
 
 Fold path (``fold_once``), for users whose window outgrew ``recent_len + fold_every``:
-  1. segment = the oldest window items after the watermark, leaving ``recent_len``, and never
-     past the oldest window snapshot of a request still in flight for the user (that request
-     must find its window's events after the new watermark);
+  1. segment = the oldest window items after the watermark, leaving ``recent_len``. A queued
+     request keeps the memory its window snapshot was trimmed against, and reads the newest
+     memory that folded none of its future events (``memory_for``), so folds need not wait for
+     a user's queued requests. Only requests queued before the user's memory was loaded hold
+     none: a fold never passes their window snapshot;
   2. one Triton ``compress`` call: RECOMPRESS compresses the last ``history_len`` aged-out items
      (kept in the DB row), INCREMENTAL folds the segment into the stored memory;
   3. write memories with compare-and-set on row_version (a concurrent writer wins, we retry);
@@ -67,6 +69,8 @@ class RecRequest:
     received: float  # monotonic time the worker read the event
     duplicate: bool = False
     ack: Callable[[], Any] | None = None
+    # the user's memory when the request was queued (None: not loaded yet); see memory_for
+    memory: CachedMemory | None = None
 
 
 @dataclass
@@ -98,7 +102,7 @@ class Runtime:
         self.read_window = read_window
         self.cache: collections.OrderedDict[str, CachedMemory] = collections.OrderedDict()
         self.fold_pending: set[str] = set()
-        # seq of each queued request's window snapshot, per user
+        # seq of the window snapshot of each queued request without a memory, per user
         self.in_flight: dict[str, list[int]] = {}
         self.last_recs: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.counters = Counters()
@@ -143,20 +147,38 @@ class Runtime:
             self.last_recs.pop(u, None)
             self.fold_pending.discard(u)
 
-    def request_queued(self, user_id: str, seq: int) -> None:
-        self.in_flight.setdefault(user_id, []).append(seq)
+    def request_queued(self, r: RecRequest) -> None:
+        """Call when ``r`` is queued, right after its window was trimmed (no await between):
+        it keeps the memory the window was trimmed against; without one, it pins folds."""
+        r.memory = self.cache.get(r.user_id)
+        if r.memory is None:
+            self.in_flight.setdefault(r.user_id, []).append(r.window.seq)
 
-    def request_done(self, user_id: str, seq: int) -> None:
+    def request_done(self, r: RecRequest) -> None:
         """The model has read this request's window snapshot (batches finish in any order)."""
-        pending = self.in_flight[user_id]
-        pending.remove(seq)
+        if r.memory is not None:
+            return
+        pending = self.in_flight[r.user_id]
+        pending.remove(r.window.seq)
         if not pending:
-            del self.in_flight[user_id]
+            del self.in_flight[r.user_id]
 
     def oldest_in_flight(self, user_id: str) -> int | None:
-        """seq of the oldest window snapshot a queued request will still read."""
+        """seq of the oldest window snapshot that a queued request without memory will read."""
         pending = self.in_flight.get(user_id)
         return min(pending) if pending else None
+
+    @staticmethod
+    def memory_for(r: RecRequest, current: CachedMemory) -> CachedMemory:
+        """The newest memory ``r`` may read with its window snapshot: the current one unless a
+        fold has passed the snapshot while ``r`` was queued (it would hold events after ``r``'s
+        own), then the one ``r`` was queued with. Either way memory + window after its
+        watermark = the user's events up to ``r``'s, each once."""
+        if current.watermark <= r.window.seq:
+            return current
+        if r.memory is None:  # request_queued pinned folds below this snapshot
+            raise AssertionError(f"a fold passed a pinned request of user {r.user_id!r}")
+        return r.memory
 
     # ---------------------------------------------------------------------- recommending
     def known(self, items: list[str], ts: list[int]) -> tuple[list[int], list[int]]:
@@ -179,8 +201,9 @@ class Runtime:
         return items[-cap:], ts[-cap:]
 
     async def recommend_batch(self, reqs: list[RecRequest]) -> list[dict]:
-        mems = await self.memories(list(dict.fromkeys(r.user_id for r in reqs)))
-        inputs = [self.model_inputs(r.window, mems[r.user_id].watermark) for r in reqs]
+        current = await self.memories(list(dict.fromkeys(r.user_id for r in reqs)))
+        used = [self.memory_for(r, current[r.user_id]) for r in reqs]
+        inputs = [self.model_inputs(r.window, m.watermark) for r, m in zip(reqs, used)]
         live = [i for i, (items, _) in enumerate(inputs) if items]
         top_ids = top_scores = None
         if live:
@@ -196,15 +219,14 @@ class Runtime:
                 memory = np.zeros((len(live), *self.manifest.memory_shape), np.float32)
                 has = np.zeros(len(live), bool)
                 for row, i in enumerate(live):
-                    m = mems[reqs[i].user_id]
+                    m = used[i]
                     if m.tensor is not None:
                         memory[row], has[row] = m.tensor, True
             top_ids, top_scores = await self.models.recommend(items, ts, lengths, memory, has)
         now = time.time()
         messages, row_of = [], {i: row for row, i in enumerate(live)}
         threshold = self.manifest.recent_len + self.cfg.fold_every
-        for i, r in enumerate(reqs):
-            m = mems[r.user_id]
+        for i, (r, m) in enumerate(zip(reqs, used)):
             if i in row_of:
                 row = row_of[i]
                 recs = [{"item_id": item, "score": round(float(s), 6)}
@@ -218,7 +240,7 @@ class Runtime:
             self.last_recs.move_to_end(r.user_id)
             if len(self.last_recs) > self.cfg.cache_size:
                 self.last_recs.popitem(last=False)
-            if self.manifest.has_memory and r.window.seq - m.watermark > threshold:
+            if self.manifest.has_memory and r.window.seq - current[r.user_id].watermark > threshold:
                 self.fold_pending.add(r.user_id)
         return messages
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from persrec.models import hstu
 from persrec.models.config import ModelConfig
 from persrec.models.hstu import hstu_attention, hstu_attention_reference
-from persrec.models.layout import ITEM, PAD, TOKEN, attention_mask, attention_mask_reference, collate
+from persrec.models.layout import ITEM, PAD, TOKEN, attention_mask, attention_mask_reference, causal_mask, collate
 from persrec.models.loss import sampled_softmax_loss, sampled_softmax_loss_reference
 from persrec.models.persrec import PerSRec
 
@@ -84,11 +84,51 @@ def test_model_shortcuts_equal_the_general_path(memory_tokens: int, monkeypatch)
     monkeypatch.setattr(hstu.HSTUStack, "causal_chunk", 8)
     fast, fast_grads = run()
     monkeypatch.setattr(hstu.HSTUStack, "causal_chunk", None)
-    monkeypatch.setattr(hstu, "is_plain_causal", lambda *a: False)
+    monkeypatch.setattr(hstu, "causal_mask", lambda *a: None)
     general, general_grads = run()
     assert torch.allclose(fast, general, atol=1e-12)
     for a, b in zip(fast_grads, general_grads):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_recommend_with_memory_shortcuts_equal_the_general_path(monkeypatch) -> None:
+    """The serving path memory + recent items: the shared ``[ones | tril]`` mask and the chunked
+    attention give the general path's user vectors, for rows of different lengths."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=60, dim=16, head_dim=8, num_heads=2, max_len=40, dropout=0.0,
+                      num_memory_tokens=3, recent_len=6)
+    model = PerSRec(cfg).double().eval()
+    with torch.no_grad():
+        model.backbone.bias.pos_w.normal_()
+    lengths = torch.tensor([1, 7, 19, 12])
+    items = torch.randint(1, 61, (4, 19)) * (torch.arange(19)[None] < lengths[:, None])
+    memory = torch.randn(4, *cfg.memory_shape, dtype=torch.float64)
+    monkeypatch.setattr(hstu.HSTUStack, "causal_chunk", 4)
+    with torch.no_grad():
+        fast = model.recommend(memory, items, lengths)
+    monkeypatch.setattr(hstu.HSTUStack, "causal_chunk", None)
+    monkeypatch.setattr(hstu, "causal_mask", lambda *a: None)
+    with torch.no_grad():
+        general = model.recommend(memory, items, lengths)
+    assert torch.allclose(fast, general, atol=1e-12)
+
+
+def test_causal_mask_is_attention_mask_at_item_queries() -> None:
+    """With and without a prefix of previous-block tokens: item query rows agree."""
+    kind = torch.tensor([[ITEM, ITEM, ITEM, PAD], [ITEM, PAD, PAD, PAD]])
+    seg = torch.ones_like(kind)
+    for P in (0, 3):
+        pos = (P + torch.arange(4)).expand(2, 4)
+        pk, ps, pp = (torch.full((2, P), TOKEN), torch.zeros(2, P, dtype=torch.long),
+                      torch.arange(P).expand(2, P))
+        fast = causal_mask(kind, seg, pos, *((pk, ps, pp) if P else ()))
+        general = attention_mask(kind, seg, pos, torch.cat([pk, kind], 1), torch.cat([ps, seg], 1),
+                                 torch.cat([pp, pos], 1))
+        items = kind == ITEM
+        assert torch.equal(fast.expand(2, -1, -1)[items], general[items])
+    # a prefix some rows cannot see (a user without memory in a fold) is not this shape
+    assert causal_mask(kind, seg, 3 + torch.arange(4).expand(2, 4), torch.tensor([[TOKEN] * 3, [PAD] * 3]),
+                       torch.zeros(2, 3, dtype=torch.long), torch.arange(3).expand(2, 3)) is None
 
 
 def test_sampled_softmax_loss_equals_reference() -> None:

@@ -93,3 +93,31 @@ def test_redelivered_messages_are_seen_however_far_back() -> None:
     assert win.trim(w, 150).source == w.source
     assert win.Window.from_json(w.to_json()) == w
     assert win.Window.from_json({"seq": 1, "items": ["i"], "ts": [1], "recent_ids": ["e"]}).source is None
+
+
+def test_queued_request_reads_a_memory_without_its_future_events() -> None:
+    from persrec.stream.runtime import RecRequest
+
+    rt, CachedMemory = _runtime(has_memory=True)
+    w = fill(12)
+    queued_before_load = RecRequest("u", w, "e12", 0.0, {}, 0.0)
+    rt.request_queued(queued_before_load)  # no memory loaded yet: pins folds below seq 12
+    assert queued_before_load.memory is None and rt.oldest_in_flight("u") == 12
+    rt._remember("u", CachedMemory(None, events_folded=8, watermark=8))
+    assert rt.memory_for(queued_before_load, rt.cached("u")).watermark == 8
+    rt.request_done(queued_before_load)
+    assert rt.oldest_in_flight("u") is None
+
+    r = RecRequest("u", rt.trimmed("u", w), "e12", 0.0, {}, 0.0)
+    rt.request_queued(r)  # holds the memory its window was trimmed against: pins nothing
+    assert r.memory.watermark == 8 and rt.oldest_in_flight("u") is None
+    # Later events arrive and a fold passes the queued request's snapshot (seq 12).
+    rt._remember("u", CachedMemory(None, events_folded=20, watermark=20))
+    used = rt.memory_for(r, rt.cached("u"))
+    assert used.watermark == 8 and win.effective(r.window, used.watermark)[0] == ["i9", "i10", "i11", "i12"]
+    later = RecRequest("u", rt.trimmed("u", fill(24)), "e24", 0.0, {}, 0.0)
+    rt.request_queued(later)
+    assert rt.memory_for(later, rt.cached("u")).watermark == 20
+    rt.request_done(r)
+    rt.request_done(later)
+    assert rt.in_flight == {}
