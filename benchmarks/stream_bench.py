@@ -250,12 +250,26 @@ def seed_state(settings: Settings, wl: Workload, history_len: int, ck, manifest)
         SqlMemoryStore(settings.resolved_database_url, storage_dtype=settings.storage_dtype).put_many(records)
 
 
-def state_bytes(settings: Settings, manifest) -> dict:
-    """Mean stored bytes per user: window (changelog value) and memory row payload."""
+def state_bytes(settings: Settings, manifest, tail: int = 1000) -> dict:
+    """Mean stored bytes per user: window (latest changelog value per user, read from the last
+    ``tail`` records of each changelog partition: the whole log can exceed a fetch, as the
+    broker returns it in one frame) and memory row payload."""
     changelog = f"{settings.app_id}-windows-changelog"
-    latest = {}
-    for r in read_all(settings.kafka_bootstrap, changelog, expected=10**9, timeout=8):
-        latest[r.key] = len(r.value or b"")
+    c = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                      consumer_timeout_ms=2000)
+    latest: dict = {}
+    try:
+        parts = [TopicPartition(changelog, p) for p in range(settings.partitions)]
+        c.assign(parts)
+        ends = c.end_offsets(parts)
+        for tp in parts:
+            c.seek(tp, max(ends[tp] - tail, 0))
+        for r in c:
+            latest[r.key] = len(r.value or b"")
+            if all(c.position(tp) >= ends[tp] for tp in parts):
+                break
+    finally:
+        c.close()
     out = {"window_bytes": round(float(np.mean(list(latest.values()))), 1) if latest else None}
     if manifest.has_memory:
         stats = SqlMemoryStore(settings.resolved_database_url).stats()

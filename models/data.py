@@ -596,6 +596,14 @@ def leave_one_out(seqs: SequenceData) -> Split:
     return Split(train, valid=rows(2), test=rows(1))
 
 
+def all_but_test(seqs: SequenceData) -> SequenceData:
+    """Training data of the published HSTU protocol: each user's events but the test target
+    (``s[:-1]`` for users with a test row, the whole sequence for the others)."""
+    has_ts = seqs.timestamps is not None
+    keep = lambda arrays: [a[:-1] if len(a) >= MIN_EVAL_LENGTH else a for a in arrays]  # noqa: E731
+    return SequenceData(list(seqs.user_ids), keep(seqs.items), keep(seqs.timestamps) if has_ts else None)
+
+
 # --------------------------------------------------------------------------------------------
 # Where the data lives, and a synthetic stand-in
 # --------------------------------------------------------------------------------------------

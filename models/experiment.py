@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import logging
 from dataclasses import dataclass
@@ -13,13 +14,27 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .config import ModelConfig
-from .data import IdMap, SequenceData, Split, build_sequences, leave_one_out, load_interactions, synthetic_interactions
+from .data import (IdMap, SequenceData, Split, all_but_test, build_sequences, leave_one_out, load_interactions,
+                   synthetic_interactions)
 from .evaluate import evaluate, popularity_metrics
 from .loss import build_model
 from .train import EpochReport, FitResult, TrainConfig, fit
 
 log = logging.getLogger(__name__)
 SYNTHETIC = "synthetic"
+
+
+class Protocol(str, enum.Enum):
+    """What a model trains on; the test row is always each user's last event.
+
+    HELDOUT: all but each user's last two events; the second to last is the validation target
+    that early stopping watches (the SASRec protocol).
+    PUBLISHED: all but the last event, a fixed number of epochs, no validation (the protocol of
+    the HSTU repository's published ML-1M numbers).
+    """
+
+    HELDOUT = "heldout"
+    PUBLISHED = "published"
 
 
 @dataclass
@@ -43,15 +58,18 @@ def load_dataset(path: str | Path | None, fmt: str = "auto", *, id_map: IdMap | 
 def train_on(
     data: Dataset, model_overrides: dict[str, Any], train_cfg: TrainConfig, *,
     out_dir: Path | None, device: torch.device | str = "cpu", resume: Path | None = None,
-    on_epoch: Callable[[EpochReport], None] | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None, protocol: Protocol = Protocol.HELDOUT,
 ) -> tuple[torch.nn.Module, FitResult]:
     cfg = ModelConfig(num_items=data.id_map.num_items, **model_overrides)
     if resume is not None:  # the checkpoint's configuration wins
         cfg = load_checkpoint(resume).config
     torch.manual_seed(train_cfg.seed)
     model = build_model(cfg)
+    train, valid = data.split.train, data.split.valid
+    if Protocol(protocol) is Protocol.PUBLISHED:
+        train, valid = all_but_test(data.sequences), None
     result = fit(
-        model, data.split.train.items, data.split.train.timestamps, data.split.valid, train_cfg,
+        model, train.items, train.timestamps, valid, train_cfg,
         device=device, id_map_json=data.id_map.to_json(), out_dir=out_dir, resume=resume,
         on_epoch=on_epoch,
     )

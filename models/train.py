@@ -30,7 +30,7 @@ class TrainConfig:
     batch_size: int = 128  # sequences per step (per process under DDP)
     lr: float = 1e-3
     weight_decay: float = 0.0
-    eval_every: int = 1  # epochs between validations
+    eval_every: int = 1  # epochs between validations and last.pt checkpoints
     patience: int = 10  # validations without a better NDCG@10 before stopping
     max_minutes: float | None = None  # wall-clock budget; stops after the epoch that passes it
     seed: int = 42
@@ -94,7 +94,8 @@ def fit(
     resume: Path | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> FitResult:
-    """Train ``model`` in place and leave it holding the best validation weights.
+    """Train ``model`` in place and leave it holding the best validation weights (the last
+    epoch's when ``valid_rows`` is None: fixed epochs, no early stopping).
 
     Under ``torchrun`` (process group initialised by the caller) each process trains on its
     share of the batches through DistributedDataParallel; rank 0 validates, decides early
@@ -147,27 +148,30 @@ def fit(
         report = EpochReport(epoch, total / max(steps, 1), time.monotonic() - t0)
         out_of_time = cfg.max_minutes is not None and time.monotonic() - t_start > cfg.max_minutes * 60
         stop = False
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or out_of_time:
-            if rank == 0:
-                report.valid = evaluate(model, valid_rows, device=device, batch_size=cfg.eval_batch_size)
-                score = report.valid["ndcg@10"]
-                if score > best:
-                    best, best_epoch, best_metrics, stale = score, epoch, report.valid, 0
-                    best_state = copy.deepcopy(model.state_dict())
-                else:
-                    stale += 1
-                stop = stale >= cfg.patience
-            if out_dir is not None and rank == 0:
-                state = dict(optimizer=opt.state_dict(), epoch=epoch, best=best, best_epoch=best_epoch,
-                             train_config=asdict(cfg))
-                save_checkpoint(make_checkpoint(model, id_map_json, state, report.valid), out_dir / "last.pt")
+        checkpoint_now = epoch % cfg.eval_every == 0 or epoch == cfg.epochs or out_of_time
+        if valid_rows is None:  # fixed epochs: the last one is the result
+            best_epoch = epoch
+        elif checkpoint_now and rank == 0:
+            report.valid = evaluate(model, valid_rows, device=device, batch_size=cfg.eval_batch_size)
+            score = report.valid["ndcg@10"]
+            if score > best:
+                best, best_epoch, best_metrics, stale = score, epoch, report.valid, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+            stop = stale >= cfg.patience
+        if checkpoint_now and out_dir is not None and rank == 0:
+            state = dict(optimizer=opt.state_dict(), epoch=epoch, best=best, best_epoch=best_epoch,
+                         train_config=asdict(cfg))
+            save_checkpoint(make_checkpoint(model, id_map_json, state, report.valid), out_dir / "last.pt")
         stop = _agree(stop or out_of_time, device)
         history.append(report)
         if on_epoch is not None and rank == 0:
             on_epoch(report)
         if stop:
             break
-    model.load_state_dict(best_state)
+    if valid_rows is not None:
+        model.load_state_dict(best_state)
     _share_state(model)
     ckpt_path = None
     if out_dir is not None and rank == 0:

@@ -23,6 +23,11 @@ class Arch(str, Enum):
     sasrec = "sasrec"
 
 
+class Protocol(str, Enum):
+    heldout = "heldout"
+    published = "published"
+
+
 class Policy(str, Enum):
     recompress = "recompress"
     incremental = "incremental"
@@ -84,6 +89,7 @@ def train(
     eval_every: int = 1,
     max_minutes: Optional[float] = None,
     seed: int = 42,
+    protocol: Annotated[Protocol, typer.Option(help="heldout: validation = second to last event, early stopping; published: train on all but the test event for --epochs (HSTU repository)")] = Protocol.heldout,
     resume: Annotated[Optional[Path], typer.Option(help="continue from a last.pt checkpoint")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 is fastest on a busy 2-core machine)")] = None,
     verbose: bool = False,
@@ -127,10 +133,10 @@ def train(
         v = f" valid ndcg@10 {r.valid['ndcg@10']:.4f} hr@10 {r.valid['hr@10']:.4f}" if r.valid else ""
         console.print(f"epoch {r.epoch:3d} loss {r.loss:.4f} ({r.seconds:.1f}s){v}")
 
-    model, result = experiment.train_on(dataset, overrides, tcfg, out_dir=out, device=device, resume=resume, on_epoch=on_epoch)
+    model, result = experiment.train_on(dataset, overrides, tcfg, out_dir=out, device=device, resume=resume, on_epoch=on_epoch, protocol=protocol.value)
     if rank == 0:
         report = experiment.test_report(model, dataset, device=device)
-        report |= {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1), "valid": result.best_metrics}
+        report |= {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1), "valid": result.best_metrics, "protocol": protocol.value}
         experiment.write_json(report, out / "metrics.json")
         console.print(_metrics_table(f"test ({dataset.name})", {arch.value + (f"+M{memory_tokens}" if memory_tokens else ""): report["test"], "most popular": report["popularity_test"]}))
         console.print(f"checkpoint: {result.checkpoint}  metrics: {out / 'metrics.json'}")

@@ -58,3 +58,20 @@ def test_resume_continues_from_last_epoch(tmp_path) -> None:
     )
     assert [r.epoch for r in second.history] == [3]
     assert second.best_metrics["ndcg@10"] >= first.best_metrics["ndcg@10"]
+
+
+def test_published_protocol_trains_fixed_epochs_on_all_but_the_test_event(tmp_path) -> None:
+    from persrec.models.data import SequenceData, all_but_test
+
+    seqs = SequenceData(["a", "b"], [np.array([1, 2, 3, 4]), np.array([5, 6])], None)
+    assert [s.tolist() for s in all_but_test(seqs).items] == [[1, 2, 3], [5, 6]]  # b has no test row
+
+    data = experiment.load_dataset("synthetic")
+    overrides = dict(max_len=30, dim=16, head_dim=8)
+    model, result = experiment.train_on(data, overrides, TrainConfig(epochs=3, patience=1), out_dir=tmp_path,
+                                        protocol=experiment.Protocol.PUBLISHED)
+    assert [r.epoch for r in result.history] == [1, 2, 3] and result.best_epoch == 3
+    assert all(r.valid is None for r in result.history) and result.best_metrics == {}
+    last = torch.load(tmp_path / "last.pt", weights_only=False)
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert all(torch.equal(a, b) for a, b in zip(last["state_dict"].values(), best["state_dict"].values()))
