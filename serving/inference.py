@@ -43,12 +43,27 @@ class ModelRunner:
         has = self._tensor(has_memory.reshape(-1), torch.bool)
         return torch.where(has[:, None, None, None, None, None], mem, self._empty)
 
-    @torch.inference_mode()
     def recommend(
         self, memory: np.ndarray | None, has_memory: np.ndarray | None, items: np.ndarray,
         lengths: np.ndarray, timestamps: np.ndarray | None, top_k: int, exclude_seen: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """-> top-k dense item ids ``[B, k]`` int64 and cosine scores ``[B, k]`` float32."""
+        """-> top-k dense item ids ``[B, k]`` int64 and cosine scores ``[B, k]`` float32.
+
+        Rows run in groups of similar length (``width_groups``), each trimmed to its own
+        longest row: a batch is padded to its longest row and attention is quadratic in it."""
+        lengths = lengths.reshape(-1)
+        k = min(top_k, self.cfg.num_items)
+        ids, scores = np.zeros((len(lengths), k), np.int64), np.zeros((len(lengths), k), np.float32)
+        for rows in width_groups(lengths):
+            w = max(1, int(lengths[rows].max()))
+            pick = lambda a: None if a is None else a[rows]  # noqa: E731
+            ids[rows], scores[rows] = self._recommend(
+                pick(memory), pick(has_memory), items[rows, :w], lengths[rows],
+                None if timestamps is None else timestamps[rows, :w], k, exclude_seen)
+        return ids, scores
+
+    @torch.inference_mode()
+    def _recommend(self, memory, has_memory, items, lengths, timestamps, k, exclude_seen):
         ids = self._tensor(items, torch.long)
         lens = self._tensor(lengths.reshape(-1), torch.long)
         ts = None if timestamps is None else self._tensor(timestamps, torch.long)
@@ -57,16 +72,25 @@ class ModelRunner:
         if exclude_seen:
             valid = torch.arange(ids.shape[1], device=ids.device)[None] < lens[:, None]
             scores.scatter_(1, ids * valid, float("-inf"))  # padding maps to column 0, already -inf
-        k = min(top_k, self.cfg.num_items)
         top = torch.topk(scores, k, dim=1)
         return top.indices.cpu().numpy().astype(np.int64), top.values.float().cpu().numpy()
 
-    @torch.inference_mode()
     def fold(
         self, memory: np.ndarray, has_memory: np.ndarray, items: np.ndarray, lengths: np.ndarray,
         timestamps: np.ndarray | None,
     ) -> np.ndarray:
-        """New memory ``[B, L, 2, M, H, Dh]`` float32 (``has_memory`` False = compress)."""
+        """New memory ``[B, L, 2, M, H, Dh]`` float32 (``has_memory`` False = compress), rows
+        grouped by length as in ``recommend``."""
+        lengths = lengths.reshape(-1)
+        out = np.zeros((len(lengths), *self.cfg.memory_shape), np.float32)
+        for rows in width_groups(lengths):
+            w = int(lengths[rows].max())
+            out[rows] = self._fold(memory[rows], has_memory.reshape(-1)[rows], items[rows, :w], lengths[rows],
+                                   None if timestamps is None else timestamps[rows, :w])
+        return out
+
+    @torch.inference_mode()
+    def _fold(self, memory, has_memory, items, lengths, timestamps) -> np.ndarray:
         mem = self._tensor(memory, torch.float32)
         has = self._tensor(has_memory.reshape(-1), torch.bool)
         ts = None if timestamps is None else self._tensor(timestamps, torch.long)
@@ -76,6 +100,14 @@ class ModelRunner:
     def empty_memory(self) -> np.ndarray:
         """``[L, 2, M, H, Dh]`` float32."""
         return self._empty[0].float().cpu().numpy()
+
+
+def width_groups(lengths: np.ndarray, smallest: int = 16) -> list[np.ndarray]:
+    """Indices of ``lengths`` ``[B]`` grouped by the power of two (at least ``smallest``) that
+    holds each length: rows of one group differ in length by at most 2x, so trimming a group to
+    its longest row wastes less than half of its attention on padding."""
+    buckets = np.maximum(smallest, 2 ** np.ceil(np.log2(np.maximum(lengths, 1)))).astype(np.int64)
+    return [np.flatnonzero(buckets == b) for b in np.unique(buckets)]
 
 
 def runner_from_triton_args(args: dict) -> tuple[ModelRunner, dict[str, str]]:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import faust
+import orjson
 
 from persrec.settings import Settings
 
@@ -62,7 +63,7 @@ def create_app(settings: Settings) -> faust.App:
 
 
 def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
-    """Register topics, the window table, the agent, the batcher and the fold timer on ``app``.
+    """Register topics, the window table, the agent, the batcher and the fold loop on ``app``.
 
     ``make_runtime(read_window)`` builds the Runtime inside the worker's event loop.
     Returns a dict that will hold ``runtime`` once the worker runs (for the status API).
@@ -134,6 +135,7 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
             rt.request_queued(request)
             await queue.put(request)
 
+    out_topic = settings.topic_recommendations
     forwarding = asyncio.Semaphore(1024)  # messages being forwarded at once (backpressure)
     background: set[asyncio.Task] = set()
 
@@ -214,10 +216,13 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
             t1 = time.perf_counter()
             if previous is not None:
                 await previous
-            payload = [(m["user_id"].encode(), json.dumps(m, separators=(",", ":")).encode()) for m in messages]
+            payload = [(m["user_id"].encode(), orjson.dumps(m)) for m in messages]
 
             async def deliver() -> None:  # a retry sends the whole batch again (same event ids)
-                futures = [await topics.recommendations.send(key=k, value=v) for k, v in payload]
+                # Straight to the producer: Faust's Topic.send adds a channel, codecs and a
+                # FutureMessage per message, which cost more than the send itself. Messages are
+                # appended in this order, so each partition keeps the users' event order.
+                futures = [await app.producer.send(out_topic, k, v, None, None, None) for k, v in payload]
                 if not sent.done():
                     sent.set_result(None)
                 await asyncio.gather(*futures)
@@ -235,14 +240,18 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
             await r.ack()
         rt.counters.recs_out += len(batch)
 
-    @app.timer(settings.fold_interval_s)
-    async def fold() -> None:
+    @app.task
+    async def folder() -> None:
+        """Fold every pending user, pause ``fold_interval_s``, again (a pass may take longer
+        than the pause under load: a Faust timer would then warn on every tick)."""
         rt = await runtime()
-        try:
-            while rt.fold_pending:
-                if not await rt.fold_once():
-                    break
-        except Exception:  # noqa: BLE001 - the users stay pending; the next tick retries
-            log.exception("fold failed; %d users pending", len(rt.fold_pending))
+        while True:
+            await asyncio.sleep(settings.fold_interval_s)
+            try:
+                while rt.fold_pending:
+                    if not await rt.fold_once():
+                        break
+            except Exception:  # noqa: BLE001 - the users stay pending; the next pass retries
+                log.exception("fold failed; %d users pending", len(rt.fold_pending))
 
     return state
