@@ -48,12 +48,14 @@ def _error(status: type[web.HTTPException], message: str) -> web.HTTPException:
 async def _resources(app: web.Application):
     s = app[SETTINGS]
     app[STORE] = SqlMemoryStore(s.resolved_database_url)
-    app[TRITON] = TritonModels(s.triton_grpc_url, timeout_s=2.0, max_attempts=1)
-    app[KAFKA] = {}
     try:
         app[MANIFEST] = {"manifest": Manifest.read(s.model_repository)}
     except (OSError, ValueError, TypeError):
         app[MANIFEST] = {}
+    # /readyz asks for the Triton version the workers of this manifest call
+    version = str(app[MANIFEST]["manifest"].triton_version) if app[MANIFEST] else ""
+    app[TRITON] = TritonModels(s.triton_grpc_url, timeout_s=2.0, max_attempts=1, version=version)
+    app[KAFKA] = {}
     yield
     for kind, client in app[KAFKA].items():
         await (client.close() if kind == "admin" else client.stop())

@@ -61,8 +61,11 @@ class TritonModels:
         await self._client.close()
 
     async def ready(self, model: str = "recommend") -> bool:
+        """The pinned version of ``model`` is loaded (another version being served is not ready:
+        this client would get no answer)."""
         try:
-            return bool(await self._client.is_model_ready(model, client_timeout=self.timeout_s))
+            return bool(await self._client.is_model_ready(model, model_version=self.version,
+                                                         client_timeout=self.timeout_s))
         except Exception:  # noqa: BLE001 - any failure means "not ready"
             return False
 

@@ -76,6 +76,28 @@ def test_ready_status_users_and_metrics(settings, kafka_bootstrap, topic_factory
 
 
 @pytest.mark.kafka
+@pytest.mark.triton
+def test_readyz_is_not_ready_while_triton_serves_another_version(settings, kafka_bootstrap, triton, served_model,
+                                                                   tmp_path) -> None:
+    """Workers call their manifest's Triton version; the API's readiness asks for that one."""
+    from persrec.serving.export import MANIFEST
+
+    manifest = json.loads((served_model.repository / MANIFEST).read_text())
+    newer = tmp_path / "newer_repository"
+    newer.mkdir()
+    (newer / MANIFEST).write_text(json.dumps(manifest | {"triton_version": manifest["triton_version"] + 1}))
+    s = settings.model_copy(update={"kafka_bootstrap": kafka_bootstrap, "triton_grpc_url": triton.grpc_url,
+                                    "model_repository": newer})
+
+    async def scenario(client):
+        r = await client.get("/readyz")
+        body = await r.json()
+        assert r.status == 503 and body["checks"]["triton"] != "ok" and body["checks"]["broker"] == "ok"
+
+    run(s, scenario)
+
+
+@pytest.mark.kafka
 def test_delete_needs_the_token_and_queues_an_erasure(settings, kafka_bootstrap, topic_factory) -> None:
     topic = topic_factory(partitions=4)
     no_token = settings.model_copy(update={"kafka_bootstrap": kafka_bootstrap, "topic_interactions": topic})
