@@ -96,7 +96,7 @@ def load_workload(n_events: int) -> Workload:
 
 
 def model_repository(work: Path, wl: Workload, *, memory: bool, max_len: int) -> tuple[Path, object]:
-    cfg = ModelConfig(num_items=wl.id_map.num_items, dim=50, num_layers=2, num_heads=1, head_dim=25,
+    cfg = ModelConfig(num_items=wl.id_map.num_items, dim=50, num_layers=2, num_heads=1, head_dim=50,
                       max_len=max_len, recent_len=50, num_memory_tokens=8 if memory else 0, dropout=0.0)
     torch.manual_seed(0)
     ck = make_checkpoint(build_model(cfg), wl.id_map.to_json())

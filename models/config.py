@@ -40,7 +40,7 @@ class ModelConfig:
     dim: int = 50  # D: embedding and residual width
     num_layers: int = 2  # L
     num_heads: int = 1  # H
-    head_dim: int = 25  # Dh: width of each head's q, k, v and u
+    head_dim: int = 50  # Dh: width of each head's q, k, v and u (published ML-1M: dqk = dv = 50)
     max_len: int = 200  # longest item sequence seen in training; also the attention normaliser
     dropout: float = 0.2
     num_memory_tokens: int = 0  # M: learnable memory tokens; 0 = plain full-sequence model

@@ -77,7 +77,7 @@ def train(
     dim: int = 50,
     layers: int = 2,
     heads: int = 1,
-    head_dim: int = 25,
+    head_dim: int = 50,
     dropout: float = 0.2,
     time_bias: bool = False,
     negatives: Annotated[int, typer.Option(help="uniform negatives per sequence in the sampled softmax")] = 128,
@@ -319,7 +319,7 @@ def demo(
         out = settings.work_dir / "demo-model"
         train(data=data, out=out, memory_tokens=8, recent_len=50, epochs=1000, max_minutes=train_minutes,
               patience=5, fmt="auto", arch=Arch.hstu, policy=Policy.recompress, segment_len=50, max_len=200,
-              dim=50, layers=2, heads=1, head_dim=25, dropout=0.2, time_bias=False, batch_size=128, lr=1e-3,
+              dim=50, layers=2, heads=1, head_dim=50, dropout=0.2, time_bias=False, batch_size=128, lr=1e-3,
               eval_every=1, seed=42, resume=None, threads=None, verbose=False)
         checkpoint = out / "best.pt"
     result = run_demo(settings, Path(data), checkpoint, rate=rate, duration=duration, console=console)
