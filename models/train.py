@@ -4,6 +4,7 @@ checkpoints and resume; DistributedDataParallel when launched under ``torchrun``
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import math
 import time
@@ -170,6 +171,12 @@ def fit(
             on_epoch(report)
         if stop:
             break
+    if world > 1:
+        # The DDP wrapper and its reducer sit in reference cycles; left to the interpreter's
+        # teardown they are freed after the caller destroyed the process group, and a gloo
+        # thread still joinable then aborts the process (std::terminate, 4 of 8 CLI runs here).
+        del net
+        gc.collect()
     if valid_rows is not None:
         model.load_state_dict(best_state)
     _share_state(model)

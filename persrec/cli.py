@@ -141,8 +141,11 @@ def train(
         console.print(_metrics_table(f"test ({dataset.name})", {arch.value + (f"+M{memory_tokens}" if memory_tokens else ""): report["test"], "most popular": report["popularity_test"]}))
         console.print(f"checkpoint: {result.checkpoint}  metrics: {out / 'metrics.json'}")
     if world > 1:  # leave together: a rank exiting with gloo still up can abort (std::terminate)
+        import gc
+
         import torch.distributed as dist
 
+        gc.collect()  # objects holding gloo work, in reference cycles: freed while the group is up
         dist.barrier()
         dist.destroy_process_group()
 
