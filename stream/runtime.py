@@ -176,9 +176,12 @@ class Runtime:
         watermark = the user's events up to ``r``'s, each once."""
         if current.watermark <= r.window.seq:
             return current
-        if r.memory is None:  # request_queued pinned folds below this snapshot
-            raise AssertionError(f"a fold passed a pinned request of user {r.user_id!r}")
-        return r.memory
+        if r.memory is not None and r.memory.watermark <= r.window.seq:
+            return r.memory
+        # The store is ahead of this window: after a crash the table's changelog can lag the
+        # database, and redelivered events are re-applied to a window the memory has already
+        # folded. No memory without those events exists; this one leaves nothing to read.
+        return current
 
     # ---------------------------------------------------------------------- recommending
     def known(self, items: list[str], ts: list[int]) -> tuple[list[int], list[int]]:

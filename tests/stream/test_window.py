@@ -121,3 +121,16 @@ def test_queued_request_reads_a_memory_without_its_future_events() -> None:
     rt.request_done(r)
     rt.request_done(later)
     assert rt.in_flight == {}
+
+
+def test_request_behind_a_memory_restored_ahead_of_its_window() -> None:
+    """After a crash the database can hold a memory that folded events the restored window has
+    not re-applied yet: requests for those redelivered events read that memory (and no items)."""
+    from persrec.stream.runtime import RecRequest
+
+    rt, CachedMemory = _runtime(has_memory=True)
+    r = RecRequest("u", fill(12), "e12", 0.0, {}, 0.0)
+    rt.request_queued(r)  # memory not loaded yet
+    rt._remember("u", CachedMemory(None, events_folded=20, watermark=20))  # loaded: ahead of seq 12
+    used = rt.memory_for(r, rt.cached("u"))
+    assert used.watermark == 20 and win.effective(r.window, used.watermark)[0] == []
