@@ -413,6 +413,13 @@ def markdown(res: dict) -> str:
     for r in m.get("latency", []):
         lines.append(f"| {100 * r['load']:.0f}% | {r['rate']:,.0f} | {r.get('p50_ms')} | {r.get('p95_ms')} | {r.get('p99_ms')} | {r.get('n')} |")
     lines += ["", f"Folds: {m.get('folds_per_s')} memories/s during the drain, backlog at most {m.get('fold_backlog_max')} users."]
+    read = m.get("window_read")
+    if read:
+        lines.append(f"Items read beside the memory per request during the drain: p50 {read['p50']:.0f}, "
+                     f"p99 {read['p99']:.0f}, max {read['max']} (recent_len 50, fold every 25).")
+    st = m.get("state", {})
+    lines.append(f"PerSRec state per user: window {st.get('window_bytes')} B (changelog value) + "
+                 f"memory row {st.get('memory_bytes')} B.")
     return "\n".join(lines) + "\n"
 
 
