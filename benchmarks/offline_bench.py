@@ -203,6 +203,11 @@ def offline(args: argparse.Namespace, scale: Scale) -> None:
     tcfg = TrainConfig(epochs=args.epochs, patience=args.patience, eval_every=args.eval_every,
                        max_minutes=args.max_minutes, seed=args.seed)
     path = args.out / f"offline_{args.tag}.json"
+    if args.intervals:
+        with locked_results(path) as results:
+            results["intervals"] = intervals(results["rows"], data, args.run_dir)
+            write_offline(results, path, scale)
+        return
     if args.retime:
         with locked_results(path) as results:
             for name, row in results["rows"].items():
@@ -223,6 +228,33 @@ def offline(args: argparse.Namespace, scale: Scale) -> None:
             results["rows"][name] = row
             write_offline(results, path, scale)
         log.info("row %s: %s", name, json.dumps(row["test"]))
+
+
+def intervals(rows: dict[str, Any], data: experiment.Dataset, run_dir: Path | None) -> dict[str, Any]:
+    """Test NDCG@10 of every PerSRec row relative to full-history HSTU and to HSTU on the recent
+    items, each with a paired bootstrap 95% interval over test users (the checkpoints in
+    ``run_dir``): how much of a difference the evaluation's own noise allows."""
+    if run_dir is None:
+        raise SystemExit("--intervals needs --run-dir (the checkpoints of the rows)")
+    from persrec.models.checkpoint import load_checkpoint
+    from persrec.models.evaluate import target_ranks
+    from persrec.models.metrics import ndcg_at, paired_ratio_interval
+
+    per_user = {}
+    for name in rows:
+        path = run_dir / name / "best.pt"
+        if path.is_file():
+            model = load_checkpoint(path).build_model("cpu")
+            per_user[name] = ndcg_at(target_ranks(model, data.split.test), 10)
+    out = {}
+    for name in per_user:
+        if not name.startswith(("recompress", "incremental")) or name.endswith(PUBLISHED):
+            continue
+        for base in ("hstu-full", "hstu-recent"):
+            if base in per_user:
+                ratio, lo, hi = paired_ratio_interval(per_user[name], per_user[base])
+                out[f"{name}/{base}"] = {"ratio": round(ratio, 4), "lo": round(lo, 4), "hi": round(hi, 4)}
+    return out
 
 
 @contextlib.contextmanager
@@ -262,6 +294,10 @@ def write_offline(results: dict[str, Any], path: Path, scale: Scale) -> None:
             f"{r['machine']['summary']} |"
         )
     lines += ["", *targets(rows)]
+    if results.get("intervals"):
+        lines += ["", "Test NDCG@10 ratios with paired bootstrap 95% intervals over test users "
+                  "(evaluation noise only; one training seed per row):", ""]
+        lines += [f"- {pair}: {v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" for pair, v in results["intervals"].items()]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot_offline(rows, path.with_suffix(".png"))
 
@@ -453,6 +489,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
     p.add_argument("--long-history", action="store_true", help="mode 2: cost vs history length")
+    p.add_argument("--intervals", action="store_true",
+                   help="paired bootstrap intervals of the PerSRec rows vs HSTU (needs --run-dir)")
     p.add_argument("--retime", action="store_true",
                    help="measure the cost columns of every stored row again, back to back")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (JSON, markdown, PNG)")

@@ -34,6 +34,23 @@ def user_vectors(
 
 
 @torch.no_grad()
+def target_ranks(model: nn.Module, rows, *, device: torch.device | str = "cpu", batch_size: int = 256) -> torch.Tensor:
+    """0-based rank of each row's target ``[R]`` (in the rows' order) under the protocol below."""
+    was_training = model.training
+    model.eval()
+    ranks = torch.zeros(len(rows.target), dtype=torch.long)
+    order = np.argsort([len(h) for h in rows.history], kind="stable")  # similar lengths batch well
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        hist = [rows.history[i] for i in idx]
+        ts = None if rows.history_ts is None else [rows.history_ts[i] for i in idx]
+        scores = model.score(user_vectors(model, hist, ts, device))
+        targets = torch.as_tensor(rows.target[idx], device=scores.device)
+        ranks[torch.from_numpy(idx)] = rank_of_target(scores, targets, pad_ids(hist, scores.device)).cpu()
+    model.train(was_training)
+    return ranks
+
+
 def evaluate(
     model: nn.Module, rows, *, device: torch.device | str = "cpu", batch_size: int = 256,
     ks: tuple[int, ...] = (10, 50, 200),
@@ -43,18 +60,8 @@ def evaluate(
     Each row's history is its user's whole prefix; the model reads its last ``max_len`` items
     and every item of the prefix is excluded from the ranking (the target itself stays rankable).
     """
-    was_training = model.training
-    model.eval()
     acc = RankingAccumulator(ks)
-    order = np.argsort([len(h) for h in rows.history], kind="stable")  # similar lengths batch well
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        hist = [rows.history[i] for i in idx]
-        ts = None if rows.history_ts is None else [rows.history_ts[i] for i in idx]
-        scores = model.score(user_vectors(model, hist, ts, device))
-        targets = torch.as_tensor(rows.target[idx], device=scores.device)
-        acc.add(rank_of_target(scores, targets, pad_ids(hist, scores.device)))
-    model.train(was_training)
+    acc.add(target_ranks(model, rows, device=device, batch_size=batch_size))
     return acc.compute()
 
 

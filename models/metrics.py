@@ -71,6 +71,27 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int] = DEFAULT_KS) -> d
     return {name: total / count for name, total in _sums(ranks, ks).items()}
 
 
+def ndcg_at(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-row NDCG@k ``[R]`` float64 of 0-based ranks ``[R]``."""
+    r = ranks.to(torch.float64)
+    return torch.where(r < k, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r))
+
+
+def paired_ratio_interval(
+    a: torch.Tensor, b: torch.Tensor, *, resamples: int = 2000, level: float = 0.95, seed: int = 0,
+) -> tuple[float, float, float]:
+    """mean(a) / mean(b) of per-user values ``[R]`` of two models on the same users, with a
+    ``level`` percentile bootstrap interval (users resampled with replacement, the same draw for
+    both models): the evaluation's own noise, not the training seed's."""
+    if a.shape != b.shape or a.dim() != 1 or a.numel() == 0:
+        raise ValueError("a and b must be per-user values of the same users")
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, a.numel(), (resamples, a.numel()), generator=gen)
+    ratios = a[draws].mean(dim=1) / b[draws].mean(dim=1)
+    lo, hi = torch.quantile(ratios, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=ratios.dtype))
+    return float(a.mean() / b.mean()), float(lo), float(hi)
+
+
 class RankingAccumulator:
     """Adds up ranks batch by batch; `compute()` gives `metrics_from_ranks` over all, plus count."""
 

@@ -21,7 +21,8 @@ def bench():
 
 def test_quick_offline_rows_write_json_table_and_plot(bench, tmp_path: Path) -> None:
     bench.main(["--quick", "--data", "synthetic", "--out", str(tmp_path), "--threads", "1",
-                "--rows", "sasrec,hstu-full,hstu-recent,recompress-k4,incremental-k2"])
+                "--rows", "sasrec,hstu-full,hstu-recent,recompress-k4,incremental-k2",
+                "--run-dir", str(tmp_path / "runs")])
     result = json.loads((tmp_path / "offline_synthetic_quick.json").read_text())
     rows = result["rows"]
     assert set(rows) == {"sasrec", "hstu-full", "hstu-recent", "recompress-k4", "incremental-k2"}
@@ -33,6 +34,11 @@ def test_quick_offline_rows_write_json_table_and_plot(bench, tmp_path: Path) -> 
     assert "| recompress-k4 |" in (tmp_path / "offline_synthetic_quick.md").read_text()
     assert (tmp_path / "offline_synthetic_quick.png").stat().st_size > 0
 
+    bench.main(["--quick", "--data", "synthetic", "--out", str(tmp_path), "--intervals",
+                "--run-dir", str(tmp_path / "runs")])
+    pairs = json.loads((tmp_path / "offline_synthetic_quick.json").read_text())["intervals"]
+    assert set(pairs) == {f"{r}/{b}" for r in ("recompress-k4", "incremental-k2") for b in ("hstu-full", "hstu-recent")}
+    assert all(p["lo"] <= p["ratio"] <= p["hi"] for p in pairs.values())
     bench.main(["--quick", "--data", "synthetic", "--out", str(tmp_path), "--retime"])
     retimed = json.loads((tmp_path / "offline_synthetic_quick.json").read_text())["rows"]
     assert retimed.keys() == rows.keys()

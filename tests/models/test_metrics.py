@@ -115,3 +115,21 @@ def test_matches_brute_force_on_random_data(seed):
 def test_accumulator_empty_raises():
     with pytest.raises(ValueError):
         RankingAccumulator().compute()
+
+
+def test_paired_ratio_interval_brackets_the_ratio_and_shrinks_with_users():
+    from persrec.models.metrics import ndcg_at, paired_ratio_interval
+
+    assert torch.allclose(ndcg_at(torch.tensor([0, 1, 9, 10]), 10),
+                          torch.tensor([1.0, 1 / math.log2(3), 1 / math.log2(11), 0.0], dtype=torch.float64))
+    gen = torch.Generator().manual_seed(1)
+    base = torch.rand(4000, generator=gen, dtype=torch.float64)
+    better = base * 1.1  # the same users, 10% higher each
+    ratio, lo, hi = paired_ratio_interval(better, base)
+    assert ratio == pytest.approx(1.1) and lo == pytest.approx(1.1) and hi == pytest.approx(1.1)
+    noisy = base + 0.2 * torch.rand(4000, generator=gen, dtype=torch.float64)
+    ratio, lo, hi = paired_ratio_interval(noisy, base)
+    small = paired_ratio_interval(noisy[:400], base[:400])
+    assert lo < ratio < hi and hi - lo < small[2] - small[1]
+    with pytest.raises(ValueError):
+        paired_ratio_interval(base, base[:10])
