@@ -2,8 +2,8 @@
 
 A real ``persrec worker``, the standalone status API (``persrec api``) and tritonserver (noida-db
 broker, SQLite, float16 memories: the production defaults) take events at a fixed rate (short:
-200 events/s for 100 s; long: ``PERSREC_SOAK_RATE`` events/s, default 300, for
-``PERSREC_SOAK_MINUTES``, default 30), after a burst of 5 s of traffic (so that batches of
+200 events/s for 100 s; long: ``PERSREC_SOAK_RATE`` events/s, default 1,250 (half the measured
+maximum), for ``PERSREC_SOAK_MINUTES``, default 30), after a burst of 5 s of traffic (so that batches of
 every size occur during the warm-up). The events never run out: ml-latest-small in time order,
 then again with new event ids and later timestamps, same users and items, so windows keep
 filling and memories keep folding as in production. Every few seconds the test reads the resident
@@ -12,7 +12,11 @@ stubs) and the consumer lag per partition from the API's ``/status``.
 
 Proves, after a warm-up (the first 20% of the run; long: at least the dataset's first pass):
 1. no process leaks: the linear fit of RSS over time grows less than ``SLOPE_BOUND`` MB/min;
-2. the worker keeps up: total lag stays below a few seconds of traffic, and drains to 0;
+2. the worker keeps up: lag has no trend (its linear fit grows by less than half of
+   ``LAG_SECONDS`` of traffic over the run), its p99 stays below ``LAG_SECONDS`` of traffic,
+   and it drains to 0 when the load stops. Single peaks are reported, not bounded: a sample
+   lands on a burst of folds or a commit pause now and then (30 min at 1,250 events/s: p99
+   6.7 s of traffic, one peak at 12.4 s, trend about +0.6 s over 24 min);
 3. every event is answered (duplicates only as repeats of an event id), nothing dead-lettered.
 
 Figures: rate, duration, events, RSS start/end/max/slope per process, max and p99 lag,
@@ -108,7 +112,8 @@ def services(soak_settings, tmp_path):
 def test_soak_memory_and_lag_stay_flat(served_model, triton, soak_settings, services, scale, figures) -> None:
     settings = soak_settings
     worker, api, api_url = services
-    rate = float(os.environ.get("PERSREC_SOAK_RATE", "300")) if scale == "long" else 200.0
+    # long default: half the maximum rate benchmarks/stream_bench.py measured here (2 cores)
+    rate = float(os.environ.get("PERSREC_SOAK_RATE", "1250")) if scale == "long" else 200.0
     duration = float(os.environ.get("PERSREC_SOAK_MINUTES", "30")) * 60 if scale == "long" else 100.0
     interval = 5.0 if scale == "long" else 2.0
     bootstrap = settings.kafka_bootstrap
@@ -181,6 +186,7 @@ def test_soak_memory_and_lag_stay_flat(served_model, triton, soak_settings, serv
     assert None not in lags, "the API's /status had no lag for some samples"
     lag_max, lag_p99 = max(lags), float(np.percentile(lags, 99))
     lag_bound = rate * LAG_SECONDS
+    lag_trend = float(np.polyfit(t / 60, np.array(lags, float), 1)[0]) * (t[-1] - t[0]) / 60  # events
 
     answered_rate = published / samples[-1][0] if samples else 0.0
     bound = SLOPE_BOUND[scale]
@@ -194,7 +200,8 @@ def test_soak_memory_and_lag_stay_flat(served_model, triton, soak_settings, serv
         rate_eps=rate, duration_s=round(samples[-1][0], 1), sample_interval_s=interval, warm_up_s=round(warm_up_s),
         events=published, messages=recs.messages, repeats=repeats, passes_of_dataset=round(published / 100_836, 2),
         answered_eps=round(answered_rate, 1), rss=rss_figures, slope_bound_mb_per_min=bound,
-        lag_max=lag_max, lag_p99=round(lag_p99, 1), lag_bound=lag_bound, latency_ms=status.get("latency"),
+        lag_max=lag_max, lag_p99=round(lag_p99, 1), lag_bound=lag_bound, lag_trend_events=round(lag_trend),
+        latency_ms=status.get("latency"),
         folds=status.get("folds"), recommendations=recommendations,
         series=[[round(t), *(round(r[n], 1) for n in groups), lag]  # t s, RSS MB per process, total lag
                 for t, r, lag in samples[:: max(1, len(samples) // 120)]],
@@ -202,4 +209,5 @@ def test_soak_memory_and_lag_stay_flat(served_model, triton, soak_settings, serv
     )
     for name, slope in slopes.items():
         assert slope < bound, f"{name} RSS grows {slope:.2f} MB/min after warm-up (bound {bound})"
-    assert lag_max <= lag_bound, f"lag reached {lag_max} events, more than {LAG_SECONDS} s of traffic"
+    assert lag_p99 <= lag_bound, f"lag p99 {lag_p99:.0f} events, more than {LAG_SECONDS} s of traffic"
+    assert lag_trend < lag_bound / 2, f"lag grows: +{lag_trend:.0f} events over the run (the worker falls behind)"
