@@ -2,8 +2,9 @@
 
 A real ``persrec worker``, the standalone status API (``persrec api``) and tritonserver (noida-db
 broker, SQLite, float16 memories: the production defaults) take events at a fixed rate (short:
-200 events/s for 100 s; long: ``PERSREC_SOAK_RATE`` events/s, default 1,250 (half the measured
-maximum), for ``PERSREC_SOAK_MINUTES``, default 30), after a burst of 5 s of traffic (so that batches of
+200 events/s for 100 s; long: ``PERSREC_SOAK_RATE`` events/s, default 1,250, half the PerSRec
+drain maximum stream_bench measured here with head width 25, for ``PERSREC_SOAK_MINUTES``,
+default 30), after a burst of 5 s of traffic (so that batches of
 every size occur during the warm-up). The events never run out: ml-latest-small in time order,
 then again with new event ids and later timestamps, same users and items, so windows keep
 filling and memories keep folding as in production. Every few seconds the test reads the resident
@@ -112,7 +113,7 @@ def services(soak_settings, tmp_path):
 def test_soak_memory_and_lag_stay_flat(served_model, triton, soak_settings, services, scale, figures) -> None:
     settings = soak_settings
     worker, api, api_url = services
-    # long default: half the maximum rate benchmarks/stream_bench.py measured here (2 cores)
+    # long default: half the PerSRec drain maximum of benchmarks/stream_bench.py here (head width 25)
     rate = float(os.environ.get("PERSREC_SOAK_RATE", "1250")) if scale == "long" else 200.0
     duration = float(os.environ.get("PERSREC_SOAK_MINUTES", "30")) * 60 if scale == "long" else 100.0
     interval = 5.0 if scale == "long" else 2.0
