@@ -76,6 +76,18 @@ def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
     return batches
 
 
+def leave_process_group() -> None:
+    """End a torchrun job on every rank together. A rank that exits while gloo still has work
+    objects alive (DDP buckets held in reference cycles) or while its peer is mid-collective can
+    abort in C++ ("terminate called without an active exception"): collect them while the group
+    is up, wait for every rank, then destroy the group. No-op outside torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

@@ -102,7 +102,7 @@ def train(
     from persrec.models import experiment
     from persrec.models.data import default_dataset_path
     from persrec.models.device import pick_device
-    from persrec.models.train import TrainConfig
+    from persrec.models.train import TrainConfig, leave_process_group
 
     _setup_logging(verbose)
     if threads:
@@ -140,14 +140,7 @@ def train(
         experiment.write_json(report, out / "metrics.json")
         console.print(_metrics_table(f"test ({dataset.name})", {arch.value + (f"+M{memory_tokens}" if memory_tokens else ""): report["test"], "most popular": report["popularity_test"]}))
         console.print(f"checkpoint: {result.checkpoint}  metrics: {out / 'metrics.json'}")
-    if world > 1:  # leave together: a rank exiting with gloo still up can abort (std::terminate)
-        import gc
-
-        import torch.distributed as dist
-
-        gc.collect()  # objects holding gloo work, in reference cycles: freed while the group is up
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()  # under torchrun: every rank leaves together
 
 
 @app.command()

@@ -39,7 +39,7 @@ def test_cli_trains_under_torchrun_and_writes_a_checkpoint(tmp_path: Path) -> No
 DRIVER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     from persrec.models import experiment
-    from persrec.models.train import TrainConfig
+    from persrec.models.train import TrainConfig, leave_process_group
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -50,7 +50,7 @@ DRIVER = textwrap.dedent("""
                                         out_dir=None)
     torch.save({"state": model.state_dict(), "losses": [r.loss for r in result.history],
                 "world": dist.get_world_size()}, f"{out}/rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
+    leave_process_group()
 """)
 
 
