@@ -32,11 +32,13 @@ def consume(bootstrap: str, topic: str, expected: int, timeout: float, settle: f
 
 
 def publish(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+    """Send and wait until the broker acknowledged every message (raises on the first refused)."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    for key, value in messages:
-        producer.send(topic, key=key, value=value)
+    futures = [producer.send(topic, key=key, value=value) for key, value in messages]
     producer.flush()
     producer.close()
+    for future in futures:
+        future.get(timeout=0)
 
 
 def events_by_user(events: list[dict]) -> dict[str, list[dict]]:
