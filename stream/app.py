@@ -28,7 +28,7 @@ import orjson
 from persrec.settings import Settings
 
 from . import window as win
-from .acks import AckGate, OrderedAcks
+from .acks import OrderedAcks
 from .events import InvalidEvent, UserDeletion, parse_event
 from .runtime import RecRequest, Runtime
 
@@ -89,20 +89,13 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
             state["runtime"] = await make_runtime(read_window)
         return state["runtime"]
 
-    gate = AckGate({settings.topic_interactions})
-
-    def release(event) -> bool:
-        gate.release(event.message)
-        return stream_of["process"].ack(event)
-
-    acks = OrderedAcks(release)
+    acks = OrderedAcks(lambda event: stream_of["process"].ack(event))
     stream_of: dict = {}
 
     @app.agent(topics.interactions)
     async def process(stream):
         rt = await runtime()
         stream_of["process"] = stream
-        gate.install(app.consumer)  # only events this agent finished are acknowledged
         async for event in stream.noack().events():
             msg = event.message
             handle = acks.track(msg.tp, event)
