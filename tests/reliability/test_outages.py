@@ -39,9 +39,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from persrec.embedded._proc import ManagedProcess, free_ports, group_members, http_ok
 from persrec.embedded.kafka import EmbeddedKafka, create_topics
@@ -182,8 +183,6 @@ def pipeline(tmp_path, served_model) -> Iterator[Callable[..., Pipeline]]:
 
 
 def end_offsets(bootstrap: str, topic: str, partitions: int) -> list[int]:
-    from kafka import TopicPartition
-
     consumer = KafkaConsumer(bootstrap_servers=bootstrap)
     try:
         ends = consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
@@ -211,7 +210,10 @@ def run_outage(served_model, settings: Settings, worker: WorkerProcess, api: Sta
                              reconnect_backoff_max_ms=500, max_in_flight_requests_per_connection=1)
     # Each send's future: an event whose send the broker never acknowledged is the producer's to
     # retry (the client was told), not the pipeline's to answer; it is left out and counted.
-    sends = [(e, producer.send(topic, key=key, value=value)) for e, (key, value) in zip(cut, messages(cut))]
+    def send(phase: list[dict]) -> list[tuple[dict, Any]]:
+        return [(e, producer.send(topic, key=key, value=value)) for e, (key, value) in zip(phase, messages(phase))]
+
+    sends = send(cut)
     producer.flush()
     if dep.quiet_stop:
         wait_for(lambda: worker.status().get("recs_out", 0) >= len(before + cut), 300, "answers")
@@ -221,7 +223,7 @@ def run_outage(served_model, settings: Settings, worker: WorkerProcess, api: Sta
     ends_before = end_offsets(boot, topic, settings.partitions)
     dep.stop()
     t_down, cpu0, api_cpu0 = time.monotonic(), cpu_seconds(worker.pid), cpu_seconds(api.pid)
-    sends += [(e, producer.send(topic, key=key, value=value)) for e, (key, value) in zip(during, messages(during))]
+    sends += send(during)
     if not dep.carries_events:
         producer.flush()
     probes: list[tuple[str, int, set[str]]] = []
@@ -272,7 +274,8 @@ def run_outage(served_model, settings: Settings, worker: WorkerProcess, api: Sta
         resume_s=round(resume_s, 2), worker_readyz_200_s=round(ready_s[worker.api], 2),
         api_readyz_200_s=round(ready_s[api.url], 2), worker_cpu_pct=round(100 * worker_cpu, 1),
         api_cpu_pct=round(100 * api_cpu, 1), events_lost=len(lost),
-            input_ends_before=ends_before, input_ends_after=ends_after, sends_refused=len(refused), send_errors=sorted(set(refused.values()))[:3],
+        input_ends_before=ends_before, input_ends_after=ends_after, sends_refused=len(refused),
+        send_errors=sorted(set(refused.values()))[:3],
         repeats=len(bodies) - len(counts),
     )
     assert not lost, (sorted(lost)[:20], {k: worker.status().get(k) for k in ("events_in", "recs_out", "duplicates")})
