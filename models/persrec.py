@@ -123,17 +123,24 @@ class PerSRec(ItemScoring, nn.Module):
 
     def recommend(
         self, memory: torch.Tensor | None, items: torch.Tensor, lengths: torch.Tensor,
-        ts: torch.Tensor | None = None,
+        ts: torch.Tensor | None = None, at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Memory ``[B, L, 2, M, H, Dh]`` (None without memory tokens) + recent items ``[B, N]``
-        (right-padded, ``lengths`` >= 1) -> L2-normalised user vectors ``[B, D]``."""
+        (right-padded, ``lengths`` >= 1) -> L2-normalised user vectors ``[B, D]``.
+
+        ``at = (rows, positions)`` (``[Q]`` each) asks for the vectors after ``positions`` of
+        ``rows`` instead, ``[Q, D]``: attention is causal and its biases depend on distances
+        only, so the vector after position p of a row is ``recommend`` of the row's first p + 1
+        items, and one pass answers every prefix of a row (a user's burst of events)."""
         if bool((lengths < 1).any()):
             raise ValueError("recommend needs at least one recent item per row")
         if (memory is None) == self.cfg.has_memory:
             raise ValueError("pass a memory exactly when the model has memory tokens")
+        rows, positions = at if at is not None else (torch.arange(items.shape[0], device=items.device), lengths - 1)
+        if bool((positions < 0).any() or (positions >= lengths[rows]).any()):
+            raise ValueError("positions must lie within their row's items")
         h, _ = self._run(items, lengths, ts, memory, None, with_tokens=False)
-        last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]
-        return F.normalize(last, dim=-1)
+        return F.normalize(h[rows, positions], dim=-1)
 
     def _need_memory(self) -> None:
         if not self.cfg.has_memory:

@@ -62,9 +62,12 @@ class SASRec(ItemScoring, nn.Module):
         """Full causal pass -> L2-normalised outputs ``[B, N, D]``."""
         return self._encode(batch.item_ids, batch.kind == ITEM)
 
-    def recommend(self, memory: None, items: torch.Tensor, lengths: torch.Tensor, ts=None) -> torch.Tensor:
+    def recommend(self, memory: None, items: torch.Tensor, lengths: torch.Tensor, ts=None,
+                  at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """As ``PerSRec.recommend`` (``at`` too: causal, positions counted from the row's start)."""
         if memory is not None:
             raise ValueError("SASRec has no memory")
         valid = torch.arange(items.shape[1], device=items.device)[None] < lengths[:, None]
         h = self._encode(items, valid)
-        return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
+        rows, positions = at if at is not None else (torch.arange(h.shape[0], device=h.device), lengths - 1)
+        return h[rows, positions]

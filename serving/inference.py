@@ -49,29 +49,38 @@ class ModelRunner:
     ) -> tuple[np.ndarray, np.ndarray]:
         """-> top-k dense item ids ``[B, k]`` int64 and cosine scores ``[B, k]`` float32.
 
-        Rows run in groups of similar length (``width_groups``), each trimmed to its own
-        longest row: a batch is padded to its longest row and attention is quadratic in it."""
+        A row that is a prefix of another row (same memory, its items and times the first ones
+        of the other's: a user's earlier event of a burst) is answered from that row's pass
+        (``shared_prefixes``). The remaining rows run in groups of similar length
+        (``width_groups``), each trimmed to its own longest row: a batch is padded to its
+        longest row and attention is quadratic in it."""
         lengths = lengths.reshape(-1)
         k = min(top_k, self.cfg.num_items)
         ids, scores = np.zeros((len(lengths), k), np.int64), np.zeros((len(lengths), k), np.float32)
-        for rows in width_groups(lengths):
+        carrier = shared_prefixes(items, lengths, timestamps, memory, has_memory)
+        carriers = np.unique(carrier)
+        for group in width_groups(lengths[carriers]):
+            rows = carriers[group]
+            queries = np.flatnonzero(np.isin(carrier, rows))
             w = max(1, int(lengths[rows].max()))
             pick = lambda a: None if a is None else a[rows]  # noqa: E731
-            ids[rows], scores[rows] = self._recommend(
+            ids[queries], scores[queries] = self._recommend(
                 pick(memory), pick(has_memory), items[rows, :w], lengths[rows],
-                None if timestamps is None else timestamps[rows, :w], k, exclude_seen)
+                None if timestamps is None else timestamps[rows, :w],
+                np.searchsorted(rows, carrier[queries]), lengths[queries] - 1, k, exclude_seen)
         return ids, scores
 
     @torch.inference_mode()
-    def _recommend(self, memory, has_memory, items, lengths, timestamps, k, exclude_seen):
+    def _recommend(self, memory, has_memory, items, lengths, timestamps, rows, positions, k, exclude_seen):
         ids = self._tensor(items, torch.long)
         lens = self._tensor(lengths.reshape(-1), torch.long)
         ts = None if timestamps is None else self._tensor(timestamps, torch.long)
         mem = self._memory(memory, has_memory) if self.cfg.has_memory else None
-        scores = self.model.score(self.model.recommend(mem, ids, lens, ts))
-        if exclude_seen:
-            valid = torch.arange(ids.shape[1], device=ids.device)[None] < lens[:, None]
-            scores.scatter_(1, ids * valid, float("-inf"))  # padding maps to column 0, already -inf
+        rows, positions = self._tensor(rows, torch.long), self._tensor(positions, torch.long)
+        scores = self.model.score(self.model.recommend(mem, ids, lens, ts, at=(rows, positions)))
+        if exclude_seen:  # each query's own items: its row up to its position
+            seen = torch.arange(ids.shape[1], device=ids.device)[None] <= positions[:, None]
+            scores.scatter_(1, ids[rows] * seen, float("-inf"))  # padding maps to column 0, already -inf
         top = torch.topk(scores, k, dim=1)
         return top.indices.cpu().numpy().astype(np.int64), top.values.float().cpu().numpy()
 
@@ -100,6 +109,36 @@ class ModelRunner:
     def empty_memory(self) -> np.ndarray:
         """``[L, 2, M, H, Dh]`` float32."""
         return self._empty[0].float().cpu().numpy()
+
+
+def shared_prefixes(items: np.ndarray, lengths: np.ndarray, timestamps: np.ndarray | None = None,
+                    memory: np.ndarray | None = None, has_memory: np.ndarray | None = None) -> np.ndarray:
+    """``carrier[b]``: a row whose first ``lengths[b]`` items and timestamps are row b's, under
+    the same memory (or none), longest first; ``b`` itself when no other row holds it. Only rows
+    that agree on their first item, time and memory are compared, so distinct users cost one
+    dictionary lookup each. Pure numpy; ``items`` ``[B, W]`` right-padded, ``lengths`` ``[B]``."""
+    lengths = lengths.reshape(-1)
+    carrier = np.arange(len(lengths))
+    ts = np.zeros_like(items) if timestamps is None else timestamps
+    if memory is None:
+        memory_key = [b""] * len(lengths)
+    else:
+        has = np.ones(len(lengths), bool) if has_memory is None else has_memory.reshape(-1)
+        flat = np.ascontiguousarray(memory).reshape(len(lengths), -1)
+        memory_key = [flat[b].tobytes() if has[b] else b"" for b in range(len(lengths))]
+    candidates: dict[tuple, list[int]] = {}
+    for b in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[b])
+        if n < 1:
+            continue
+        found = candidates.setdefault((memory_key[b], int(items[b, 0]), int(ts[b, 0])), [])
+        for c in found:
+            if np.array_equal(items[c, :n], items[b, :n]) and np.array_equal(ts[c, :n], ts[b, :n]):
+                carrier[b] = c
+                break
+        else:
+            found.append(int(b))
+    return carrier
 
 
 def width_groups(lengths: np.ndarray, smallest: int = 16) -> list[np.ndarray]:

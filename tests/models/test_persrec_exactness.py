@@ -174,3 +174,22 @@ def test_recommend_rejects_empty_recent_and_wrong_memory() -> None:
         model.recommend(model.empty_memory(1), torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]))
     with pytest.raises(ValueError):
         model.recommend(None, torch.ones(1, 2, dtype=torch.long), torch.tensor([2]))
+
+
+@pytest.mark.parametrize("time_bias", [False, True])
+@torch.no_grad()
+def test_vectors_at_positions_equal_recommend_of_each_prefix(time_bias: bool) -> None:
+    """One pass over a row answers each of its prefixes: what serves a user's burst at once."""
+    model = make("recompress", time_bias, 4)
+    rng = np.random.default_rng(4)
+    (seq,), (ts,) = random_users(rng, [40])
+    memory = model.compress(*pad([rng.integers(1, 201, size=20)]))
+    items, lengths = pad([seq])
+    t = torch.from_numpy(ts)[None]
+    positions = torch.tensor([0, 7, 21, 39])
+    at = model.recommend(memory, items, lengths, t, at=(torch.zeros(4, dtype=torch.long), positions))
+    for q, p in enumerate(positions.tolist()):
+        alone = model.recommend(memory, items[:, :p + 1], torch.tensor([p + 1]), t[:, :p + 1])
+        assert (at[q] - alone[0]).abs().max().item() <= TOL, p
+    with pytest.raises(ValueError):
+        model.recommend(memory, items, lengths, t, at=(torch.tensor([0]), torch.tensor([40])))

@@ -8,7 +8,7 @@ import torch
 from persrec.models.checkpoint import make_checkpoint
 from persrec.models.config import ModelConfig
 from persrec.models.loss import build_model
-from persrec.serving.inference import ModelRunner, width_groups
+from persrec.serving.inference import ModelRunner, shared_prefixes, width_groups
 
 
 def test_width_groups_cover_each_row_once_within_a_factor_two() -> None:
@@ -17,6 +17,17 @@ def test_width_groups_cover_each_row_once_within_a_factor_two() -> None:
     assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
     for g in groups:
         assert lengths[g].max() <= max(16, 2 * max(lengths[g].min(), 1))
+
+
+def assert_rows_as_alone(runner: ModelRunner, memory, has, items, lengths, ts) -> None:
+    """Each row of the batch gets the answer it gets alone, without its own items."""
+    ids, scores = runner.recommend(memory, has, items, lengths, ts, top_k=5)
+    for i in range(len(lengths)):
+        one = lambda a: None if a is None else a[i:i + 1]  # noqa: E731
+        w = lengths[i]
+        alone = runner.recommend(one(memory), one(has), items[i:i + 1, :w], lengths[i:i + 1], ts[i:i + 1, :w], 5)
+        assert np.array_equal(alone[0][0], ids[i]) and np.allclose(alone[1][0], scores[i], atol=1e-5)
+        assert not set(ids[i]) & set(items[i, :w].tolist())
 
 
 @pytest.mark.parametrize("memory_tokens", [0, 3])
@@ -33,15 +44,45 @@ def test_mixed_lengths_match_rows_run_alone(memory_tokens: int) -> None:
     if memory_tokens:
         memory = rng.standard_normal((6, *cfg.memory_shape)).astype(np.float32)
         has = np.array([True, False, True, True, False, True])
-    ids, scores = runner.recommend(memory, has, items, lengths, ts, top_k=5)
-    for i in range(6):
-        one = lambda a: None if a is None else a[i:i + 1]  # noqa: E731
-        w = lengths[i]
-        alone = runner.recommend(one(memory), one(has), items[i:i + 1, :w], lengths[i:i + 1], ts[i:i + 1, :w], 5)
-        assert np.array_equal(alone[0][0], ids[i]) and np.allclose(alone[1][0], scores[i], atol=1e-5)
+    assert_rows_as_alone(runner, memory, has, items, lengths, ts)
     if memory_tokens:
         folded = runner.fold(memory, has, items, lengths, ts)
         for i in range(6):
             w = lengths[i]
             alone = runner.fold(memory[i:i + 1], has[i:i + 1], items[i:i + 1, :w], lengths[i:i + 1], ts[i:i + 1, :w])
             assert np.allclose(alone[0], folded[i], atol=1e-5)
+
+
+def test_shared_prefixes_find_rows_inside_others_under_the_same_memory() -> None:
+    items = np.array([[5, 6, 7, 8], [5, 6, 0, 0], [5, 6, 7, 0], [5, 9, 0, 0], [5, 6, 0, 0], [5, 6, 7, 8]])
+    lengths = np.array([4, 2, 3, 2, 2, 4])
+    ts = np.array([[1, 2, 3, 4], [1, 2, 0, 0], [1, 2, 3, 0], [1, 2, 0, 0], [1, 3, 0, 0], [1, 2, 3, 4]])
+    assert shared_prefixes(items, lengths, ts).tolist() == [0, 0, 0, 3, 4, 0]
+    # Another memory (row 5), or none (row 2), keeps a row to itself.
+    memory = np.zeros((6, 2, 3), np.float32)
+    memory[5] = 1.0
+    has = np.array([True, True, False, True, True, True])
+    assert shared_prefixes(items, lengths, ts, memory, has).tolist() == [0, 0, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("memory_tokens,architecture", [(0, "hstu"), (3, "hstu"), (0, "sasrec")])
+def test_rows_answered_from_a_longer_row_match_rows_run_alone(memory_tokens: int, architecture: str) -> None:
+    """A user's burst: rows that are prefixes of one another, as the worker sends them."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(num_items=40, dim=16, head_dim=8, max_len=80, recent_len=6, num_heads=2,
+                      num_memory_tokens=memory_tokens, dropout=0.0, time_bias=True,
+                      architecture=architecture)
+    runner = ModelRunner(make_checkpoint(build_model(cfg), "{}"), "cpu")
+    rng = np.random.default_rng(1)
+    burst = rng.integers(1, 41, size=30)
+    burst_ts = np.sort(rng.integers(0, 10**6, size=30))
+    lengths = np.array([3, 30, 12, 1, 25, 7])
+    items = np.stack([np.where(np.arange(30) < n, burst, 0) for n in lengths])
+    items[5, :7] = rng.integers(1, 41, size=7)  # another user
+    ts = np.stack([np.where(np.arange(30) < n, burst_ts, 0) for n in lengths])
+    memory = has = None
+    if memory_tokens:
+        memory = np.repeat(rng.standard_normal((1, *cfg.memory_shape)).astype(np.float32), 6, axis=0)
+        has = np.ones(6, bool)
+    assert len(set(shared_prefixes(items, lengths, ts, memory, has).tolist())) == 2
+    assert_rows_as_alone(runner, memory, has, items, lengths, ts)
