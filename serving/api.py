@@ -144,6 +144,7 @@ async def status(request: web.Request) -> web.Response:
         body |= {
             "events_in": c.events_in, "recs_out": c.recs_out, "dlq": c.dlq,
             "duplicates": c.duplicates, "rerouted": c.rerouted, "cold_start": c.cold_start,
+            "offset_rewinds": c.offset_rewinds,
             "folds": c.folds, "fold_backlog": len(rt.fold_pending), "batches": c.batches,
             "seconds_model": round(c.seconds_model, 3), "seconds_publish": round(c.seconds_publish, 3),
             "latency": c.latency_quantiles(), "model_version": rt.manifest.model_version,
@@ -270,7 +271,7 @@ _STATUS = _object(
     ["time", "lag"], time={"type": "number"},
     lag={"type": "object", "nullable": True, "additionalProperties": _INT}, lag_error=_STR,
     **{name: _INT for name in ("events_in", "recs_out", "dlq", "duplicates", "rerouted", "cold_start", "folds",
-                               "fold_backlog", "batches")},
+                               "fold_backlog", "batches", "offset_rewinds")},
     seconds_model={"type": "number"}, seconds_publish={"type": "number"}, model_version=_STR,
     latency={"type": "object", "properties": {"p50_ms": {"type": "number", "nullable": True},
                                               "p99_ms": {"type": "number", "nullable": True}}},

@@ -1,6 +1,8 @@
 """The Faust worker: ``interactions`` -> per-user window table -> Triton -> ``recommendations``.
 
 For each event (in the agent, in partition order):
+  0. check that no earlier offset of its partition went missing (``stream.offsets``; if one
+     did, the partition is read again from it);
   1. parse it; a bad event goes to the dead-letter topic with its reason, then is acknowledged;
   2. an event keyed by something else than its user id is re-published keyed by the user id
      (so each user's window lives in one partition), then acknowledged;
@@ -28,8 +30,9 @@ import orjson
 from persrec.settings import Settings
 
 from . import window as win
-from .acks import OrderedAcks
+from .acks import AckGate, OrderedAcks
 from .events import InvalidEvent, UserDeletion, parse_event
+from .offsets import OffsetGuard
 from .runtime import RecRequest, Runtime
 
 log = logging.getLogger(__name__)
@@ -89,15 +92,49 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
             state["runtime"] = await make_runtime(read_window)
         return state["runtime"]
 
-    acks = OrderedAcks(lambda event: stream_of["process"].ack(event))
+    # Only events this agent finished are acknowledged (AckGate), in read order per partition
+    # (OrderedAcks), and none is missing from what the agent reads (OffsetGuard).
+    gate, guard = AckGate({settings.topic_interactions}), OffsetGuard()
+
+    def release(event) -> bool:
+        gate.release(event.message)
+        return stream_of["process"].ack(event)
+
+    acks = OrderedAcks(release)
     stream_of: dict = {}
+
+    @app.on_partitions_revoked.connect
+    async def revoked(app, revoked, **kwargs) -> None:  # noqa: ARG001 - Faust's signal
+        guard.reset()
+
+    @app.on_partitions_assigned.connect
+    async def assigned(app, assigned, **kwargs) -> None:  # noqa: ARG001 - Faust's signal
+        guard.reset()
+
+    async def missing_before(msg, rt: Runtime) -> bool:
+        """True when ``msg`` must wait: an earlier offset of its partition never came."""
+        # Faust's own record of the committed offsets: set by the seek after each rebalance,
+        # then by its commits (of acknowledged, i.e. finished, events only: AckGate).
+        committed = app.consumer._committed_offset.get(msg.tp)
+        verdict = guard.admit(msg.tp, msg.offset, committed)
+        if verdict == "process":
+            return False
+        if rt.counters.offset_rewinds % 100 == 0:
+            log.warning("%s:%s: offset %s came before %s; reading the partition again from %s",
+                        msg.topic, msg.partition, msg.offset, verdict, verdict)
+        rt.counters.offset_rewinds += 1
+        await app.consumer.seek_wait({msg.tp: verdict})
+        return True
 
     @app.agent(topics.interactions)
     async def process(stream):
         rt = await runtime()
         stream_of["process"] = stream
+        gate.install(app.consumer)
         async for event in stream.noack().events():
             msg = event.message
+            if await missing_before(msg, rt):
+                continue
             handle = acks.track(msg.tp, event)
             source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
             rt.counters.events_in += 1

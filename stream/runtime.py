@@ -80,6 +80,7 @@ class Counters:
     dlq: int = 0
     duplicates: int = 0
     rerouted: int = 0
+    offset_rewinds: int = 0  # input partitions read again from a missing offset (stream.offsets)
     cold_start: int = 0
     folds: int = 0
     fold_conflicts: int = 0

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import types
 
-from persrec.stream.acks import OrderedAcks
+from persrec.stream.acks import AckGate, OrderedAcks
 
 
 def test_acks_follow_read_order_per_partition():
@@ -40,3 +41,32 @@ def test_an_unfinished_event_holds_back_later_ones():
 
     asyncio.run(run())
     assert acked == [0, 1, 2]
+
+
+class FakeConsumer:
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+
+    def ack(self, message) -> bool:
+        self.acked.append(message.offset)
+        return True
+
+
+def message(topic: str, offset: int):
+    return types.SimpleNamespace(topic=topic, tp=(topic, 0), offset=offset)
+
+
+def test_gate_holds_back_input_messages_the_agent_did_not_finish() -> None:
+    consumer = FakeConsumer()
+    gate = AckGate({"interactions"})
+    gate.install(consumer)
+    gate.install(consumer)  # idempotent: one wrapper
+    done, skipped = message("interactions", 5), message("interactions", 6)
+    gate.release(done)
+    assert consumer.ack(done) is True
+    assert consumer.ack(skipped) is False  # Faust acking a message its stream skipped
+    assert consumer.ack(message("windows-changelog", 6)) is True  # other topics pass
+    assert consumer.acked == [5, 6]  # the changelog's 6, not the skipped input message
+    assert consumer.ack(done) is False  # a release lets one acknowledgement through
+    gate.release(skipped)  # delivered again after the seek, finished by the agent
+    assert consumer.ack(skipped) is True and consumer.acked == [5, 6, 6]
