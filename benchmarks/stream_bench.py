@@ -369,6 +369,8 @@ def phase_pipeline(work: Path, kafka: EmbeddedKafka, wl: Workload, *, memory: bo
                 evs = [dict(e, event_id=f"l{frac}-{k}") for k, e in enumerate((extra * 3)[offset:offset + count])]
                 offset += count
                 before = end_offsets(bootstrap, s.topic_interactions, s.partitions)
+                prof = (Profiler(worker.pid, min(load_s, 20), work / f"profile-{name}-{frac}.txt")
+                        if profile and frac == 0.5 else None)
                 produce(bootstrap, s.topic_interactions, evs, rate=target)
                 total = before + count
                 wait_count(bootstrap, s.topic_recommendations, s.partitions, total, 120)
@@ -380,6 +382,8 @@ def phase_pipeline(work: Path, kafka: EmbeddedKafka, wl: Workload, *, memory: bo
                 np.save(work / f"latency-{name}-{frac}.npy", lat)
                 q = quantiles(lat[:, 1])
                 lat_rows.append({"load": frac, "rate": round(target, 1), **q})
+                if prof is not None:
+                    lat_rows[-1]["profile_own_pct"] = prof.summary()
                 log.info("%s at %.0f%% (%.0f ev/s): %s", name, 100 * frac, target, q)
             if lat_rows:
                 row["latency"] = lat_rows
@@ -484,7 +488,7 @@ def main() -> None:
     ap.add_argument("--lengths", default=DEFAULT_LENGTHS, help="history lengths of the full-history phase")
     ap.add_argument("--history", type=int, default=2000, help="prior events per user for PerSRec")
     ap.add_argument("--phases", default="passthrough,persrec,full")
-    ap.add_argument("--profile", action="store_true", help="py-spy the PerSRec worker while it drains")
+    ap.add_argument("--profile", action="store_true", help="py-spy the PerSRec worker while it drains and at 50%% load")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--work-dir", type=Path, default=None)
     args = ap.parse_args()
