@@ -119,12 +119,21 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
         verdict = guard.admit(msg.tp, msg.offset, committed)
         if verdict == "process":
             return False
-        if rt.counters.offset_rewinds % 100 == 0:
+        if verdict != "drop":
             log.warning("%s:%s: offset %s came before %s; reading the partition again from %s",
                         msg.topic, msg.partition, msg.offset, verdict, verdict)
-        rt.counters.offset_rewinds += 1
-        await app.consumer.seek_wait({msg.tp: verdict})
+            await rewind({msg.tp: verdict})
         return True
+
+    async def rewind(offsets: dict) -> None:
+        (await runtime()).counters.offset_rewinds += len(offsets)
+        await app.consumer.seek_wait(offsets)
+
+    @app.timer(interval=guard.hold_s)
+    async def rewind_due() -> None:
+        """Seek pending rewinds again when no early event came to do it (see OffsetGuard)."""
+        if due := guard.due():
+            await rewind(due)
 
     @app.agent(topics.interactions)
     async def process(stream):

@@ -16,23 +16,33 @@ with the same later offset: after ``confirmations`` such answers the guard takes
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Literal
 
-Verdict = Literal["process"] | int  # an int: drop the event, seek the partition to that offset
+Verdict = Literal["process", "drop"] | int  # an int: drop the event, seek the partition to it
 
 
 @dataclass
 class _Rewind:
     to: int  # the offset sought
     answer: int  # the first later offset that came instead
-    seeks: int
+    seeks: int  # seeks answered by ``answer``
+    at: float  # when the partition was last sought
 
 
 class OffsetGuard:
-    def __init__(self, confirmations: int = 3) -> None:
-        self.confirmations = confirmations
+    """``admit`` each event; seek where it says; call ``due`` now and then and seek those too.
+
+    Events fetched before a seek keep coming for a while (Faust's stream buffer holds thousands
+    under load), and while they do Faust moves its read position past what the seek brings
+    back and drops it. So a rewind is sought again ``hold_s`` after its last seek for as long
+    as it is pending: by the next early event, or by ``due`` when none comes."""
+
+    def __init__(self, confirmations: int = 3, hold_s: float = 0.25,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.confirmations, self.hold_s, self._clock = confirmations, hold_s, clock
         self._next: dict[Hashable, int] = {}
         self._rewinds: dict[Hashable, _Rewind] = {}
         self.holes_accepted = 0
@@ -44,11 +54,7 @@ class OffsetGuard:
 
     def admit(self, tp: Hashable, offset: int, committed: int | None) -> Verdict:
         """What to do with the event at ``offset`` of ``tp``; ``committed`` is the partition's
-        committed offset (the next one to read; None when nothing is committed).
-
-        Every event past the missing offset asks for the seek again: events fetched before the
-        seek keep coming for a while, and Faust drops what the seek brings back while they move
-        its read position past it; the seek after the last of them is the one that works."""
+        committed offset (the next one to read; None when nothing is committed)."""
         need = self._next.get(tp, committed)
         if need is None or offset == need:
             self._next[tp] = offset + 1
@@ -56,14 +62,26 @@ class OffsetGuard:
             return "process"
         if offset < need:  # a redelivery: the window knows it
             return "process"
-        r = self._rewinds.get(tp)
+        now, r = self._clock(), self._rewinds.get(tp)
         if r is None or r.to != need:
-            self._rewinds[tp] = _Rewind(need, offset, 1)
-        elif offset == r.answer:
+            self._rewinds[tp] = _Rewind(need, offset, 0, now)
+            return need
+        if offset == r.answer:  # where the broker resumes after a seek
             r.seeks += 1
-            if r.seeks >= self.confirmations:  # the broker resumes there every time
+            if r.seeks >= self.confirmations:  # every time: a hole the broker has
                 self._next[tp] = offset + 1
                 del self._rewinds[tp]
                 self.holes_accepted += 1
                 return "process"
+        elif now - r.at < self.hold_s:
+            return "drop"
+        r.at = now
         return need
+
+    def due(self) -> dict[Hashable, int]:
+        """Pending rewinds last sought ``hold_s`` ago or more (marked sought again now)."""
+        now, out = self._clock(), {}
+        for tp, r in self._rewinds.items():
+            if now - r.at >= self.hold_s:
+                r.at, out[tp] = now, r.to
+        return out
