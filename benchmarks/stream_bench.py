@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from persrec.embedded._proc import free_ports
+from persrec.embedded._proc import free_ports, group_members
 from persrec.embedded.kafka import EmbeddedKafka, create_topics
 from persrec.embedded.triton import EmbeddedTriton
 from persrec.memory import MemoryRecord, SqlMemoryStore, migrate
@@ -214,6 +214,15 @@ class Profiler:
         return [(frame, round(100 * n / total, 1)) for frame, n in own.most_common(top)]
 
 
+def model_stub(server_pid: int, model: str) -> int:
+    """pid of the python-backend process that runs ``model`` for this tritonserver."""
+    for pid in group_members(server_pid):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if any(f"/{model}/".encode() in a and a.endswith(b"/model.py") for a in argv):
+            return pid
+    raise RuntimeError(f"no python-backend process for {model} under tritonserver {server_pid}")
+
+
 # ---------------------------------------------------------------------------- seeding
 def seed_state(settings: Settings, wl: Workload, history_len: int, ck, manifest) -> None:
     """Give every user ``history_len`` prior events: the window table's changelog (what a
@@ -342,7 +351,11 @@ def phase_pipeline(work: Path, kafka: EmbeddedKafka, wl: Workload, *, memory: bo
                 st = worker.status()
                 samples.append((time.monotonic(), st.get("folds", 0), st.get("fold_backlog", 0)))
 
-            prof = Profiler(worker.pid, min(limit_s, 20), work / f"profile-{name}.txt") if profile else None
+            prof = stub = None
+            if profile:
+                prof = Profiler(worker.pid, min(limit_s, 20), work / f"profile-{name}.txt")
+                stub = Profiler(model_stub(triton.pid, "recommend"), min(limit_s, 12),
+                                work / f"profile-{name}-triton.txt")
             secs = wait_count(bootstrap, s.topic_recommendations, s.partitions, n, limit_s, sample)
             out = read_all(bootstrap, s.topic_recommendations, n, timeout=120)
             rate = drain_rate(out)
@@ -353,6 +366,7 @@ def phase_pipeline(work: Path, kafka: EmbeddedKafka, wl: Workload, *, memory: bo
                                       "max": int(read.max())}
             if prof is not None:
                 row["profile_own_pct"] = prof.summary()
+                row["profile_triton_recommend_own_pct"] = stub.summary()
             if memory and len(samples) > 2:
                 t, f, b = map(np.array, zip(*samples))
                 row["folds_per_s"] = round(float((f[-1] - f[0]) / max(t[-1] - t[0], 1e-9)), 1)
@@ -488,7 +502,7 @@ def main() -> None:
     ap.add_argument("--lengths", default=DEFAULT_LENGTHS, help="history lengths of the full-history phase")
     ap.add_argument("--history", type=int, default=2000, help="prior events per user for PerSRec")
     ap.add_argument("--phases", default="passthrough,persrec,full")
-    ap.add_argument("--profile", action="store_true", help="py-spy the PerSRec worker while it drains and at 50%% load")
+    ap.add_argument("--profile", action="store_true", help="py-spy the PerSRec worker while it drains and at 50%% load, and Triton's recommend model while it drains")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--work-dir", type=Path, default=None)
     args = ap.parse_args()

@@ -210,8 +210,9 @@ class ItemScoring:
         w = self.item_emb.weight if ids is None else self.item_emb(ids)
         return F.normalize(w, dim=-1)
 
-    def score(self, user_vectors: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` -> cosine scores ``[B, I+1]``; column 0 (padding) is -inf."""
-        scores = user_vectors @ self.item_vectors().T
+    def score(self, user_vectors: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, D]`` -> cosine scores ``[B, I+1]``; column 0 (padding) is -inf. ``table``:
+        ``item_vectors()`` computed once by a caller whose weights no longer change (serving)."""
+        scores = user_vectors @ (self.item_vectors() if table is None else table).T
         scores[:, 0] = float("-inf")
         return scores

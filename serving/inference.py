@@ -30,8 +30,9 @@ class ModelRunner:
         self.model_version = ck.model_version
         self.model = ck.build_model(self.device)
         self._empty = None
-        if self.cfg.has_memory:
-            with torch.inference_mode():
+        with torch.inference_mode():
+            self._table = self.model.item_vectors()  # [I+1, D], normalised once: weights are fixed
+            if self.cfg.has_memory:
                 self._empty = self.model.empty_memory(1)  # [1, L, 2, M, H, Dh]
 
     def _tensor(self, a: np.ndarray, dtype=None) -> torch.Tensor:
@@ -77,7 +78,7 @@ class ModelRunner:
         ts = None if timestamps is None else self._tensor(timestamps, torch.long)
         mem = self._memory(memory, has_memory) if self.cfg.has_memory else None
         rows, positions = self._tensor(rows, torch.long), self._tensor(positions, torch.long)
-        scores = self.model.score(self.model.recommend(mem, ids, lens, ts, at=(rows, positions)))
+        scores = self.model.score(self.model.recommend(mem, ids, lens, ts, at=(rows, positions)), self._table)
         if exclude_seen:  # each query's own items: its row up to its position
             seen = torch.arange(ids.shape[1], device=ids.device)[None] <= positions[:, None]
             scores.scatter_(1, ids[rows] * seen, float("-inf"))  # padding maps to column 0, already -inf
