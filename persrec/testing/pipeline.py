@@ -8,6 +8,7 @@ import collections
 import time
 import urllib.parse
 
+import numpy as np
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 
@@ -65,6 +66,23 @@ def offline_top10(checkpoint, id_map, user_events: list[dict], watermark: int, s
         scores[torch.tensor(recent)] = float("-inf")
         top = torch.topk(scores, 10)
     return id_map.decode(top.indices.tolist()), top.values.numpy()
+
+
+def same_top(served: list[dict], ids: list[str], scores, tol: float = 1e-4) -> bool:
+    """The served top-k (``[{"item_id", "score"}]``) is the offline one (``ids``, ``scores``):
+    the same score at every rank within ``tol``, and the same item at every rank whose score no
+    other rank ties within ``tol`` (or the last, whose tie may be rank k + 1). Tied items may come
+    out in either order: a batched pass adds in another order than the offline one."""
+    got_ids = [r["item_id"] for r in served]
+    got = np.array([r["score"] for r in served], float)
+    scores = np.asarray(scores, float)
+    if len(got_ids) != len(ids) or (len(ids) and np.abs(got - scores).max() > tol):
+        return False
+    for i, (a, b) in enumerate(zip(got_ids, ids)):
+        tied = i == len(ids) - 1 or any(abs(scores[j] - scores[i]) <= tol for j in range(len(ids)) if j != i)
+        if a != b and not tied:
+            return False
+    return True
 
 
 def check_user_states(apis: list[str], by_user: dict[str, list[dict]]) -> int:

@@ -9,14 +9,13 @@ import os
 import random
 import time
 
-import numpy as np
 import pytest
 
 from persrec.embedded._proc import free_ports
 from persrec.embedded.kafka import create_topics
 from persrec.replay import events_in_time_order
 from persrec.stack import wait_for
-from persrec.testing.pipeline import check_user_states, consume, events_by_user, offline_top10, publish
+from persrec.testing.pipeline import check_user_states, consume, events_by_user, offline_top10, publish, same_top
 
 pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
 
@@ -105,8 +104,7 @@ def check_pipeline(served_model, settings, bootstrap, workers, valid, bad, *, pa
     sample = rng.sample(with_memory, min(half, len(with_memory))) + rng.sample(without, min(half, len(without)))
     for b in sample:
         ids, scores = offline_top10(served_model.checkpoint, served_model.id_map, by_user[b["user_id"]], b["memory_version"], b["seq"])
-        assert [r["item_id"] for r in b["items"]] == ids, b["event_id"]
-        assert np.abs(np.array([r["score"] for r in b["items"]]) - scores).max() <= 1e-4
+        assert same_top(b["items"], ids, scores), (b["event_id"], b["items"], ids, scores.tolist())
     return bodies
 
 
