@@ -111,7 +111,7 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
     async def assigned(app, assigned, **kwargs) -> None:  # noqa: ARG001 - Faust's signal
         guard.reset()
 
-    async def missing_before(msg, rt: Runtime) -> bool:
+    async def missing_before(msg) -> bool:
         """True when ``msg`` must wait: an earlier offset of its partition never came."""
         if not settings.offset_guard:
             return False
@@ -144,7 +144,7 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
         gate.install(app.consumer)
         async for event in stream.noack().events():
             msg = event.message
-            if await missing_before(msg, rt):
+            if await missing_before(msg):
                 continue
             handle = acks.track(msg.tp, event)
             source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
