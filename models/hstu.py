@@ -210,6 +210,16 @@ class ItemScoring:
         w = self.item_emb.weight if ids is None else self.item_emb(ids)
         return F.normalize(w, dim=-1)
 
+    @staticmethod
+    def query_positions(lengths: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor] | None,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``recommend``'s ``at``: (rows, positions) to read the outputs at; by default the last
+        item of every row."""
+        rows, positions = at if at is not None else (torch.arange(len(lengths), device=lengths.device), lengths - 1)
+        if bool((positions < 0).any() or (positions >= lengths[rows]).any()):
+            raise ValueError("positions must lie within their row's items")
+        return rows, positions
+
     def score(self, user_vectors: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, D]`` -> cosine scores ``[B, I+1]``; column 0 (padding) is -inf. ``table``:
         ``item_vectors()`` computed once by a caller whose weights no longer change (serving)."""

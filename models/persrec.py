@@ -136,9 +136,7 @@ class PerSRec(ItemScoring, nn.Module):
             raise ValueError("recommend needs at least one recent item per row")
         if (memory is None) == self.cfg.has_memory:
             raise ValueError("pass a memory exactly when the model has memory tokens")
-        rows, positions = at if at is not None else (torch.arange(items.shape[0], device=items.device), lengths - 1)
-        if bool((positions < 0).any() or (positions >= lengths[rows]).any()):
-            raise ValueError("positions must lie within their row's items")
+        rows, positions = self.query_positions(lengths, at)
         h, _ = self._run(items, lengths, ts, memory, None, with_tokens=False)
         return F.normalize(h[rows, positions], dim=-1)
 

@@ -69,5 +69,5 @@ class SASRec(ItemScoring, nn.Module):
             raise ValueError("SASRec has no memory")
         valid = torch.arange(items.shape[1], device=items.device)[None] < lengths[:, None]
         h = self._encode(items, valid)
-        rows, positions = at if at is not None else (torch.arange(h.shape[0], device=h.device), lengths - 1)
+        rows, positions = self.query_positions(lengths, at)
         return h[rows, positions]

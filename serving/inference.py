@@ -116,25 +116,25 @@ def shared_prefixes(items: np.ndarray, lengths: np.ndarray, timestamps: np.ndarr
                     memory: np.ndarray | None = None, has_memory: np.ndarray | None = None) -> np.ndarray:
     """``carrier[b]``: a row whose first ``lengths[b]`` items and timestamps are row b's, under
     the same memory (or none), longest first; ``b`` itself when no other row holds it. Only rows
-    that agree on their first item, time and memory are compared, so distinct users cost one
+    that agree on their first item and time are compared, so distinct users cost one
     dictionary lookup each. Pure numpy; ``items`` ``[B, W]`` right-padded, ``lengths`` ``[B]``."""
     lengths = lengths.reshape(-1)
     carrier = np.arange(len(lengths))
     ts = np.zeros_like(items) if timestamps is None else timestamps
-    if memory is None:
-        memory_key = [b""] * len(lengths)
-    else:
-        has = np.ones(len(lengths), bool) if has_memory is None else has_memory.reshape(-1)
-        flat = np.ascontiguousarray(memory).reshape(len(lengths), -1)
-        memory_key = [flat[b].tobytes() if has[b] else b"" for b in range(len(lengths))]
-    candidates: dict[tuple, list[int]] = {}
+    has = None if memory is None else (np.ones(len(lengths), bool) if has_memory is None else has_memory.reshape(-1))
+
+    def same_memory(c: int, b: int) -> bool:  # rows without one all get the new-user memory
+        return has is None or (has[c] == has[b] and (not has[b] or np.array_equal(memory[c], memory[b])))
+
+    candidates: dict[tuple[int, int], list[int]] = {}
     for b in np.argsort(-lengths, kind="stable"):
         n = int(lengths[b])
         if n < 1:
             continue
-        found = candidates.setdefault((memory_key[b], int(items[b, 0]), int(ts[b, 0])), [])
+        found = candidates.setdefault((int(items[b, 0]), int(ts[b, 0])), [])
         for c in found:
-            if np.array_equal(items[c, :n], items[b, :n]) and np.array_equal(ts[c, :n], ts[b, :n]):
+            if (np.array_equal(items[c, :n], items[b, :n]) and np.array_equal(ts[c, :n], ts[b, :n])
+                    and same_memory(c, b)):
                 carrier[b] = c
                 break
         else:

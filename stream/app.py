@@ -103,29 +103,19 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
     acks = OrderedAcks(release)
     stream_of: dict = {}
 
-    @app.on_partitions_revoked.connect
-    async def revoked(app, revoked, **kwargs) -> None:  # noqa: ARG001 - Faust's signal
+    async def rebalanced(app, *args, **kwargs) -> None:  # noqa: ARG001 - Faust's signals
         guard.reset()
 
-    @app.on_partitions_assigned.connect
-    async def assigned(app, assigned, **kwargs) -> None:  # noqa: ARG001 - Faust's signal
-        guard.reset()
+    app.on_partitions_revoked.connect(rebalanced)
+    app.on_partitions_assigned.connect(rebalanced)
 
-    async def missing_before(msg) -> bool:
-        """True when ``msg`` must wait: an earlier offset of its partition never came."""
+    def admit(msg):
+        """OffsetGuard's verdict on ``msg`` ("process" unless an earlier offset never came)."""
         if not settings.offset_guard:
-            return False
+            return "process"
         # Faust's own record of the committed offsets: set by the seek after each rebalance,
         # then by its commits (of acknowledged, i.e. finished, events only: AckGate).
-        committed = app.consumer._committed_offset.get(msg.tp)
-        verdict = guard.admit(msg.tp, msg.offset, committed)
-        if verdict == "process":
-            return False
-        if verdict != "drop":
-            log.warning("%s:%s: offset %s came before %s; reading the partition again from %s",
-                        msg.topic, msg.partition, msg.offset, verdict, verdict)
-            await rewind({msg.tp: verdict})
-        return True
+        return guard.admit(msg.tp, msg.offset, app.consumer._committed_offset.get(msg.tp))
 
     async def rewind(offsets: dict) -> None:
         (await runtime()).counters.offset_rewinds += len(offsets)
@@ -144,7 +134,12 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
         gate.install(app.consumer)
         async for event in stream.noack().events():
             msg = event.message
-            if await missing_before(msg):
+            verdict = admit(msg)  # no await on the hot path: most events are "process"
+            if verdict != "process":
+                if verdict != "drop":
+                    log.warning("%s:%s: offset %s came before %s; reading the partition again from %s",
+                                msg.topic, msg.partition, msg.offset, verdict, verdict)
+                    await rewind({msg.tp: verdict})
                 continue
             handle = acks.track(msg.tp, event)
             source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}

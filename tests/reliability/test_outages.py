@@ -197,7 +197,7 @@ def where_lost(settings: Settings, worker: WorkerProcess, lost: set[str]) -> dic
     skipped one."""
     boot, topic = settings.kafka_bootstrap, settings.topic_interactions
     found = {m.value and json.loads(m.value).get("event_id"): (m.partition, m.offset)
-             for m in consume(boot, topic, expected=1 << 30, timeout=10)}
+             for m in consume(boot, topic, expected=sum(end_offsets(boot, topic, settings.partitions)), timeout=60)}
     consumer = KafkaConsumer(bootstrap_servers=boot, group_id=settings.app_id, enable_auto_commit=False)
     try:
         committed = [consumer.committed(TopicPartition(topic, p)) for p in range(settings.partitions)]
