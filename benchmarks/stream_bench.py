@@ -60,6 +60,8 @@ from persrec.replay import events_in_time_order
 from persrec.serving.export import export_repository
 from persrec.serving.inference import ModelRunner
 from persrec.settings import Settings
+from persrec.stream.window import Window
+from persrec.stream.window import encode as encode_window
 from persrec.stack import WorkerProcess, get_json, settings_env
 
 log = logging.getLogger("stream_bench")
@@ -143,12 +145,14 @@ def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -
 
 def wait_count(bootstrap: str, topic: str, partitions: int, target: int, limit_s: float,
                sample=None) -> float:
-    """Wait until ``topic`` holds ``target`` messages or ``limit_s`` passed; returns seconds."""
+    """Wait until ``topic`` holds ``target`` messages or ``limit_s`` passed; returns seconds.
+    ``sample(count)`` is called with the topic's message count at every poll."""
     start = time.monotonic()
     while time.monotonic() - start < limit_s:
+        count = end_offsets(bootstrap, topic, partitions)
         if sample is not None:
-            sample()
-        if end_offsets(bootstrap, topic, partitions) >= target:
+            sample(count)
+        if count >= target:
             break
         time.sleep(0.5)
     return time.monotonic() - start
@@ -214,6 +218,40 @@ class Profiler:
         return [(frame, round(100 * n / total, 1)) for frame, n in own.most_common(top)]
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the live processes ``pids`` have used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds per process group, sampled with the output count during a drain; reports
+    CPU milliseconds per output message between the 10% and 90% marks (startup excluded)."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.samples: list[tuple[float, int, dict[str, float]]] = []
+
+    def sample(self, count: int) -> None:
+        self.samples.append((time.monotonic(), count, {k: cpu_seconds(v) for k, v in self.groups.items()}))
+
+    def per_event_ms(self, target: int) -> dict[str, float] | None:
+        inside = [s for s in self.samples if 0.1 * target <= s[1] <= 0.9 * target]
+        if len(inside) < 2 or inside[-1][1] == inside[0][1]:
+            return None
+        (t0, n0, c0), (t1, n1, c1) = inside[0], inside[-1]
+        out = {k: round(1000 * (c1[k] - c0[k]) / (n1 - n0), 3) for k in self.groups}
+        out["all"] = round(sum(out.values()), 3)
+        out["cores_busy"] = round(sum(c1[k] - c0[k] for k in self.groups) / (t1 - t0), 2)
+        return out
+
+
 def model_stub(server_pid: int, model: str) -> int:
     """pid of the python-backend process that runs ``model`` for this tritonserver."""
     for pid in group_members(server_pid):
@@ -239,8 +277,8 @@ def seed_state(settings: Settings, wl: Workload, history_len: int, ck, manifest)
         chunk = wl.users[start:start + 128]
         hist = [wl.history(u, history_len) for u in chunk]
         for u, (items, ts) in zip(chunk, hist):
-            window = {"seq": history_len, "items": items[-keep:], "ts": ts[-keep:], "recent_ids": []}
-            producer.send(changelog, key=u.encode(), value=json.dumps(window).encode())
+            window = Window(history_len, items[-keep:], ts[-keep:])
+            producer.send(changelog, key=u.encode(), value=encode_window(window))
         if runner is None:
             continue
         folded = [items[: history_len - keep] for items, _ in hist]
@@ -306,7 +344,7 @@ def topics_for(s: Settings) -> None:
                                       s.topic_recommendations: s.partitions, s.topic_dlq: s.partitions})
 
 
-def phase_passthrough(work: Path, bootstrap: str, wl: Workload, n: int, limit_s: float) -> dict:
+def phase_passthrough(work: Path, bootstrap: str, kafka_pid: int, wl: Workload, n: int, limit_s: float) -> dict:
     s = make_settings(work, bootstrap, None, None, "pass")
     s.work_dir.mkdir(parents=True)
     topics_for(s)
@@ -316,15 +354,18 @@ def phase_passthrough(work: Path, bootstrap: str, wl: Workload, n: int, limit_s:
     proc = subprocess.Popen([sys.executable, __file__, "passthrough-worker"], env=env, stdout=logf,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        secs = wait_count(bootstrap, s.topic_recommendations, s.partitions, n, limit_s)
+        meter = CpuMeter({"faust app": group_members(proc.pid), "broker": group_members(kafka_pid),
+                          "bench poller": [os.getpid()]})
+        secs = wait_count(bootstrap, s.topic_recommendations, s.partitions, n, limit_s, meter.sample)
         out = read_all(bootstrap, s.topic_recommendations, n)
     finally:
         proc.terminate()
         proc.wait(60)
         logf.close()
     rate = drain_rate(out)
-    log.info("pass-through: %d/%d messages, %.0f msg/s", len(out), n, rate)
-    return {"events": len(out), "events_per_s": round(rate, 1), "wall_s": round(secs, 1)}
+    cpu = meter.per_event_ms(n)
+    log.info("pass-through: %d/%d messages, %.0f msg/s, CPU ms/event %s", len(out), n, rate, cpu)
+    return {"events": len(out), "events_per_s": round(rate, 1), "wall_s": round(secs, 1), "cpu_ms_per_event": cpu}
 
 
 def phase_pipeline(work: Path, kafka: EmbeddedKafka, wl: Workload, *, memory: bool, max_len: int,
@@ -346,20 +387,26 @@ def phase_pipeline(work: Path, kafka: EmbeddedKafka, wl: Workload, *, memory: bo
         try:
             worker.start()
             samples = []
+            stubs = {m: model_stub(triton.pid, m) for m in models}
+            meter = CpuMeter({"worker": group_members(worker.pid), "triton server": [triton.pid],
+                              **{f"triton {m} model": [pid] for m, pid in stubs.items()},
+                              "broker": group_members(kafka.pid), "bench poller": [os.getpid()]})
 
-            def sample() -> None:
+            def sample(count: int) -> None:
+                meter.sample(count)
                 st = worker.status()
                 samples.append((time.monotonic(), st.get("folds", 0), st.get("fold_backlog", 0)))
 
             prof = stub = None
             if profile:
                 prof = Profiler(worker.pid, min(limit_s, 20), work / f"profile-{name}.txt")
-                stub = Profiler(model_stub(triton.pid, "recommend"), min(limit_s, 12),
+                stub = Profiler(stubs["recommend"], min(limit_s, 12),
                                 work / f"profile-{name}-triton.txt")
             secs = wait_count(bootstrap, s.topic_recommendations, s.partitions, n, limit_s, sample)
             out = read_all(bootstrap, s.topic_recommendations, n, timeout=120)
             rate = drain_rate(out)
-            row |= {"events": len(out), "events_per_s": round(rate, 1), "wall_s": round(secs, 1)}
+            row |= {"events": len(out), "events_per_s": round(rate, 1), "wall_s": round(secs, 1),
+                    "cpu_ms_per_event": meter.per_event_ms(n)}
             read = np.array([json.loads(r.value)["window"] for r in out])
             if len(read):  # items the model read beside the memory (folds lagging make it longer)
                 row["window_read"] = {"p50": float(np.percentile(read, 50)), "p99": float(np.percentile(read, 99)),
@@ -373,7 +420,7 @@ def phase_pipeline(work: Path, kafka: EmbeddedKafka, wl: Workload, *, memory: bo
                 row["fold_backlog_max"] = int(b.max())
             st = worker.status()
             row["status"] = {k: st.get(k) for k in ("batches", "seconds_model", "seconds_publish", "folds")}
-            log.info("%s: %d/%d events, %.0f ev/s", name, len(out), n, rate)
+            log.info("%s: %d/%d events, %.0f ev/s, CPU ms/event %s", name, len(out), n, rate, row["cpu_ms_per_event"])
             # Latency at fixed fractions of the measured maximum, continuing the same stream.
             extra = wl.events[n:] + wl.events[:n]
             offset, lat_rows = 0, []
@@ -526,7 +573,7 @@ def main() -> None:
         res = json.loads(out_json.read_text()) | {k: v for k, v in res.items()}
     with EmbeddedKafka(work / "kafka") as kafka:
         if "passthrough" in phases:
-            res["passthrough"] = phase_passthrough(work, kafka.bootstrap_servers, wl, args.events, args.limit_s)
+            res["passthrough"] = phase_passthrough(work, kafka.bootstrap_servers, kafka.pid, wl, args.events, args.limit_s)
         if "persrec" in phases:
             res["persrec"] = phase_pipeline(work, kafka, wl, memory=True, max_len=200, history_len=args.history,
                                             n=args.events, limit_s=args.limit_s, loads=[0.25, 0.5, 0.9],

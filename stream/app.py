@@ -6,13 +6,15 @@ For each event (in the agent, in partition order):
   1. parse it; a bad event goes to the dead-letter topic with its reason, then is acknowledged;
   2. an event keyed by something else than its user id is re-published keyed by the user id
      (so each user's window lives in one partition), then acknowledged;
-  3. update the user's window in the changelog-backed table (a replayed event id changes nothing);
+  3. update the user's window in the table (a replayed event id changes nothing);
   4. queue a recommendation request carrying a snapshot of the window (and the memory it was
      trimmed against, see ``Runtime.memory_for``).
 The batcher task then, per batch: calls Triton once, publishes one message per event, waits
-until the broker has them, and only then acknowledges the events. Offsets are committed after
-that (and after the table changelog is flushed), so a crash can repeat a recommendation (same
-event id) but never loses an acknowledged event.
+until the broker has them, writes the latest window of each of the batch's users to the
+table's changelog (once per user: a burst of one user's events costs one write, not one per
+event), and only then acknowledges the events. Offsets are committed after that (and after the
+changelog is flushed), so a crash can repeat a recommendation (same event id) but never loses
+an acknowledged event, and a restored window holds every acknowledged event.
 """
 
 from __future__ import annotations
@@ -77,15 +79,35 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
         app.topic(settings.topic_recommendations, key_serializer="raw", value_serializer="raw"),
         app.topic(settings.topic_dlq, key_serializer="raw", value_serializer="raw"),
     )
-    # Keys are raw user-id bytes, values JSON. ``key_type=bytes`` matters: without it Faust
-    # restores changelog keys with the JSON codec (b"42" -> 42; non-numeric ids fail), so a
-    # restarted worker found no window at all.
-    windows = app.Table("windows", default=None, partitions=settings.partitions, key_type=bytes)
+    # Keys are raw user-id bytes. ``key_type=bytes`` matters: without it Faust restores
+    # changelog keys with the JSON codec (b"42" -> 42; non-numeric ids fail), so a restarted
+    # worker found no window at all. Values are raw bytes in the changelog (``window.encode``,
+    # written by ``write_windows``); the store holds them as restored, or the ``Window`` the
+    # agent last set.
+    windows = app.Table("windows", default=None, partitions=settings.partitions, key_type=bytes,
+                        value_type=bytes)
     state: dict = {"topics": topics, "windows": windows}
     queue: asyncio.Queue[RecRequest] = asyncio.Queue(maxsize=4 * settings.max_batch)
+    # Windows changed in the table's store but not yet written to its changelog: key ->
+    # (partition, window). Written by ``write_windows`` before their events are acknowledged.
+    unwritten: dict[bytes, tuple[int, win.Window]] = {}
+
+    def window_of(key: bytes) -> win.Window:
+        w = windows.data.get(key)
+        return w if isinstance(w, win.Window) else win.decode(w)
 
     def read_window(user_id: str) -> win.Window:
-        return win.Window.from_json(windows.get(user_id.encode()))
+        return window_of(user_id.encode())
+
+    def set_window(key: bytes, partition: int, w: win.Window) -> None:
+        windows.data[key] = w  # the store only: ``windows[key] = w`` would also write the changelog
+        unwritten[key] = (partition, w)
+
+    def write_windows(keys) -> None:
+        """Send the changelog record of each of ``keys`` whose window changed since its last one."""
+        for key in keys:
+            if (entry := unwritten.pop(key, None)) is not None:
+                windows.send_changelog(entry[0], key, win.encode(entry[1]))
 
     async def runtime() -> Runtime:
         if "runtime" not in state:
@@ -106,7 +128,14 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
     async def rebalanced(app, *args, **kwargs) -> None:  # noqa: ARG001 - Faust's signals
         guard.reset()
 
-    app.on_partitions_revoked.connect(rebalanced)
+    async def revoked(app, *args, **kwargs) -> None:
+        # The next owner restores windows from the changelog: it must hold every window this
+        # worker changed, before the rebalance goes on (Faust's own flush came before this).
+        write_windows(list(unwritten))
+        await app.producer.flush()
+        await rebalanced(app)
+
+    app.on_partitions_revoked.connect(revoked)
     app.on_partitions_assigned.connect(rebalanced)
 
     def admit(msg):
@@ -157,6 +186,7 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
                 await forward(topics.interactions, key, event.value, None, handle, "rerouted")
                 continue
             if isinstance(ev, UserDeletion):
+                unwritten.pop(key, None)
                 if windows.get(key) is not None:
                     del windows[key]
                 await asyncio.to_thread(rt.store.delete_many, [ev.user_id])
@@ -165,14 +195,14 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
                 await acks.finish(handle)
                 continue
             event_id = ev.event_id or f"{msg.topic}:{msg.partition}:{msg.offset}"
-            w = win.Window.from_json(windows.get(key))
+            w = window_of(key)
             where = (msg.topic, msg.partition, msg.offset)
             duplicate = win.seen(w, event_id, where)
             if duplicate:
                 rt.counters.duplicates += 1
             else:
                 w = rt.trimmed(ev.user_id, win.append(w, event_id, ev.item_id, int(ev.ts), where))
-                windows[key] = w.to_json()
+                set_window(key, msg.partition, w)
             request = RecRequest(ev.user_id, w, event_id, ev.ts, source, time.monotonic(),
                                  duplicate, ack=functools.partial(acks.finish, handle))
             rt.request_queued(request)
@@ -271,6 +301,7 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
                 await asyncio.gather(*futures)
 
             await retrying("publishing", len(batch), deliver)
+            write_windows({r.user_id.encode() for r in batch})
         finally:
             if not sent.done():
                 sent.set_result(None)

@@ -10,7 +10,7 @@ import urllib.parse
 
 import numpy as np
 import torch
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from persrec.stack import get_json
 
@@ -30,6 +30,22 @@ def consume(bootstrap: str, topic: str, expected: int, timeout: float, settle: f
     finally:
         consumer.close()
     return out
+
+
+def whole_topic(bootstrap: str, topic: str, timeout: float = 120.0) -> list:
+    """Every message ``topic`` holds now (up to its end offsets when called)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=500,
+                             max_partition_fetch_bytes=8 << 20)
+    try:
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(tps)
+        consumer.seek_to_beginning()
+        ends, out, deadline = consumer.end_offsets(tps), [], time.monotonic() + timeout
+        while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
+            out.extend(consumer)
+        return out
+    finally:
+        consumer.close()
 
 
 def publish(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:

@@ -15,7 +15,9 @@ from persrec.embedded._proc import free_ports
 from persrec.embedded.kafka import create_topics
 from persrec.replay import events_in_time_order
 from persrec.stack import wait_for
-from persrec.testing.pipeline import check_user_states, consume, events_by_user, offline_top10, publish, same_top
+from persrec.stream import window as win
+from persrec.testing.pipeline import (check_user_states, consume, events_by_user, offline_top10, publish, same_top,
+                                     whole_topic)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
 
@@ -95,7 +97,14 @@ def check_pipeline(served_model, settings, bootstrap, workers, valid, bad, *, pa
     total_folded = check_user_states([w.api for w in workers], by_user)
     assert total_folded > N_EVENTS // 3  # folds really happened
 
-    # 4. parity with the offline model on a sample of messages
+    # 4. the windows' changelog, what a restarted worker restores, holds every event of every
+    #    user, in fewer records than events: one write per user per batch, not one per event
+    changelog = whole_topic(bootstrap, f"{settings.app_id}-windows-changelog")
+    latest = {m.key.decode(): m.value for m in changelog}
+    assert {u: win.decode(v).seq for u, v in latest.items()} == {u: len(e) for u, e in by_user.items()}
+    assert len(changelog) < len(valid) // 2
+
+    # 5. parity with the offline model on a sample of messages
     rng = random.Random(1)
     with_memory = [b for b in bodies if b["items"] and b["memory_version"] > 0]
     without = [b for b in bodies if b["items"] and b["memory_version"] == 0]
