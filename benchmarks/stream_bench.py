@@ -241,8 +241,8 @@ class CpuMeter:
     def sample(self, count: int) -> None:
         self.samples.append((time.monotonic(), count, {k: cpu_seconds(v) for k, v in self.groups.items()}))
 
-    def per_event_ms(self, target: int) -> dict[str, float] | None:
-        inside = [s for s in self.samples if 0.1 * target <= s[1] <= 0.9 * target]
+    def per_event_ms(self, target: int, lo: float = 0.1, hi: float = 0.9) -> dict[str, float] | None:
+        inside = [s for s in self.samples if lo * target <= s[1] <= hi * target]
         if len(inside) < 2 or inside[-1][1] == inside[0][1]:
             return None
         (t0, n0, c0), (t1, n1, c1) = inside[0], inside[-1]
@@ -344,7 +344,19 @@ def topics_for(s: Settings) -> None:
                                       s.topic_recommendations: s.partitions, s.topic_dlq: s.partitions})
 
 
-def phase_passthrough(work: Path, bootstrap: str, kafka_pid: int, wl: Workload, n: int, limit_s: float) -> dict:
+def fresh_broker(work: Path, label: str) -> EmbeddedKafka:
+    """A new broker for one measurement. noida-db spends CPU in the background in proportion to
+    the data it holds (idle: 0.15 / 0.29 / 0.41 cores with 25 / 50 / 75 MB written), so on one
+    broker each phase and load level would pay for the messages of all before it."""
+    return EmbeddedKafka(work / f"kafka-{label}")
+
+
+def phase_passthrough(work: Path, wl: Workload, n: int, limit_s: float) -> dict:
+    with fresh_broker(work, "pass") as kafka:
+        return _passthrough(work, kafka.bootstrap_servers, kafka.pid, wl, n, limit_s)
+
+
+def _passthrough(work: Path, bootstrap: str, kafka_pid: int, wl: Workload, n: int, limit_s: float) -> dict:
     s = make_settings(work, bootstrap, None, None, "pass")
     s.work_dir.mkdir(parents=True)
     topics_for(s)
@@ -355,7 +367,7 @@ def phase_passthrough(work: Path, bootstrap: str, kafka_pid: int, wl: Workload, 
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         meter = CpuMeter({"faust app": group_members(proc.pid), "broker": group_members(kafka_pid),
-                          "bench poller": [os.getpid()]})
+                          "bench": [os.getpid()]})
         secs = wait_count(bootstrap, s.topic_recommendations, s.partitions, n, limit_s, meter.sample)
         out = read_all(bootstrap, s.topic_recommendations, n)
     finally:
@@ -368,90 +380,102 @@ def phase_passthrough(work: Path, bootstrap: str, kafka_pid: int, wl: Workload, 
     return {"events": len(out), "events_per_s": round(rate, 1), "wall_s": round(secs, 1), "cpu_ms_per_event": cpu}
 
 
-def phase_pipeline(work: Path, kafka: EmbeddedKafka, wl: Workload, *, memory: bool, max_len: int,
-                   history_len: int, n: int, limit_s: float, loads: list[float], load_s: float,
-                   profile: bool) -> dict:
-    bootstrap = kafka.bootstrap_servers
+def phase_pipeline(work: Path, wl: Workload, *, memory: bool, max_len: int, history_len: int, n: int,
+                   limit_s: float, loads: list[float], load_s: float, profile: bool) -> dict:
+    """The drain, then each load level, each on a fresh broker with freshly seeded state (see
+    ``fresh_broker``), all against one Triton."""
     repo, (ck, manifest) = model_repository(work, wl, memory=memory, max_len=max_len)
     name = "persrec" if memory else f"full{max_len}"
     models = ["recommend", "compress"] if memory else ["recommend"]
     # a batch holds at most ~51,200 items, so long histories do not blow up attention memory
     max_batch = max(8, min(256, 51_200 // manifest.window_len))
+    row: dict = {"history": history_len, "max_batch": max_batch, "window_len": manifest.window_len}
     with EmbeddedTriton(repo, models, work / f"triton-{name}") as triton:
-        s = make_settings(work, bootstrap, triton, repo, name, max_batch=max_batch)
-        topics_for(s)
-        seed_state(s, wl, history_len, ck, manifest)
-        produce(bootstrap, s.topic_interactions, wl.events[:n])
-        worker = WorkerProcess(s, work / f"{s.app_id}.log", name)
-        row: dict = {"history": history_len, "max_batch": max_batch, "window_len": manifest.window_len}
-        try:
+        stubs = {m: model_stub(triton.pid, m) for m in models}
+
+        def pipeline(kafka: EmbeddedKafka, label: str, backlog: list[dict]):
+            s = make_settings(work, kafka.bootstrap_servers, triton, repo, f"{name}-{label}", max_batch=max_batch)
+            topics_for(s)
+            seed_state(s, wl, history_len, ck, manifest)
+            produce(kafka.bootstrap_servers, s.topic_interactions, backlog)
+            worker = WorkerProcess(s, work / f"{s.app_id}.log", name)
             worker.start()
-            samples = []
-            stubs = {m: model_stub(triton.pid, m) for m in models}
             meter = CpuMeter({"worker": group_members(worker.pid), "triton server": [triton.pid],
                               **{f"triton {m} model": [pid] for m, pid in stubs.items()},
-                              "broker": group_members(kafka.pid), "bench poller": [os.getpid()]})
+                              "broker": group_members(kafka.pid), "bench": [os.getpid()]})
+            return s, worker, meter
 
-            def sample(count: int) -> None:
-                meter.sample(count)
-                st = worker.status()
-                samples.append((time.monotonic(), st.get("folds", 0), st.get("fold_backlog", 0)))
+        with fresh_broker(work, f"{name}-drain") as kafka:
+            bootstrap = kafka.bootstrap_servers
+            s, worker, meter = pipeline(kafka, "drain", wl.events[:n])
+            try:
+                samples = []
 
-            prof = stub = None
-            if profile:
-                prof = Profiler(worker.pid, min(limit_s, 20), work / f"profile-{name}.txt")
-                stub = Profiler(stubs["recommend"], min(limit_s, 12),
-                                work / f"profile-{name}-triton.txt")
-            secs = wait_count(bootstrap, s.topic_recommendations, s.partitions, n, limit_s, sample)
-            out = read_all(bootstrap, s.topic_recommendations, n, timeout=120)
-            rate = drain_rate(out)
-            row |= {"events": len(out), "events_per_s": round(rate, 1), "wall_s": round(secs, 1),
-                    "cpu_ms_per_event": meter.per_event_ms(n)}
-            read = np.array([json.loads(r.value)["window"] for r in out])
-            if len(read):  # items the model read beside the memory (folds lagging make it longer)
-                row["window_read"] = {"p50": float(np.percentile(read, 50)), "p99": float(np.percentile(read, 99)),
-                                      "max": int(read.max())}
-            if prof is not None:
-                row["profile_own_pct"] = prof.summary()
-                row["profile_triton_recommend_own_pct"] = stub.summary()
-            if memory and len(samples) > 2:
-                t, f, b = map(np.array, zip(*samples))
-                row["folds_per_s"] = round(float((f[-1] - f[0]) / max(t[-1] - t[0], 1e-9)), 1)
-                row["fold_backlog_max"] = int(b.max())
-            st = worker.status()
-            row["status"] = {k: st.get(k) for k in ("batches", "seconds_model", "seconds_publish", "folds")}
-            log.info("%s: %d/%d events, %.0f ev/s, CPU ms/event %s", name, len(out), n, rate, row["cpu_ms_per_event"])
-            # Latency at fixed fractions of the measured maximum, continuing the same stream.
-            extra = wl.events[n:] + wl.events[:n]
-            offset, lat_rows = 0, []
-            for frac in loads:
-                target = rate * frac
-                count = int(target * load_s)
-                evs = [dict(e, event_id=f"l{frac}-{k}") for k, e in enumerate((extra * 3)[offset:offset + count])]
-                offset += count
-                before = end_offsets(bootstrap, s.topic_interactions, s.partitions)
-                prof = (Profiler(worker.pid, min(load_s, 20), work / f"profile-{name}-{frac}.txt")
-                        if profile and frac == 0.5 else None)
-                produce(bootstrap, s.topic_interactions, evs, rate=target)
-                total = before + count
-                wait_count(bootstrap, s.topic_recommendations, s.partitions, total, 120)
-                tag = f"l{frac}-"
-                outs = [r for r in read_all(bootstrap, s.topic_recommendations, total, timeout=120)
-                        if json.loads(r.value)["event_id"].startswith(tag)]
-                ins = read_all(bootstrap, s.topic_interactions, total, timeout=120)
-                lat = latency_ms(ins, outs)
-                np.save(work / f"latency-{name}-{frac}.npy", lat)
-                q = quantiles(lat[:, 1])
-                lat_rows.append({"load": frac, "rate": round(target, 1), **q})
+                def sample(count: int) -> None:
+                    meter.sample(count)
+                    st = worker.status()
+                    samples.append((time.monotonic(), st.get("folds", 0), st.get("fold_backlog", 0)))
+
+                prof = stub = None
+                if profile:
+                    prof = Profiler(worker.pid, min(limit_s, 20), work / f"profile-{name}.txt")
+                    stub = Profiler(stubs["recommend"], min(limit_s, 12), work / f"profile-{name}-triton.txt")
+                secs = wait_count(bootstrap, s.topic_recommendations, s.partitions, n, limit_s, sample)
+                out = read_all(bootstrap, s.topic_recommendations, n, timeout=120)
+                rate = drain_rate(out)
+                row |= {"events": len(out), "events_per_s": round(rate, 1), "wall_s": round(secs, 1),
+                        "cpu_ms_per_event": meter.per_event_ms(n)}
+                read = np.array([json.loads(r.value)["window"] for r in out])
+                if len(read):  # items the model read beside the memory (folds lagging make it longer)
+                    row["window_read"] = {"p50": float(np.percentile(read, 50)), "p99": float(np.percentile(read, 99)),
+                                          "max": int(read.max())}
                 if prof is not None:
-                    lat_rows[-1]["profile_own_pct"] = prof.summary()
-                log.info("%s at %.0f%% (%.0f ev/s): %s", name, 100 * frac, target, q)
-            if lat_rows:
-                row["latency"] = lat_rows
-            row["rss_mb"] = {"worker": rss_mb(worker.pid), "triton": rss_mb(triton.pid)}
-        finally:
-            worker.stop()
-        row["state"] = state_bytes(s, manifest)
+                    row["profile_own_pct"] = prof.summary()
+                    row["profile_triton_recommend_own_pct"] = stub.summary()
+                if memory and len(samples) > 2:
+                    t, f, b = map(np.array, zip(*samples))
+                    row["folds_per_s"] = round(float((f[-1] - f[0]) / max(t[-1] - t[0], 1e-9)), 1)
+                    row["fold_backlog_max"] = int(b.max())
+                st = worker.status()
+                row["status"] = {k: st.get(k) for k in ("batches", "seconds_model", "seconds_publish", "folds")}
+                row["rss_mb"] = {"worker": rss_mb(worker.pid), "triton": rss_mb(triton.pid)}
+                log.info("%s: %d/%d events, %.0f ev/s, CPU ms/event %s", name, len(out), n, rate, row["cpu_ms_per_event"])
+            finally:
+                worker.stop()
+            row["state"] = state_bytes(s, manifest)
+
+        # Latency at fixed fractions of the measured maximum: real events after the drained ones.
+        extra, offset, lat_rows = wl.events[n:] + wl.events[:n], 0, []
+        for frac in loads:
+            target = rate * frac
+            count = int(target * load_s)
+            evs = [dict(e, event_id=f"l{frac}-{k}") for k, e in enumerate((extra * 3)[offset:offset + count])]
+            offset += count
+            with fresh_broker(work, f"{name}-{frac}") as kafka:
+                bootstrap = kafka.bootstrap_servers
+                s, worker, meter = pipeline(kafka, f"l{frac}", [])
+                try:
+                    prof = (Profiler(worker.pid, min(load_s, 20), work / f"profile-{name}-{frac}.txt")
+                            if profile and frac == 0.5 else None)
+                    meter.sample(0)  # "bench" now includes the paced producer
+                    produce(bootstrap, s.topic_interactions, evs, rate=target)
+                    wait_count(bootstrap, s.topic_recommendations, s.partitions, count, 120)
+                    meter.sample(count)
+                    outs = read_all(bootstrap, s.topic_recommendations, count, timeout=120)
+                    ins = read_all(bootstrap, s.topic_interactions, count, timeout=120)
+                finally:
+                    worker.stop()
+            lat = latency_ms(ins, outs)
+            np.save(work / f"latency-{name}-{frac}.npy", lat)
+            q = quantiles(lat[:, 1])
+            lat_rows.append({"load": frac, "rate": round(target, 1), **q,
+                             "cpu_ms_per_event": meter.per_event_ms(count, 0.0, 1.0)})
+            if prof is not None:
+                lat_rows[-1]["profile_own_pct"] = prof.summary()
+            log.info("%s at %.0f%% (%.0f ev/s): %s; CPU ms/event %s", name, 100 * frac, target, q,
+                     lat_rows[-1]["cpu_ms_per_event"])
+        if lat_rows:
+            row["latency"] = lat_rows
     return row
 
 
@@ -571,18 +595,16 @@ def main() -> None:
     out_json = args.out / "stream_bench.json"
     if out_json.is_file():  # phases not rerun keep their previous figures
         res = json.loads(out_json.read_text()) | {k: v for k, v in res.items()}
-    with EmbeddedKafka(work / "kafka") as kafka:
-        if "passthrough" in phases:
-            res["passthrough"] = phase_passthrough(work, kafka.bootstrap_servers, kafka.pid, wl, args.events, args.limit_s)
-        if "persrec" in phases:
-            res["persrec"] = phase_pipeline(work, kafka, wl, memory=True, max_len=200, history_len=args.history,
-                                            n=args.events, limit_s=args.limit_s, loads=[0.25, 0.5, 0.9],
-                                            load_s=args.load_s, profile=args.profile)
-        if "full" in phases:
-            for L in lengths:
-                res[f"full{L}"] = phase_pipeline(work, kafka, wl, memory=False, max_len=L, history_len=L,
-                                                 n=args.events, limit_s=args.limit_s, loads=[], load_s=0,
-                                                 profile=False)
+    if "passthrough" in phases:
+        res["passthrough"] = phase_passthrough(work, wl, args.events, args.limit_s)
+    if "persrec" in phases:
+        res["persrec"] = phase_pipeline(work, wl, memory=True, max_len=200, history_len=args.history,
+                                        n=args.events, limit_s=args.limit_s, loads=[0.25, 0.5, 0.9],
+                                        load_s=args.load_s, profile=args.profile)
+    if "full" in phases:
+        for L in lengths:
+            res[f"full{L}"] = phase_pipeline(work, wl, memory=False, max_len=L, history_len=L, n=args.events,
+                                             limit_s=args.limit_s, loads=[], load_s=0, profile=False)
     args.out.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(res, indent=2) + "\n")
     md = markdown(res)

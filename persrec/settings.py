@@ -40,7 +40,9 @@ class Settings(BaseSettings):
         0.1, gt=0, description="pause between fold passes (a busy user's window grows meanwhile)")
     max_batch: int = Field(256, ge=1, description="events per Triton recommend call")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
-    max_in_flight_batches: int = Field(4, ge=1, description="recommend batches processed at once")
+    max_in_flight_batches: int = Field(
+        2, ge=1, description="recommend batches processed at once: one in Triton while the worker publishes "
+                             "another; more split a user's burst over more batches, each its own model pass")
     storage_dtype: str = Field("float16", pattern="^(float16|float32)$")
     worker_web_port: int = Field(6066, description="Faust's own web server")
 

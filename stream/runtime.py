@@ -187,7 +187,10 @@ class Runtime:
     # ---------------------------------------------------------------------- recommending
     def known(self, items: list[str], ts: list[int]) -> tuple[list[int], list[int]]:
         """Model ids and times of the items the model knows (unknown items are skipped)."""
-        pairs = [(self._index[i], t) for i, t in zip(items, ts) if i in self._index]
+        ids = [self._index.get(i, 0) for i in items]
+        if 0 not in ids:  # the usual case: one pass, times as they are
+            return ids, list(ts)
+        pairs = [(d, t) for d, t in zip(ids, ts) if d]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
     def model_inputs(self, w: win.Window, watermark: int) -> tuple[list[int], list[int]]:
@@ -230,11 +233,14 @@ class Runtime:
         now = time.time()
         messages, row_of = [], {i: row for row, i in enumerate(live)}
         threshold = self.manifest.recent_len + self.cfg.fold_every
+        if live:  # the whole batch at once: per-row decoding was a tenth of the worker's time
+            k = top_ids.shape[1]
+            names, values = self.id_map.decode(top_ids), top_scores.ravel().tolist()
         for i, (r, m) in enumerate(zip(reqs, used)):
             if i in row_of:
-                row = row_of[i]
-                recs = [{"item_id": item, "score": round(float(s), 6)}
-                        for item, s in zip(self.id_map.decode(top_ids[row].tolist()), top_scores[row])]
+                at = row_of[i] * k
+                recs = [{"item_id": item, "score": round(s, 6)}
+                        for item, s in zip(names[at:at + k], values[at:at + k])]
             else:
                 recs = []
                 self.counters.cold_start += 1
