@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import logging
 import os
@@ -68,6 +69,7 @@ log = logging.getLogger("stream_bench")
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_LENGTHS = "200,1000,2000"
+WARM_S = 3.0  # seconds of traffic at a load level's rate before its latencies count
 
 
 # ----------------------------------------------------------------------------- workload
@@ -109,14 +111,17 @@ def model_repository(work: Path, wl: Workload, *, memory: bool, max_len: int) ->
 
 # ------------------------------------------------------------------------------ helpers
 def produce(bootstrap: str, topic: str, events: list[dict], rate: float | None = None) -> float:
-    """Publish events keyed by user id (at ``rate``/s, or as fast as possible); returns seconds."""
+    """Publish events keyed by user id (at ``rate``/s, or as fast as possible); returns seconds.
+    Paced events leave on 1 ms ticks (the ones due by then), so the load generator, which shares
+    the cores with the pipeline, does not sleep once per event."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, batch_size=256_000)
+    messages = [(e["user_id"].encode(), json.dumps(e).encode()) for e in events]
     start = time.monotonic()
-    for k, e in enumerate(events):
-        producer.send(topic, key=e["user_id"].encode(), value=json.dumps(e).encode())
+    for k, (key, value) in enumerate(messages):
+        producer.send(topic, key=key, value=value)
         if rate:
             ahead = (k + 1) / rate - (time.monotonic() - start)
-            if ahead > 0:
+            if ahead > 0.001:
                 time.sleep(ahead)
     producer.flush()
     producer.close()
@@ -444,25 +449,30 @@ def phase_pipeline(work: Path, wl: Workload, *, memory: bool, max_len: int, hist
                 worker.stop()
             row["state"] = state_bytes(s, manifest)
 
-        # Latency at fixed fractions of the measured maximum: real events after the drained ones.
-        extra, offset, lat_rows = wl.events[n:] + wl.events[:n], 0, []
+        # Latency at fixed fractions of the measured maximum: real events after the drained ones,
+        # after WARM_S of the same rate (a fresh worker's first batches load every memory).
+        extra, offset, lat_rows = (wl.events[n:] + wl.events[:n]) * 3, 0, []
         for frac in loads:
             target = rate * frac
-            count = int(target * load_s)
-            evs = [dict(e, event_id=f"l{frac}-{k}") for k, e in enumerate((extra * 3)[offset:offset + count])]
-            offset += count
+            warm, count = int(target * WARM_S), int(target * load_s)
+            chunk = extra[offset:offset + warm + count]
+            offset += warm + count
+            evs = [dict(e, event_id=f"{'w' if k < warm else 'l'}{frac}-{k}") for k, e in enumerate(chunk)]
             with fresh_broker(work, f"{name}-{frac}") as kafka:
                 bootstrap = kafka.bootstrap_servers
                 s, worker, meter = pipeline(kafka, f"l{frac}", [])
                 try:
+                    produce(bootstrap, s.topic_interactions, evs[:warm], rate=target)
+                    wait_count(bootstrap, s.topic_recommendations, s.partitions, warm, 60)
                     prof = (Profiler(worker.pid, min(load_s, 20), work / f"profile-{name}-{frac}.txt")
                             if profile and frac == 0.5 else None)
                     meter.sample(0)  # "bench" now includes the paced producer
-                    produce(bootstrap, s.topic_interactions, evs, rate=target)
-                    wait_count(bootstrap, s.topic_recommendations, s.partitions, count, 120)
+                    produce(bootstrap, s.topic_interactions, evs[warm:], rate=target)
+                    wait_count(bootstrap, s.topic_recommendations, s.partitions, warm + count, 120)
                     meter.sample(count)
-                    outs = read_all(bootstrap, s.topic_recommendations, count, timeout=120)
-                    ins = read_all(bootstrap, s.topic_interactions, count, timeout=120)
+                    outs = [r for r in read_all(bootstrap, s.topic_recommendations, warm + count, timeout=120)
+                            if json.loads(r.value)["event_id"].startswith(f"l{frac}-")]
+                    ins = read_all(bootstrap, s.topic_interactions, warm + count, timeout=120)
                 finally:
                     worker.stop()
             lat = latency_ms(ins, outs)
@@ -560,6 +570,8 @@ def passthrough_worker() -> None:
         async for event in stream.events():
             await dst.send(key=event.key, value=event.value)
 
+    gc.collect()  # as stream.worker.run_worker does
+    gc.freeze()
     faust.Worker(app, loglevel="warning").execute_from_commandline()
 
 

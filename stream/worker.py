@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import faust
@@ -59,5 +60,11 @@ def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.Ap
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     app, _ = build_worker(settings)
+    # What exists by now (torch, Faust, the id map...) lives as long as the process: keep it out
+    # of the collector's full passes, which took 170-325 ms each in a benchmarked worker
+    # (gc.callbacks timing; benchmarks/stream_bench.py) and were the worst p99 stalls. Before
+    # the event loop starts: a full collection in it would stall the consumer's first fetches.
+    gc.collect()
+    gc.freeze()
     worker = faust.Worker(app, loglevel=loglevel)
     worker.execute_from_commandline()
