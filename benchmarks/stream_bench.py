@@ -426,7 +426,15 @@ def phase_pipeline(work: Path, wl: Workload, *, memory: bool, max_len: int, hist
                     prof = Profiler(worker.pid, min(limit_s, 20), work / f"profile-{name}.txt")
                     stub = Profiler(stubs["recommend"], min(limit_s, 12), work / f"profile-{name}-triton.txt")
                 secs = wait_count(bootstrap, s.topic_recommendations, s.partitions, n, limit_s, sample)
-                out = read_all(bootstrap, s.topic_recommendations, n, timeout=120)
+                st = worker.status()
+                row["status"] = {k: st.get(k) for k in ("batches", "seconds_model", "seconds_publish", "folds")}
+                row["rss_mb"] = {"worker": rss_mb(worker.pid), "triton": rss_mb(triton.pid)}
+                # Stopped before its output is read back: a long-history pipeline is still draining
+                # after limit_s, and the reader would take a core from it (the rate counts the
+                # output times of what was answered).
+                worker.stop()
+                answered = end_offsets(bootstrap, s.topic_recommendations, s.partitions)
+                out = read_all(bootstrap, s.topic_recommendations, min(n, answered), timeout=120)
                 rate = drain_rate(out)
                 row |= {"events": len(out), "events_per_s": round(rate, 1), "wall_s": round(secs, 1),
                         "cpu_ms_per_event": meter.per_event_ms(n)}
@@ -441,9 +449,6 @@ def phase_pipeline(work: Path, wl: Workload, *, memory: bool, max_len: int, hist
                     t, f, b = map(np.array, zip(*samples))
                     row["folds_per_s"] = round(float((f[-1] - f[0]) / max(t[-1] - t[0], 1e-9)), 1)
                     row["fold_backlog_max"] = int(b.max())
-                st = worker.status()
-                row["status"] = {k: st.get(k) for k in ("batches", "seconds_model", "seconds_publish", "folds")}
-                row["rss_mb"] = {"worker": rss_mb(worker.pid), "triton": rss_mb(triton.pid)}
                 log.info("%s: %d/%d events, %.0f ev/s, CPU ms/event %s", name, len(out), n, rate, row["cpu_ms_per_event"])
             finally:
                 worker.stop()
@@ -508,9 +513,23 @@ def markdown(res: dict) -> str:
             continue
         lines.append(f"| full-history HSTU, L={L:,} | {f['events_per_s']:,.1f} | {f['events_per_s'] / p['events_per_s']:.3f} | "
                      f"PerSRec {m['events_per_s'] / f['events_per_s']:.1f}x | {f['state']['total_bytes']:,.0f} |")
-    lines += ["", "| PerSRec load | events/s | p50 ms | p95 ms | p99 ms | events |", "|---|---|---|---|---|---|"]
+    lines += ["", "| PerSRec load | events/s | p50 ms | p95 ms | p99 ms | events | CPU ms/event | cores busy |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in m.get("latency", []):
-        lines.append(f"| {100 * r['load']:.0f}% | {r['rate']:,.0f} | {r.get('p50_ms')} | {r.get('p95_ms')} | {r.get('p99_ms')} | {r.get('n')} |")
+        cpu = r.get("cpu_ms_per_event") or {}
+        lines.append(f"| {100 * r['load']:.0f}% | {r['rate']:,.0f} | {r.get('p50_ms')} | {r.get('p95_ms')} | {r.get('p99_ms')} | "
+                     f"{r.get('n')} | {cpu.get('all')} | {cpu.get('cores_busy')} |")
+    lines += ["", "CPU milliseconds per event by process (drains between the 10% and 90% marks; load levels "
+              "over the level, the paced producer in `bench`):", ""]
+    rows = [("pass-through drain", p), ("PerSRec drain", m)]
+    rows += [(f"PerSRec {100 * r['load']:.0f}% load", r) for r in m.get("latency", [])]
+    rows += [(f"full history L={L:,} drain", res[f"full{L}"]) for L in res["lengths"] if f"full{L}" in res]
+    procs = list(dict.fromkeys(k for _, r in rows for k in (r.get("cpu_ms_per_event") or {})
+                               if k not in ("all", "cores_busy"))) + ["all", "cores_busy"]
+    lines += ["| run | " + " | ".join(procs) + " |", "|---" * (len(procs) + 1) + "|"]
+    for label, r in rows:
+        cpu = r.get("cpu_ms_per_event") or {}
+        lines.append(f"| {label} | " + " | ".join(str(cpu.get(k, "")) for k in procs) + " |")
     lines += ["", f"Folds: {m.get('folds_per_s')} memories/s during the drain, backlog at most {m.get('fold_backlog_max')} users."]
     read = m.get("window_read")
     if read:
@@ -577,7 +596,8 @@ def passthrough_worker() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", nargs="?", default="run", choices=["run", "passthrough-worker"])
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "report", "passthrough-worker"],
+                    help="report: write the table and plot again from the results JSON")
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     ap.add_argument("--events", type=int, default=30_000, help="backlog drained per throughput phase")
     ap.add_argument("--limit-s", type=float, default=60.0, help="longest drain per phase")
@@ -591,6 +611,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.mode == "passthrough-worker":
         return passthrough_worker()
+    if args.mode == "report":
+        return report(json.loads((args.out / "stream_bench.json").read_text()), args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     if args.quick:
@@ -619,10 +641,14 @@ def main() -> None:
                                              limit_s=args.limit_s, loads=[], load_s=0, profile=False)
     args.out.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(res, indent=2) + "\n")
+    report(res, args.out)
+
+
+def report(res: dict, out: Path) -> None:
     md = markdown(res)
-    (args.out / "stream_bench.md").write_text(md)
+    (out / "stream_bench.md").write_text(md)
     if "passthrough" in res and "persrec" in res:
-        plot(res, args.out / "stream_bench.png")
+        plot(res, out / "stream_bench.png")
     print(md)
 
 
