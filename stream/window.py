@@ -30,8 +30,8 @@ FORMAT = 1  # first element of an encoded window
 
 
 def id_digest(event_id: str) -> int:
-    """64-bit digest of an event id: two different ids of one user's last 64 events collide with
-    probability ~2^-58, i.e. never in practice."""
+    """64-bit digest of an event id. A new id matches one of the 64 digests a window keeps with
+    probability 64 / 2^64 = 2^-58 per event (an event wrongly taken for a replay): never in practice."""
     return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
 
 
