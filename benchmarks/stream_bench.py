@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gc
 import json
 import logging
 import os
@@ -62,6 +61,7 @@ from persrec.serving.export import export_repository
 from persrec.serving.inference import ModelRunner
 from persrec.settings import Settings
 from persrec.stream.window import Window
+from persrec.testing.pipeline import whole_topic
 from persrec.stream.window import encode as encode_window
 from persrec.stack import WorkerProcess, get_json, settings_env
 
@@ -134,18 +134,6 @@ def end_offsets(bootstrap: str, topic: str, partitions: int) -> int:
         return sum(c.end_offsets([TopicPartition(topic, p) for p in range(partitions)]).values())
     finally:
         c.close()
-
-
-def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> list:
-    c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                      enable_auto_commit=False, consumer_timeout_ms=1000, max_partition_fetch_bytes=8 << 20)
-    out, deadline = [], time.monotonic() + timeout
-    try:
-        while len(out) < expected and time.monotonic() < deadline:
-            out.extend(c)
-    finally:
-        c.close()
-    return out
 
 
 def wait_count(bootstrap: str, topic: str, partitions: int, target: int, limit_s: float,
@@ -374,7 +362,7 @@ def _passthrough(work: Path, bootstrap: str, kafka_pid: int, wl: Workload, n: in
         meter = CpuMeter({"faust app": group_members(proc.pid), "broker": group_members(kafka_pid),
                           "bench": [os.getpid()]})
         secs = wait_count(bootstrap, s.topic_recommendations, s.partitions, n, limit_s, meter.sample)
-        out = read_all(bootstrap, s.topic_recommendations, n)
+        out = whole_topic(bootstrap, s.topic_recommendations)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -433,8 +421,7 @@ def phase_pipeline(work: Path, wl: Workload, *, memory: bool, max_len: int, hist
                 # after limit_s, and the reader would take a core from it (the rate counts the
                 # output times of what was answered).
                 worker.stop()
-                answered = end_offsets(bootstrap, s.topic_recommendations, s.partitions)
-                out = read_all(bootstrap, s.topic_recommendations, min(n, answered), timeout=120)
+                out = whole_topic(bootstrap, s.topic_recommendations)
                 rate = drain_rate(out)
                 row |= {"events": len(out), "events_per_s": round(rate, 1), "wall_s": round(secs, 1),
                         "cpu_ms_per_event": meter.per_event_ms(n)}
@@ -475,9 +462,9 @@ def phase_pipeline(work: Path, wl: Workload, *, memory: bool, max_len: int, hist
                     produce(bootstrap, s.topic_interactions, evs[warm:], rate=target)
                     wait_count(bootstrap, s.topic_recommendations, s.partitions, warm + count, 120)
                     meter.sample(count)
-                    outs = [r for r in read_all(bootstrap, s.topic_recommendations, warm + count, timeout=120)
+                    outs = [r for r in whole_topic(bootstrap, s.topic_recommendations)
                             if json.loads(r.value)["event_id"].startswith(f"l{frac}-")]
-                    ins = read_all(bootstrap, s.topic_interactions, warm + count, timeout=120)
+                    ins = whole_topic(bootstrap, s.topic_interactions)
                 finally:
                     worker.stop()
             lat = latency_ms(ins, outs)
@@ -577,6 +564,7 @@ def passthrough_worker() -> None:
 
     from persrec.stream.app import create_app
     from persrec.stream.kafka_compat import install_idle_fetch_backoff
+    from persrec.stream.worker import freeze_startup_objects
 
     s = Settings()
     install_idle_fetch_backoff(s.kafka_idle_fetch_backoff_ms / 1000)
@@ -589,8 +577,7 @@ def passthrough_worker() -> None:
         async for event in stream.events():
             await dst.send(key=event.key, value=event.value)
 
-    gc.collect()  # as stream.worker.run_worker does
-    gc.freeze()
+    freeze_startup_objects()  # as stream.worker.run_worker does
     faust.Worker(app, loglevel="warning").execute_from_commandline()
 
 

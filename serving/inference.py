@@ -7,6 +7,7 @@ bool, items/timestamps ``[B, W]`` int64 right-padded, ``lengths [B]`` int64.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -166,4 +167,8 @@ def runner_from_triton_args(args: dict) -> tuple[ModelRunner, dict[str, str]]:
     runner = ModelRunner(path, device, cpu_threads=int(params.get("cpu_threads", "1")))
     if runner.model_version != params["model_version"]:
         raise RuntimeError(f"checkpoint {runner.model_version} != config {params['model_version']}")
+    # The model and torch stay for the life of the stub process: keep them out of the collector's
+    # full passes (170-325 ms each over a process like this; see stream.worker).
+    gc.collect()
+    gc.freeze()
     return runner, params

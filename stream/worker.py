@@ -58,13 +58,18 @@ def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.Ap
     return app, state
 
 
-def run_worker(settings: Settings, loglevel: str = "info") -> None:
-    app, _ = build_worker(settings)
-    # What exists by now (torch, Faust, the id map...) lives as long as the process: keep it out
-    # of the collector's full passes, which took 170-325 ms each in a benchmarked worker
-    # (gc.callbacks timing; benchmarks/stream_bench.py) and were the worst p99 stalls. Before
-    # the event loop starts: a full collection in it would stall the consumer's first fetches.
+def freeze_startup_objects() -> None:
+    """Call once everything a worker imports and builds at startup exists (torch, Faust, the id
+    map...), before the event loop starts: it lives as long as the process, so keep it out of the
+    collector's full passes, which took 170-325 ms each in a benchmarked worker (gc.callbacks
+    timing; benchmarks/stream_bench.py) and were the worst p99 stalls. Not inside the loop: a
+    full collection there stalls the consumer's first fetches."""
     gc.collect()
     gc.freeze()
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    app, _ = build_worker(settings)
+    freeze_startup_objects()
     worker = faust.Worker(app, loglevel=loglevel)
     worker.execute_from_commandline()

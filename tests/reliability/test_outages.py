@@ -51,7 +51,7 @@ from persrec.embedded.triton import EmbeddedTriton
 from persrec.replay import events_in_time_order
 from persrec.settings import Settings
 from persrec.stack import WorkerProcess, get_json, settings_env, wait_for
-from persrec.testing.pipeline import check_user_states, consume, events_by_user, publish
+from persrec.testing.pipeline import check_user_states, events_by_user, publish, whole_topic
 
 pytestmark = [pytest.mark.reliability, pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
 
@@ -197,7 +197,7 @@ def where_lost(settings: Settings, worker: WorkerProcess, lost: set[str]) -> dic
     skipped one."""
     boot, topic = settings.kafka_bootstrap, settings.topic_interactions
     found = {m.value and json.loads(m.value).get("event_id"): (m.partition, m.offset)
-             for m in consume(boot, topic, expected=sum(end_offsets(boot, topic, settings.partitions)), timeout=60)}
+             for m in whole_topic(boot, topic, timeout=60)}
     consumer = KafkaConsumer(bootstrap_servers=boot, group_id=settings.app_id, enable_auto_commit=False)
     try:
         committed = [consumer.committed(TopicPartition(topic, p)) for p in range(settings.partitions)]

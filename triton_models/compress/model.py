@@ -4,8 +4,6 @@ Inputs (per row): MEMORY fp32 [L,2,M,H,Dh], HAS_MEMORY bool [1] (False: compress
 alone), ITEMS int64 [S], TIMESTAMPS int64 [S], LENGTHS int64 [1]. Output: NEW_MEMORY fp32.
 """
 
-import gc
-
 import triton_python_backend_utils as pb_utils
 
 from persrec.serving.inference import runner_from_triton_args
@@ -15,8 +13,6 @@ from persrec.serving.triton_batch import concat_rows, split_rows
 class TritonPythonModel:
     def initialize(self, args):
         self.runner, params = runner_from_triton_args(args)
-        gc.collect()  # the model and torch stay for good: no full collection passes over them
-        gc.freeze()
 
     def execute(self, requests):
         names = ["MEMORY", "HAS_MEMORY", "ITEMS", "TIMESTAMPS", "LENGTHS"]

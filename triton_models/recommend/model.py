@@ -5,8 +5,6 @@ TIMESTAMPS int64 [W], LENGTHS int64 [1]. Outputs: TOP_IDS int64 [k], TOP_SCORES 
 Requests that Triton's dynamic batcher hands over together run as one batch.
 """
 
-import gc
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -17,8 +15,6 @@ from persrec.serving.triton_batch import concat_rows, split_rows
 class TritonPythonModel:
     def initialize(self, args):
         self.runner, params = runner_from_triton_args(args)
-        gc.collect()  # the model and torch stay for good: no full collection passes over them
-        gc.freeze()
         self.top_k = int(params["top_k"])
         self.exclude_seen = params.get("exclude_seen", "true") == "true"
         self.has_memory = self.runner.cfg.has_memory
