@@ -77,8 +77,13 @@ def run_demo(settings: Settings, data: Path, checkpoint: Path, *, rate: float, d
         first_rec = None
         try:
             with Live(console=console, refresh_per_second=2) as live:
-                while duration is None or time.monotonic() - started < duration:
-                    for m in consumer:
+                def running() -> bool:
+                    return duration is None or time.monotonic() - started < duration
+
+                while running():
+                    for m in consumer:  # ends after 200 ms without a message, or when time is up
+                        if not running():
+                            break
                         rec = json.loads(m.value)
                         if first_rec is None:
                             first_rec = time.monotonic() - started

@@ -51,12 +51,15 @@ class Topics:
 class EventlessMonitor(Monitor):
     """Faust's Monitor without its per-event bookkeeping (times and counts of every message and
     stream event, for Faust's own web views, which nothing here reads: the status API keeps
-    its own counters). Commits, rebalances and sends are still recorded."""
+    its own counters). Commits, rebalances and sends are still recorded, and so is the time
+    each partition last reached the stream: Faust's consumer reads it to tell a stalled stream
+    from a working one (without it, it logs "Stream has not started processing" every minute)."""
 
     def on_message_in(self, tp, offset, message) -> None:
         pass
 
     def on_stream_event_in(self, tp, offset, stream, event) -> None:
+        self.stream_inbound_time[tp] = time.monotonic()
         return None
 
     def on_stream_event_out(self, tp, offset, stream, event, state=None) -> None:
