@@ -592,6 +592,8 @@ def main() -> None:
     ap.add_argument("--lengths", default=DEFAULT_LENGTHS, help="history lengths of the full-history phase")
     ap.add_argument("--history", type=int, default=2000, help="prior events per user for PerSRec")
     ap.add_argument("--phases", default="passthrough,persrec,full")
+    ap.add_argument("--loads", default="0.25,0.5,0.9",
+                    help="fractions of the PerSRec drain rate to measure latency at ('' = drain only)")
     ap.add_argument("--profile", action="store_true", help="py-spy the PerSRec worker while it drains and at 50%% load, and Triton's recommend model while it drains")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--work-dir", type=Path, default=None)
@@ -620,7 +622,7 @@ def main() -> None:
         res["passthrough"] = phase_passthrough(work, wl, args.events, args.limit_s)
     if "persrec" in phases:
         res["persrec"] = phase_pipeline(work, wl, memory=True, max_len=200, history_len=args.history,
-                                        n=args.events, limit_s=args.limit_s, loads=[0.25, 0.5, 0.9],
+                                        n=args.events, limit_s=args.limit_s, loads=[float(x) for x in args.loads.split(",") if x],
                                         load_s=args.load_s, profile=args.profile)
     if "full" in phases:
         for L in lengths:

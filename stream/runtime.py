@@ -194,7 +194,8 @@ class Runtime:
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
     def model_inputs(self, w: win.Window, watermark: int) -> tuple[list[int], list[int]]:
-        """Known items after the watermark, at most the model's max_len (the latest ones).
+        """Known items after the watermark, at most the model's max_len (the latest ones, from
+        an aligned start: ``window.read_start``).
 
         The window after the watermark outgrows max_len only when folds lag behind (e.g. a
         backlog holding hundreds of one user's events, each pinning the watermark while queued).
@@ -205,7 +206,8 @@ class Runtime:
         """
         items, ts = self.known(*win.effective(w, watermark))
         cap = max(self.manifest.window_len, self.manifest.recent_len + self.manifest.history_len)
-        return items[-cap:], ts[-cap:]
+        start = win.read_start(len(items), cap)
+        return items[start:], ts[start:]
 
     async def recommend_batch(self, reqs: list[RecRequest]) -> list[dict]:
         current = await self.memories(list(dict.fromkeys(r.user_id for r in reqs)))

@@ -13,6 +13,7 @@ import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from persrec.stack import get_json
+from persrec.stream.window import read_start
 
 
 def consume(bootstrap: str, topic: str, expected: int, timeout: float, settle: float = 3.0) -> list:
@@ -73,7 +74,8 @@ def offline_top10(checkpoint, id_map, user_events: list[dict], watermark: int, s
     cfg = model.cfg
     known = lambda evs: [int(id_map.encode([e["item_id"]])[0]) for e in evs if e["item_id"] in id_map]  # noqa: E731
     history = known(user_events[:watermark])[-(cfg.max_len - cfg.recent_len):]
-    recent = known(user_events[watermark:seq])[-cfg.max_len:]  # the worker's cap (Runtime.model_inputs)
+    recent = known(user_events[watermark:seq])
+    recent = recent[read_start(len(recent), cfg.max_len):]  # the worker's cap (Runtime.model_inputs)
     with torch.no_grad():
         h = torch.tensor([history or [0]], dtype=torch.long)
         memory = model.compress(h, torch.tensor([len(history)]))

@@ -60,14 +60,16 @@ def test_fold_after_the_memory_was_lost_continues_the_window_numbering() -> None
     assert seg == [f"i{i}" for i in range(11, 21)] and wm == 20
 
 
-def _runtime(has_memory: bool):
+def _runtime(has_memory: bool, window_len: int = 5, recent_len: int = 3, history_len: int = 2,
+             items=("a",)):
     from persrec.models.data import IdMap
     from persrec.serving.export import Manifest
     from persrec.stream.runtime import CachedMemory, Runtime, StreamConfig
 
-    manifest = Manifest("v", 1, window_len=5, recent_len=3, top_k=10, memory_shape=(1, 2, 2, 1, 4),
-                        has_memory=has_memory, policy="recompress", history_len=2)
-    rt = Runtime(None, None, IdMap(["a"]), manifest, StreamConfig(), read_window=None)
+    manifest = Manifest("v", 1, window_len=window_len, recent_len=recent_len, top_k=10,
+                        memory_shape=(1, 2, 2, 1, 4), has_memory=has_memory, policy="recompress",
+                        history_len=history_len)
+    rt = Runtime(None, None, IdMap(list(items)), manifest, StreamConfig(), read_window=None)
     return rt, CachedMemory
 
 
@@ -142,3 +144,36 @@ def test_request_behind_a_memory_restored_ahead_of_its_window() -> None:
     rt._remember("u", CachedMemory(None, events_folded=20, watermark=20))  # loaded: ahead of seq 12
     used = rt.memory_for(r, rt.cached("u"))
     assert used.watermark == 20 and win.effective(r.window, used.watermark)[0] == []
+
+
+def test_reads_past_the_cap_start_on_a_quarter_of_it() -> None:
+    cap = 200
+    for n in range(1, 700):
+        start = win.read_start(n, cap)
+        if n <= cap:
+            assert start == 0
+        else:
+            assert start % 50 == 0 and cap - 50 < n - start <= cap, n
+    # a burst of 200 events past the cap reads from 4 starts, not 200
+    assert len({win.read_start(n, cap) for n in range(cap + 1, cap + 201)}) == 4
+
+
+def test_an_overflowing_burst_of_one_user_needs_one_model_row_per_start() -> None:
+    """Events of one user queued behind a lagging fold (40 items after the watermark for the
+    last, against a cap of 8): their model inputs are prefixes of one another in groups, so the
+    model runs one row per group, and each event still reads its own latest items."""
+    import numpy as np
+
+    from persrec.serving.inference import shared_prefixes
+
+    rt, _ = _runtime(has_memory=True, window_len=6, recent_len=4, history_len=4,
+                     items=[f"i{k}" for k in range(1, 41)])
+    inputs = [rt.model_inputs(fill(n), 0) for n in range(9, 41)]
+    for n, (ids, _) in zip(range(9, 41), inputs):
+        assert ids[-1] == n and 6 < len(ids) <= 8  # item "ik" has dense id k
+    width = max(len(i) for i, _ in inputs)
+    items, ts = np.zeros((len(inputs), width), np.int64), np.zeros((len(inputs), width), np.int64)
+    for row, (i, t) in enumerate(inputs):
+        items[row, :len(i)], ts[row, :len(t)] = i, t
+    lengths = np.array([len(i) for i, _ in inputs])
+    assert len(np.unique(shared_prefixes(items, lengths, ts))) == 16  # 32 events, 2 per start
