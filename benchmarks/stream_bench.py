@@ -44,6 +44,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import confluent_kafka
 import numpy as np
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -112,19 +113,37 @@ def model_repository(work: Path, wl: Workload, *, memory: bool, max_len: int) ->
 # ------------------------------------------------------------------------------ helpers
 def produce(bootstrap: str, topic: str, events: list[dict], rate: float | None = None) -> float:
     """Publish events keyed by user id (at ``rate``/s, or as fast as possible); returns seconds.
-    Paced events leave on 1 ms ticks (the ones due by then), so the load generator, which shares
-    the cores with the pipeline, does not sleep once per event."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, batch_size=256_000)
+
+    librdkafka (confluent-kafka), not kafka-python: the load generator shares the two cores with
+    the pipeline, and kafka-python's paced producer used 0.11-0.19 CPU ms per event, a fifth of
+    what the whole pipeline used at the 50% level. ``murmur2_random`` is the Java client's (and
+    kafka-python's) partitioner, so each user's events land where ``seed_state`` put the user's
+    window. Paced events leave on 1 ms ticks (the ones due by then), so the generator does not
+    wake once per event."""
+    producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
+                                         "partitioner": "murmur2_random", "log_level": 3})
+    failed: list[str] = []
+
+    def delivered(err, _msg) -> None:
+        if err is not None:
+            failed.append(str(err))
+
     messages = [(e["user_id"].encode(), json.dumps(e).encode()) for e in events]
     start = time.monotonic()
     for k, (key, value) in enumerate(messages):
-        producer.send(topic, key=key, value=value)
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, on_delivery=delivered)
+                break
+            except BufferError:  # librdkafka's queue is full: let it send
+                producer.poll(0.01)
         if rate:
             ahead = (k + 1) / rate - (time.monotonic() - start)
             if ahead > 0.001:
+                producer.poll(0)
                 time.sleep(ahead)
-    producer.flush()
-    producer.close()
+    if producer.flush(60) or failed:
+        raise RuntimeError(f"events not delivered to {topic}: {len(producer)} queued, {failed[:3]}")
     return time.monotonic() - start
 
 
@@ -374,7 +393,8 @@ def _passthrough(work: Path, bootstrap: str, kafka_pid: int, wl: Workload, n: in
 
 
 def phase_pipeline(work: Path, wl: Workload, *, memory: bool, max_len: int, history_len: int, n: int,
-                   limit_s: float, loads: list[float], load_s: float, profile: bool) -> dict:
+                   limit_s: float, loads: list[float], load_s: float, profile: bool,
+                   load_base: float | None = None) -> dict:
     """The drain, then each load level, each on a fresh broker with freshly seeded state (see
     ``fresh_broker``), all against one Triton."""
     repo, (ck, manifest) = model_repository(work, wl, memory=memory, max_len=max_len)
@@ -445,7 +465,7 @@ def phase_pipeline(work: Path, wl: Workload, *, memory: bool, max_len: int, hist
         # after WARM_S of the same rate (a fresh worker's first batches load every memory).
         extra, offset, lat_rows = (wl.events[n:] + wl.events[:n]) * 3, 0, []
         for frac in loads:
-            target = rate * frac
+            target = (load_base or rate) * frac
             warm, count = int(target * WARM_S), int(target * load_s)
             chunk = extra[offset:offset + warm + count]
             offset += warm + count
@@ -592,6 +612,8 @@ def main() -> None:
     ap.add_argument("--lengths", default=DEFAULT_LENGTHS, help="history lengths of the full-history phase")
     ap.add_argument("--history", type=int, default=2000, help="prior events per user for PerSRec")
     ap.add_argument("--phases", default="passthrough,persrec,full")
+    ap.add_argument("--load-base", type=float, default=None,
+                    help="events/s the --loads fractions are of (default: this run's PerSRec drain rate)")
     ap.add_argument("--loads", default="0.25,0.5,0.9",
                     help="fractions of the PerSRec drain rate to measure latency at ('' = drain only)")
     ap.add_argument("--profile", action="store_true", help="py-spy the PerSRec worker while it drains and at 50%% load, and Triton's recommend model while it drains")
@@ -622,7 +644,7 @@ def main() -> None:
         res["passthrough"] = phase_passthrough(work, wl, args.events, args.limit_s)
     if "persrec" in phases:
         res["persrec"] = phase_pipeline(work, wl, memory=True, max_len=200, history_len=args.history,
-                                        n=args.events, limit_s=args.limit_s, loads=[float(x) for x in args.loads.split(",") if x],
+                                        n=args.events, limit_s=args.limit_s, loads=[float(x) for x in args.loads.split(",") if x], load_base=args.load_base,
                                         load_s=args.load_s, profile=args.profile)
     if "full" in phases:
         for L in lengths:
