@@ -39,7 +39,9 @@ class Settings(BaseSettings):
     fold_interval_s: float = Field(
         0.1, gt=0, description="pause between fold passes (a busy user's window grows meanwhile)")
     max_batch: int = Field(256, ge=1, description="events per Triton recommend call")
-    batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
+    batch_wait_ms: float = Field(
+        20.0, ge=0, description="how long a batch waits to fill: longer means fewer, larger model calls "
+                                "(less CPU per event, a shorter tail under load) and a later answer at low load")
     max_in_flight_batches: int = Field(
         2, ge=1, description="recommend batches processed at once: one in Triton while the worker publishes "
                              "another; more split a user's burst over more batches, each its own model pass")
