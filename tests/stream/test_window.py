@@ -177,3 +177,37 @@ def test_an_overflowing_burst_of_one_user_needs_one_model_row_per_start() -> Non
         items[row, :len(i)], ts[row, :len(t)] = i, t
     lengths = np.array([len(i) for i, _ in inputs])
     assert len(np.unique(shared_prefixes(items, lengths, ts))) == 16  # 32 events, 2 per start
+
+
+def test_batch_inputs_equal_each_requests_own_model_inputs() -> None:
+    """``Runtime.batch_inputs`` maps a user's latest snapshot once and slices it for the user's
+    other requests. Whatever the batch holds (unknown items, snapshots trimmed to other
+    watermarks, two memories of one user, a window replaced after an erasure, a memory ahead
+    of its window, overflowing windows), each request gets exactly its own ``model_inputs``."""
+    import random
+
+    from persrec.stream.runtime import RecRequest
+
+    rng = random.Random(7)
+    catalogue = [f"{k}" for k in range(1, 30)]  # single characters among them: shared str objects
+    for trial in range(300):
+        rt, CachedMemory = _runtime(has_memory=True, window_len=6, recent_len=4, history_len=4,
+                                    items=catalogue)
+        reqs, used = [], []
+        for u in range(rng.randint(1, 3)):
+            user = f"u{u}"
+            memories = [CachedMemory(None, watermark=rng.randint(0, 30)) for _ in range(rng.randint(1, 2))]
+            lineages = rng.randint(1, 2)  # 2: the window was erased and rebuilt meanwhile
+            for _ in range(lineages):
+                w = win.Window()
+                for k in range(rng.randint(1, 40)):
+                    item = rng.choice(catalogue + ["unknown", "x"])
+                    w = win.append(w, f"{user}-{k}", item, rng.choice([5, 6, 1000 + k]))
+                    if rng.random() < 0.3:
+                        snapshot = win.trim(w, rng.randint(0, w.seq)) if rng.random() < 0.3 else w
+                        reqs.append(RecRequest(user, snapshot, f"{user}-{k}", 0.0, {}, 0.0))
+                        used.append(rng.choice(memories))
+        got = rt.batch_inputs(reqs, used)
+        for r, m, (ids, ts) in zip(reqs, used, got):
+            want_ids, want_ts = rt.model_inputs(r.window, m.watermark)
+            assert (ids.tolist(), ts.tolist()) == (want_ids, want_ts), trial
