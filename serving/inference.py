@@ -116,30 +116,48 @@ class ModelRunner:
 def shared_prefixes(items: np.ndarray, lengths: np.ndarray, timestamps: np.ndarray | None = None,
                     memory: np.ndarray | None = None, has_memory: np.ndarray | None = None) -> np.ndarray:
     """``carrier[b]``: a row whose first ``lengths[b]`` items and timestamps are row b's, under
-    the same memory (or none), longest first; ``b`` itself when no other row holds it. Only rows
-    that agree on their first item and time are compared, so distinct users cost one
-    dictionary lookup each. Pure numpy; ``items`` ``[B, W]`` right-padded, ``lengths`` ``[B]``."""
+    the same memory (or none), longest first; ``b`` itself when no other row holds it. Pure
+    numpy; ``items`` ``[B, W]`` right-padded, ``lengths`` ``[B]``.
+
+    Rows are grouped by first item, first time and memory (equal bytes; rows without one all get
+    the new-user memory); every row is compared with the longest of its group at once, and only
+    a row that is not its prefix is compared, one by one, with the group's other carriers."""
     lengths = lengths.reshape(-1)
-    carrier = np.arange(len(lengths))
+    B = len(lengths)
+    carrier = np.arange(B)
+    if B == 0 or items.shape[1] == 0:
+        return carrier
     ts = np.zeros_like(items) if timestamps is None else timestamps
-    has = None if memory is None else (np.ones(len(lengths), bool) if has_memory is None else has_memory.reshape(-1))
-
-    def same_memory(c: int, b: int) -> bool:  # rows without one all get the new-user memory
-        return has is None or (has[c] == has[b] and (not has[b] or np.array_equal(memory[c], memory[b])))
-
-    candidates: dict[tuple[int, int], list[int]] = {}
-    for b in np.argsort(-lengths, kind="stable"):
+    memory_id = np.full(B, -1)
+    if memory is not None:
+        has = np.ones(B, bool) if has_memory is None else has_memory.reshape(-1).astype(bool)
+        if has.any():
+            rows = np.ascontiguousarray(memory[has]).reshape(int(has.sum()), -1)
+            as_bytes = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+            memory_id[has] = np.unique(as_bytes, return_inverse=True)[1].reshape(-1)
+    order = np.argsort(-lengths, kind="stable")
+    keys = list(zip(items[:, 0].tolist(), ts[:, 0].tolist(), memory_id.tolist()))
+    longest: dict[tuple, int] = {}
+    for b in order.tolist():
+        longest.setdefault(keys[b], b)
+    head = np.array([longest[k] for k in keys])
+    inside = np.arange(items.shape[1])[None] < lengths[:, None]
+    prefix_of_head = ((items == items[head]) & (ts == ts[head]) | ~inside).all(axis=1)
+    candidates: dict[tuple, list[int]] = {}
+    for b in order.tolist():
         n = int(lengths[b])
         if n < 1:
             continue
-        found = candidates.setdefault((int(items[b, 0]), int(ts[b, 0])), [])
+        found = candidates.setdefault(keys[b], [])
+        if found and prefix_of_head[b]:  # found[0] is the group's head
+            carrier[b] = found[0]
+            continue
         for c in found:
-            if (np.array_equal(items[c, :n], items[b, :n]) and np.array_equal(ts[c, :n], ts[b, :n])
-                    and same_memory(c, b)):
+            if np.array_equal(items[c, :n], items[b, :n]) and np.array_equal(ts[c, :n], ts[b, :n]):
                 carrier[b] = c
                 break
         else:
-            found.append(int(b))
+            found.append(b)
     return carrier
 
 

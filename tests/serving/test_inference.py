@@ -65,6 +65,42 @@ def test_shared_prefixes_find_rows_inside_others_under_the_same_memory() -> None
     assert shared_prefixes(items, lengths, ts, memory, has).tolist() == [0, 0, 2, 3, 4, 5]
 
 
+def _carriers_by_definition(items, lengths, ts, memory, has) -> list[int]:
+    """shared_prefixes written plainly: longest first, each row joins the first carrier before it
+    that holds its items and times under the same memory, or becomes a carrier."""
+    carrier, carriers = list(range(len(lengths))), []
+    for b in np.argsort(-lengths, kind="stable"):
+        if lengths[b] < 1:
+            continue
+        n = lengths[b]
+        for c in carriers:
+            same_memory = memory is None or (has[c] == has[b] and (not has[b] or np.array_equal(memory[c], memory[b])))
+            if same_memory and np.array_equal(items[c, :n], items[b, :n]) and np.array_equal(ts[c, :n], ts[b, :n]):
+                carrier[b] = c
+                break
+        else:
+            carriers.append(b)
+    return carrier
+
+
+def test_shared_prefixes_match_their_definition_on_random_batches() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        B, W = int(rng.integers(1, 30)), int(rng.integers(1, 12))
+        users = rng.integers(1, 4, size=(4, W))  # few distinct sequences: many shared prefixes
+        items = users[rng.integers(0, 4, size=B)].copy()
+        ts = np.where(rng.random((B, W)) < 0.05, 7, 1)  # a time that differs now and then
+        lengths = rng.integers(0, W + 1, size=B)
+        inside = np.arange(W)[None] < lengths[:, None]
+        items, ts = items * inside, ts * inside
+        memory = has = None
+        if rng.random() < 0.7:
+            memory = rng.integers(0, 2, size=(B, 2, 3)).astype(np.float32)
+            has = rng.random(B) < 0.8
+        assert shared_prefixes(items, lengths, ts, memory, has).tolist() == _carriers_by_definition(
+            items, lengths, ts, memory, has)
+
+
 @pytest.mark.parametrize("memory_tokens,architecture", [(0, "hstu"), (3, "hstu"), (0, "sasrec")])
 def test_rows_answered_from_a_longer_row_match_rows_run_alone(memory_tokens: int, architecture: str) -> None:
     """A user's burst: rows that are prefixes of one another, as the worker sends them."""
