@@ -435,7 +435,7 @@ def phase_pipeline(work: Path, wl: Workload, *, memory: bool, max_len: int, hist
                     stub = Profiler(stubs["recommend"], min(limit_s, 12), work / f"profile-{name}-triton.txt")
                 secs = wait_count(bootstrap, s.topic_recommendations, s.partitions, n, limit_s, sample)
                 st = worker.status()
-                row["status"] = {k: st.get(k) for k in ("batches", "seconds_model", "seconds_publish", "folds")}
+                row["status"] = {k: st.get(k) for k in ("batches", "seconds_model", "seconds_publish", "folds", "offset_rewinds", "duplicates")}
                 row["rss_mb"] = {"worker": rss_mb(worker.pid), "triton": rss_mb(triton.pid)}
                 # Stopped before its output is read back: a long-history pipeline is still draining
                 # after limit_s, and the reader would take a core from it (the rate counts the
@@ -542,6 +542,10 @@ def markdown(res: dict) -> str:
     if read:
         lines.append(f"Items read beside the memory per request during the drain: p50 {read['p50']:.0f}, "
                      f"p99 {read['p99']:.0f}, max {read['max']} (recent_len 50, fold every 25).")
+    rewinds = {k: res[k]["status"].get("offset_rewinds") for k in ["persrec"] + [f"full{L}" for L in res["lengths"]]
+               if (res.get(k) or {}).get("status", {}).get("offset_rewinds")}
+    if rewinds:  # Faust's startup race (BENCHMARKS.md): the drain re-read what it lost, at a cost
+        lines.append(f"Offset rewinds during the drain (the worker re-read partitions it lost events of): {rewinds}.")
     st = m.get("state", {})
     lines.append(f"PerSRec state per user: window {st.get('window_bytes')} B (changelog value) + "
                  f"memory row {st.get('memory_bytes')} B.")
