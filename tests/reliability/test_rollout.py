@@ -56,6 +56,7 @@ from persrec.replay import events_in_time_order
 from persrec.serving.export import export_repository
 from persrec.settings import Settings
 from persrec.stack import WorkerProcess, settings_env, wait_for
+from persrec.stream.window import read_start
 from persrec.testing.load import Collector, PacedProducer, wait_alive
 from persrec.testing.pipeline import check_user_states, events_by_user, offline_top10, same_top
 
@@ -114,9 +115,11 @@ def check_answer(checkpoints: dict[str, Checkpoint], id_map, by_user: dict, body
                  loaded_b_at: float) -> None:
     """The message equals the answer of the model it names, recomputed offline: memory of the
     user's first ``memory_version`` events, window of the ``window`` latest events up to ``seq``
-    (the worker reads at most max_len of them; every item is known: one id map for all)."""
+    (the worker reads at most max_len of them, from ``read_start``; every item is known: one id
+    map for all)."""
     watermark, seq, n = body["memory_version"], body["seq"], body["window"]
-    assert n == min(seq - watermark, checkpoints[body["model_version"]].config.max_len), body["event_id"]
+    after = seq - watermark
+    assert n == after - read_start(after, checkpoints[body["model_version"]].config.max_len), body["event_id"]
     events = by_user[body["user_id"]][:watermark] + by_user[body["user_id"]][seq - n:seq]
     ids, scores = offline_top10(checkpoints[body["model_version"]], id_map, events, watermark, watermark + n)
     if not same_top(body["items"], ids, scores):
