@@ -12,7 +12,9 @@ Phases, each on its own topics and consumer group:
 2. PerSRec pipeline (memory K=8 + recent window 50, recompress policy): max events/s, then
    event -> recommendation latency at 25/50/90% of that max, fold throughput and backlog;
 3. full-history baseline: the same pipeline serving an HSTU without memory that reads the
-   user's whole history (the last L events, L = 200 / 1,000 / 2,000) for every event.
+   user's whole history (the last L events, L = 200 / 1,000 / 2,000) for every event;
+4. pairs: PerSRec and L=200 drains back to back, ``--pairs`` times, for the ratio of each pair
+   (the machine's speed drifts over a full run; phases 2 and 3 are minutes apart).
 
 Workload: real ml-latest-small events in time order (all 610 users). Before each pipeline
 phase every user is given L prior events (items drawn from the catalogue by popularity), as
@@ -542,6 +544,14 @@ def markdown(res: dict) -> str:
     if read:
         lines.append(f"Items read beside the memory per request during the drain: p50 {read['p50']:.0f}, "
                      f"p99 {read['p99']:.0f}, max {read['max']} (recent_len 50, fold every 25).")
+    if res.get("pairs"):
+        runs = res["pairs"]["runs"]
+        lines.append(f"PerSRec / full history at L=200 over {len(runs)} back-to-back pairs of drains: median "
+                     f"{res['pairs']['median_ratio']:.2f}x (" + ", ".join(
+                         f"{r['persrec']:,.0f} / {r['full200']:,.0f} = {r['ratio']:.2f}x"
+                         + (f" with {r['persrec_rewinds']} PerSRec rewinds" if r.get("persrec_rewinds") else "")
+                         for r in runs)
+                     + (f"; `{res['pairs']['command']}`" if "command" in res["pairs"] else "") + ").")
     rewinds = {k: res[k]["status"].get("offset_rewinds") for k in ["persrec"] + [f"full{L}" for L in res["lengths"]]
                if (res.get(k) or {}).get("status", {}).get("offset_rewinds")}
     if rewinds:  # Faust's startup race (BENCHMARKS.md): the drain re-read what it lost, at a cost
@@ -615,7 +625,9 @@ def main() -> None:
     ap.add_argument("--load-s", type=float, default=20.0, help="seconds per latency load level")
     ap.add_argument("--lengths", default=DEFAULT_LENGTHS, help="history lengths of the full-history phase")
     ap.add_argument("--history", type=int, default=2000, help="prior events per user for PerSRec")
-    ap.add_argument("--phases", default="passthrough,persrec,full")
+    ap.add_argument("--phases", default="passthrough,persrec,full,pairs")
+    ap.add_argument("--pairs", type=int, default=3,
+                    help="'pairs' phase: PerSRec and full-history L=200 drains back to back, this many times")
     ap.add_argument("--load-base", type=float, default=None,
                     help="events/s the --loads fractions are of (default: this run's PerSRec drain rate)")
     ap.add_argument("--loads", default="0.25,0.5,0.9",
@@ -654,9 +666,28 @@ def main() -> None:
         for L in lengths:
             res[f"full{L}"] = phase_pipeline(work, wl, memory=False, max_len=L, history_len=L, n=args.events,
                                              limit_s=args.limit_s, loads=[], load_s=0, profile=False)
+    if "pairs" in phases and args.pairs:
+        res["pairs"] = phase_pairs(work, wl, args)
     args.out.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(res, indent=2) + "\n")
     report(res, args.out)
+
+
+def phase_pairs(work: Path, wl: Workload, args) -> dict:
+    """The L=200 ratio again from drains run back to back: the machine's speed drifts over a
+    full run (this one's PerSRec and L=200 drains are minutes apart), less over one pair."""
+    rows = []
+    for _ in range(args.pairs):
+        p, f = (phase_pipeline(work, wl, memory=memory, max_len=200, history_len=history, n=args.events,
+                               limit_s=args.limit_s, loads=[], load_s=0, profile=False)
+                for memory, history in ((True, args.history), (False, 200)))
+        rows.append({"persrec": p["events_per_s"], "full200": f["events_per_s"],
+                     "ratio": round(p["events_per_s"] / f["events_per_s"], 2),
+                     "persrec_rewinds": p["status"].get("offset_rewinds"), "full200_rewinds": f["status"].get("offset_rewinds")})
+        log.info("pair %d: %s", len(rows), rows[-1])
+    ratios = sorted(r["ratio"] for r in rows)
+    return {"runs": rows, "median_ratio": ratios[len(ratios) // 2],
+            "command": "benchmarks/stream_bench.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def report(res: dict, out: Path) -> None:
