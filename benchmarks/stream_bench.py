@@ -63,10 +63,10 @@ from persrec.replay import events_in_time_order
 from persrec.serving.export import export_repository
 from persrec.serving.inference import ModelRunner
 from persrec.settings import Settings
-from persrec.stream.window import Window
-from persrec.testing.pipeline import whole_topic
-from persrec.stream.window import encode as encode_window
 from persrec.stack import WorkerProcess, get_json, settings_env
+from persrec.stream.window import Window
+from persrec.stream.window import encode as encode_window
+from persrec.testing.pipeline import whole_topic
 
 log = logging.getLogger("stream_bench")
 ROOT = Path(__file__).resolve().parents[1]
@@ -437,7 +437,8 @@ def phase_pipeline(work: Path, wl: Workload, *, memory: bool, max_len: int, hist
                     stub = Profiler(stubs["recommend"], min(limit_s, 12), work / f"profile-{name}-triton.txt")
                 secs = wait_count(bootstrap, s.topic_recommendations, s.partitions, n, limit_s, sample)
                 st = worker.status()
-                row["status"] = {k: st.get(k) for k in ("batches", "seconds_model", "seconds_publish", "folds", "offset_rewinds", "duplicates")}
+                row["status"] = {k: st.get(k) for k in ("batches", "seconds_model", "seconds_publish", "folds",
+                                                        "offset_rewinds", "duplicates")}
                 row["rss_mb"] = {"worker": rss_mb(worker.pid), "triton": rss_mb(triton.pid)}
                 # Stopped before its output is read back: a long-history pipeline is still draining
                 # after limit_s, and the reader would take a core from it (the rate counts the
@@ -544,14 +545,14 @@ def markdown(res: dict) -> str:
     if read:
         lines.append(f"Items read beside the memory per request during the drain: p50 {read['p50']:.0f}, "
                      f"p99 {read['p99']:.0f}, max {read['max']} (recent_len 50, fold every 25).")
-    if res.get("pairs"):
-        runs = res["pairs"]["runs"]
-        lines.append(f"PerSRec / full history at L=200 over {len(runs)} back-to-back pairs of drains: median "
-                     f"{res['pairs']['median_ratio']:.2f}x (" + ", ".join(
-                         f"{r['persrec']:,.0f} / {r['full200']:,.0f} = {r['ratio']:.2f}x"
-                         + (f" with {r['persrec_rewinds']} PerSRec rewinds" if r.get("persrec_rewinds") else "")
-                         for r in runs)
-                     + (f"; `{res['pairs']['command']}`" if "command" in res["pairs"] else "") + ").")
+    if pairs := res.get("pairs"):
+        each = []
+        for r in pairs["runs"]:
+            rewinds = f" with {r['persrec_rewinds']} PerSRec rewinds" if r.get("persrec_rewinds") else ""
+            each.append(f"{r['persrec']:,.0f} / {r['full200']:,.0f} = {r['ratio']:.2f}x{rewinds}")
+        command = f"; `{pairs['command']}`" if "command" in pairs else ""
+        lines.append(f"PerSRec / full history at L=200 over {len(each)} back-to-back pairs of drains: "
+                     f"median {pairs['median_ratio']:.2f}x ({', '.join(each)}{command}).")
     rewinds = {k: res[k]["status"].get("offset_rewinds") for k in ["persrec"] + [f"full{L}" for L in res["lengths"]]
                if (res.get(k) or {}).get("status", {}).get("offset_rewinds")}
     if rewinds:  # Faust's startup race (BENCHMARKS.md): the drain re-read what it lost, at a cost
@@ -660,8 +661,9 @@ def main() -> None:
         res["passthrough"] = phase_passthrough(work, wl, args.events, args.limit_s)
     if "persrec" in phases:
         res["persrec"] = phase_pipeline(work, wl, memory=True, max_len=200, history_len=args.history,
-                                        n=args.events, limit_s=args.limit_s, loads=[float(x) for x in args.loads.split(",") if x], load_base=args.load_base,
-                                        load_s=args.load_s, profile=args.profile)
+                                        n=args.events, limit_s=args.limit_s,
+                                        loads=[float(x) for x in args.loads.split(",") if x],
+                                        load_base=args.load_base, load_s=args.load_s, profile=args.profile)
     if "full" in phases:
         for L in lengths:
             res[f"full{L}"] = phase_pipeline(work, wl, memory=False, max_len=L, history_len=L, n=args.events,

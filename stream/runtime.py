@@ -74,6 +74,17 @@ class RecRequest:
 
 
 @dataclass
+class _Mapped:
+    """A window's items after a watermark (``items``, ``ts``: as in the window) and the model ids
+    and times of those the model knows; ``counts[n]``: how many of the first n it knows."""
+    items: list[str]
+    ts: list[int]
+    ids: np.ndarray
+    times: np.ndarray
+    counts: np.ndarray
+
+
+@dataclass
 class Counters:
     events_in: int = 0
     recs_out: int = 0
@@ -109,6 +120,8 @@ class Runtime:
         self.counters = Counters()
         # A dict beats IdMap.encode's vectorised search on the few items of one request.
         self._index = {item: i + 1 for i, item in enumerate(id_map.items.tolist())}
+        # the most items a request reads beside the memory (window.read_start)
+        self._cap = max(manifest.window_len, manifest.recent_len + manifest.history_len)
 
     # -------------------------------------------------------------------------- memories
     def cached(self, user_id: str) -> CachedMemory | None:
@@ -193,9 +206,6 @@ class Runtime:
         pairs = [(d, t) for d, t in zip(ids, ts) if d]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
-    def _cap(self) -> int:
-        return max(self.manifest.window_len, self.manifest.recent_len + self.manifest.history_len)
-
     def model_inputs(self, w: win.Window, watermark: int) -> tuple[list[int], list[int]]:
         """Known items after the watermark, at most the model's max_len (the latest ones, from
         an aligned start: ``window.read_start``).
@@ -207,9 +217,9 @@ class Runtime:
         backlog grew until calls timed out (tests/reliability/test_soak.py). The skipped items
         are folded into the memory later; ``window`` in the message says how many were read.
         """
-        items, ts = self.known(*win.effective(w, watermark))
-        start = win.read_start(len(items), self._cap())
-        return items[start:], ts[start:]
+        mapped = self._mapped(w, watermark)
+        ids, ts = self._read(mapped, len(mapped.items))
+        return ids.tolist(), ts.tolist()
 
     def batch_inputs(self, reqs: list[RecRequest], used: list[CachedMemory]) -> list[tuple[np.ndarray, np.ndarray]]:
         """``model_inputs`` of every request (as arrays), mapping a user's items once per batch.
@@ -217,34 +227,39 @@ class Runtime:
         A user's requests that read one memory usually hold snapshots of one window: what each
         reads after the watermark is the start of what the latest snapshot holds there. So the
         latest is mapped to model ids once and each request whose items and times are such a
-        start (compared in full) takes a slice; any other is mapped on its own."""
+        start (compared in full) reads from it; any other is mapped on its own."""
         latest: dict[tuple[str, int], int] = {}
         for i, (r, m) in enumerate(zip(reqs, used)):
             key = (r.user_id, id(m))
             j = latest.get(key)
             if j is None or r.window.seq > reqs[j].window.seq:
                 latest[key] = i
-        cap, mapped, out = self._cap(), {}, []
-        for i, (r, m) in enumerate(zip(reqs, used)):
+        mapped: dict[int, _Mapped] = {}
+        out = []
+        for r, m in zip(reqs, used):
             j = latest[(r.user_id, id(m))]
             if j not in mapped:
-                items, ts = win.effective(reqs[j].window, m.watermark)
-                dense = np.fromiter((self._index.get(x, 0) for x in items), np.int64, len(items))
-                known = dense != 0
-                # counts[n]: how many of the first n items the model knows
-                counts = np.concatenate([[0], np.cumsum(known)])
-                mapped[j] = items, ts, dense[known], np.asarray(ts, np.int64)[known], counts
-            top_items, top_ts, ids, times, counts = mapped[j]
+                mapped[j] = self._mapped(reqs[j].window, m.watermark)
+            top = mapped[j]
             items, ts = win.effective(r.window, m.watermark)
             n = len(items)
-            if items != top_items[:n] or ts != top_ts[:n]:
-                ids, times = self.model_inputs(r.window, m.watermark)
-                out.append((np.asarray(ids, np.int64), np.asarray(times, np.int64)))
-                continue
-            c = int(counts[n])
-            s = win.read_start(c, cap)
-            out.append((ids[s:c], times[s:c]))
+            if items != top.items[:n] or ts != top.ts[:n]:
+                top = self._mapped(r.window, m.watermark)
+            out.append(self._read(top, n))
         return out
+
+    def _mapped(self, w: win.Window, watermark: int) -> _Mapped:
+        items, ts = win.effective(w, watermark)
+        dense = np.fromiter((self._index.get(x, 0) for x in items), np.int64, len(items))
+        known = dense != 0
+        return _Mapped(items, ts, dense[known], np.asarray(ts, np.int64)[known],
+                       np.concatenate([[0], np.cumsum(known)]))
+
+    def _read(self, mapped: _Mapped, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """What the model reads of the first ``n`` items of ``mapped``."""
+        c = int(mapped.counts[n])
+        s = win.read_start(c, self._cap)
+        return mapped.ids[s:c], mapped.times[s:c]
 
     async def recommend_batch(self, reqs: list[RecRequest]) -> list[dict]:
         current = await self.memories(list(dict.fromkeys(r.user_id for r in reqs)))
