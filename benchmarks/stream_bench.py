@@ -550,13 +550,17 @@ def markdown(res: dict) -> str:
         for r in pairs["runs"]:
             rewinds = f" with {r['persrec_rewinds']} PerSRec rewinds" if r.get("persrec_rewinds") else ""
             each.append(f"{r['persrec']:,.0f} / {r['full200']:,.0f} = {r['ratio']:.2f}x{rewinds}")
-        command = f"; `{pairs['command']}`" if "command" in pairs else ""
+        command = f"; `{pairs['command']}`, {pairs['date']}" if "command" in pairs else ""
         lines.append(f"PerSRec / full history at L=200 over {len(each)} back-to-back pairs of drains: "
                      f"median {pairs['median_ratio']:.2f}x ({', '.join(each)}{command}).")
     rewinds = {k: res[k]["status"].get("offset_rewinds") for k in ["persrec"] + [f"full{L}" for L in res["lengths"]]
                if (res.get(k) or {}).get("status", {}).get("offset_rewinds")}
     if rewinds:  # Faust's startup race (BENCHMARKS.md): the drain re-read what it lost, at a cost
         lines.append(f"Offset rewinds during the drain (the worker re-read partitions it lost events of): {rewinds}.")
+    apart = [f"{k} (`{res[k]['command']}`, {res[k]['date']})" for k in ["passthrough", "persrec"] +
+             [f"full{L}" for L in res["lengths"]] if res.get(k, {}).get("command", res["command"]) != res["command"]]
+    if apart:
+        lines.append("Run separately: " + "; ".join(apart) + ".")
     st = m.get("state", {})
     lines.append(f"PerSRec state per user: window {st.get('window_bytes')} B (changelog value) + "
                  f"memory row {st.get('memory_bytes')} B.")
@@ -650,26 +654,30 @@ def main() -> None:
     phases = set(args.phases.split(","))
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="stream-bench-"))
     wl = load_workload(None)
+    stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "benchmarks/stream_bench.py " + " ".join(sys.argv[1:])}
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
                  if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
-                 "date": time.strftime("%Y-%m-%d"), "command": "benchmarks/stream_bench.py " + " ".join(sys.argv[1:]),
-                 "lengths": lengths, "events": args.events}
+                 "lengths": lengths, "events": args.events} | stamp
     out_json = args.out / "stream_bench.json"
-    if out_json.is_file():  # phases not rerun keep their previous figures
-        res = json.loads(out_json.read_text()) | {k: v for k, v in res.items()}
+    if out_json.is_file() and not {"passthrough", "persrec"} <= phases:
+        # A partial run: the other phases keep their figures, and the table its command and date;
+        # each phase records its own (``stamp``).
+        old = json.loads(out_json.read_text())
+        res = old | {"lengths": sorted(set(old.get("lengths", [])) | set(lengths)) if "full" in phases
+                     else old.get("lengths", lengths)}
     if "passthrough" in phases:
-        res["passthrough"] = phase_passthrough(work, wl, args.events, args.limit_s)
+        res["passthrough"] = phase_passthrough(work, wl, args.events, args.limit_s) | stamp
     if "persrec" in phases:
         res["persrec"] = phase_pipeline(work, wl, memory=True, max_len=200, history_len=args.history,
                                         n=args.events, limit_s=args.limit_s,
                                         loads=[float(x) for x in args.loads.split(",") if x],
-                                        load_base=args.load_base, load_s=args.load_s, profile=args.profile)
+                                        load_base=args.load_base, load_s=args.load_s, profile=args.profile) | stamp
     if "full" in phases:
         for L in lengths:
             res[f"full{L}"] = phase_pipeline(work, wl, memory=False, max_len=L, history_len=L, n=args.events,
-                                             limit_s=args.limit_s, loads=[], load_s=0, profile=False)
+                                             limit_s=args.limit_s, loads=[], load_s=0, profile=False) | stamp
     if "pairs" in phases and args.pairs:
-        res["pairs"] = phase_pairs(work, wl, args)
+        res["pairs"] = phase_pairs(work, wl, args) | stamp
     args.out.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(res, indent=2) + "\n")
     report(res, args.out)
@@ -688,8 +696,7 @@ def phase_pairs(work: Path, wl: Workload, args) -> dict:
                      "persrec_rewinds": p["status"].get("offset_rewinds"), "full200_rewinds": f["status"].get("offset_rewinds")})
         log.info("pair %d: %s", len(rows), rows[-1])
     ratios = sorted(r["ratio"] for r in rows)
-    return {"runs": rows, "median_ratio": ratios[len(ratios) // 2],
-            "command": "benchmarks/stream_bench.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M")}
+    return {"runs": rows, "median_ratio": ratios[len(ratios) // 2]}
 
 
 def report(res: dict, out: Path) -> None:

@@ -35,7 +35,7 @@ from persrec.settings import Settings
 from . import window as win
 from .acks import AckGate, OrderedAcks
 from .events import InvalidEvent, UserDeletion, parse_event
-from .offsets import OffsetGuard
+from .offsets import BarrierScheduler, OffsetGuard, Rewinder
 from .runtime import RecRequest, Runtime
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ def create_app(settings: Settings) -> faust.App:
         # so the next owner of the partition processes them again (at-least-once).
         stream_wait_empty=False,
         monitor=EventlessMonitor(),
+        ConsumerScheduler=BarrierScheduler,  # holds a partition's records back during a rewind
     )
 
 
@@ -140,6 +141,7 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
     # Only events this agent finished are acknowledged (AckGate), in read order per partition
     # (OrderedAcks), and none is missing from what the agent reads (OffsetGuard).
     gate, guard = AckGate({settings.topic_interactions}), OffsetGuard()
+    rewinder = Rewinder(guard, lambda: app.consumer)
 
     def release(event) -> bool:
         gate.release(event.message)
@@ -149,7 +151,7 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
     stream_of: dict = {}
 
     async def rebalanced(app, *args, **kwargs) -> None:  # noqa: ARG001 - Faust's signals
-        guard.reset()
+        rewinder.reset()
 
     async def revoked(app, *args, **kwargs) -> None:
         # The next owner restores windows from the changelog: it must hold every window this
@@ -171,11 +173,11 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
 
     async def rewind(offsets: dict) -> None:
         (await runtime()).counters.offset_rewinds += len(offsets)
-        await app.consumer.seek_wait(offsets)
+        await rewinder.seek(offsets)
 
-    @app.timer(interval=guard.hold_s)
+    @app.timer(interval=guard.hold_s / 4)
     async def rewind_due() -> None:
-        """Seek pending rewinds again when no early event came to do it (see OffsetGuard)."""
+        """Seek pending rewinds again whose re-read never came (see OffsetGuard)."""
         if due := guard.due():
             await rewind(due)
 

@@ -1,8 +1,9 @@
-"""OffsetGuard: an event past a missing offset is held back and the partition read again."""
+"""OffsetGuard: an event past a missing offset is held back and the partition read again;
+ReadBarrier: records fetched before the seek do not reach Faust after it."""
 
 from __future__ import annotations
 
-from persrec.stream.offsets import OffsetGuard
+from persrec.stream.offsets import OffsetGuard, ReadBarrier
 
 
 class Clock:
@@ -24,18 +25,34 @@ def test_contiguous_offsets_and_redeliveries_pass() -> None:
 def test_a_missing_offset_is_read_again() -> None:
     """The broker-restart case: committed 255, the stream's first event after the rebalance 256."""
     clock = Clock()
-    guard = OffsetGuard(hold_s=0.25, clock=clock)
+    guard = OffsetGuard(hold_s=1.0, clock=clock)
     assert guard.admit("p1", 256, committed=255) == 255  # seek back to 255, drop 256
-    assert guard.admit("p1", 257, committed=255) == "drop"  # fetched before the seek
-    clock.now = 0.3
-    assert guard.admit("p1", 258, committed=255) == 255  # still coming: seek again
-    clock.now = 0.4
-    assert guard.due() == {}  # sought 0.1 s ago
-    clock.now = 0.6
-    assert guard.due() == {"p1": 255}  # no early event came since: the timer seeks
+    clock.now = 5.0
+    assert guard.admit("p1", 257, committed=255) == "drop"  # fetched before the seek: however late
+    assert guard.due() == {}  # the re-read has not begun: the barrier still holds stale records
+    guard.reread("p1", 255)
+    clock.now = 5.5
+    assert guard.admit("p1", 258, committed=255) == "drop"  # still in the stream buffer
+    assert guard.due() == {}
     assert [guard.admit("p1", o, committed=255) for o in (255, 256, 257)] == ["process"] * 3
-    clock.now = 2.0
+    clock.now = 20.0
     assert guard.due() == {} and guard.holes_accepted == 0
+
+
+def test_a_rewind_is_sought_again_when_its_reread_never_comes() -> None:
+    clock = Clock()
+    guard = OffsetGuard(hold_s=1.0, stuck_s=10.0, clock=clock)
+    assert guard.admit("p0", 50, committed=40) == 40
+    guard.reread("p0", 40)  # the re-read began at 40 ...
+    clock.now = 0.9
+    assert guard.due() == {}
+    clock.now = 1.1
+    assert guard.due() == {"p0": 40}  # ... but never reached the agent: lost again on the way
+    clock.now = 11.0
+    assert guard.due() == {}  # sought at 1.1, its re-read not begun yet: wait for the barrier
+    clock.now = 11.2
+    assert guard.due() == {"p0": 40}  # stuck: seek again
+    assert guard.admit("p0", 40, committed=40) == "process" and guard.due() == {}
 
 
 def test_a_hole_the_broker_has_is_accepted_after_three_answers() -> None:
@@ -43,13 +60,65 @@ def test_a_hole_the_broker_has_is_accepted_after_three_answers() -> None:
     guard = OffsetGuard(confirmations=3, clock=clock)
     assert guard.admit("p0", 8, committed=7) == 7  # offset 7 is a transaction marker, say
     assert guard.admit("p0", 9, committed=7) == "drop"  # the rest of that fetch
-    assert guard.admit("p0", 8, committed=7) == 7  # the seek answered 8: seek again
-    clock.now = 1.0
-    assert guard.due() == {"p0": 7}
-    assert guard.admit("p0", 8, committed=7) == 7
-    assert guard.admit("p0", 8, committed=7) == "process"
+    guard.reread("p0", 8)  # the seek's fetch began at 8
+    assert guard.admit("p0", 8, committed=7) == 7  # seek again
+    guard.reread("p0", 9)  # a different answer (its start was lost): the count starts again
+    assert guard.admit("p0", 9, committed=7) == 7
+    for _ in range(2):
+        guard.reread("p0", 8)
+        assert guard.admit("p0", 8, committed=7) == 7
+    guard.reread("p0", 8)
+    assert guard.admit("p0", 8, committed=7) == "process"  # three answers in a row: 8
     assert guard.admit("p0", 9, committed=7) == "process"
     assert guard.holes_accepted == 1 and guard.due() == {}
+
+
+class Record:
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+def offsets(pairs) -> list[tuple[str, int]]:
+    return [(tp, r.offset) for tp, r in pairs]
+
+
+def fetch(tp: str, *offs: int) -> list[tuple[str, Record]]:
+    return [(tp, Record(o)) for o in offs]
+
+
+def test_barrier_holds_a_partition_until_its_reread_begins() -> None:
+    barrier, began = ReadBarrier(), []
+    barrier.on_reread = lambda tp, o: began.append((tp, o))
+    in_flight = barrier.filter(fetch("p0", 500, 501, 502) + fetch("p1", 7, 8))  # fetched before the seek
+    assert offsets([next(in_flight)]) == [("p0", 500)]
+    barrier.hold("p0", 400)  # a rewind: from here on none of p0's stale records pass
+    assert offsets(in_flight) == [("p1", 7), ("p1", 8)]
+    barrier.sought("p0")
+    assert offsets(barrier.filter(fetch("p0", 400, 401) + fetch("p1", 9))) == [("p0", 400), ("p0", 401), ("p1", 9)]
+    assert began == [("p0", 400)] and barrier.dropped == 2
+    assert offsets(barrier.filter(fetch("p0", 402))) == [("p0", 402)]  # released
+
+
+def test_barrier_lets_a_fetch_after_the_seek_through_where_the_broker_has_a_hole() -> None:
+    barrier, began = ReadBarrier(), []
+    barrier.on_reread = lambda tp, o: began.append((tp, o))
+    barrier.hold("p0", 7)
+    assert offsets(barrier.filter(fetch("p0", 20, 21))) == []  # before the seek ended: stale
+    stale = barrier.filter(fetch("p0", 22))  # a fetch that came before the seek ended ...
+    barrier.sought("p0")
+    assert offsets(stale) == []  # ... is stale even when iterated after it
+    assert offsets(barrier.filter(fetch("p0", 8, 9))) == [("p0", 8), ("p0", 9)]  # no record at 7
+    assert began == [("p0", 8)]
+
+
+def test_barrier_release_and_clear_let_everything_through() -> None:
+    barrier = ReadBarrier()
+    barrier.hold("p0", 1)
+    barrier.hold("p1", 1)
+    barrier.release("p0")  # the seek failed
+    assert offsets(barrier.filter(fetch("p0", 5) + fetch("p1", 5))) == [("p0", 5)]
+    barrier.clear()  # a rebalance
+    assert offsets(barrier.filter(fetch("p1", 6))) == [("p1", 6)]
 
 
 def test_reset_starts_each_partition_from_its_committed_offset() -> None:
@@ -59,3 +128,18 @@ def test_reset_starts_each_partition_from_its_committed_offset() -> None:
     guard.reset()  # another worker had the partitions meanwhile and committed further
     assert guard.admit("p0", 40, committed=40) == "process"
     assert guard.due() == {}
+
+
+def test_a_rewind_forgets_faust_gaps_from_its_offset_on() -> None:
+    from intervaltree import IntervalTree
+
+    from persrec.stream.offsets import _forget_gaps
+
+    class Consumer:
+        _gap = {"p0": IntervalTree.from_tuples([(3, 5), (10, 20)]), "p1": IntervalTree.from_tuples([(4, 9)])}
+
+    _forget_gaps(Consumer, "p0", 12)  # records fetched before a seek passed after it: 12-19 unread
+    assert sorted((g.begin, g.end) for g in Consumer._gap["p0"]) == [(3, 5), (10, 12)]
+    _forget_gaps(Consumer, "p1", 9)
+    assert sorted((g.begin, g.end) for g in Consumer._gap["p1"]) == [(4, 9)]
+    _forget_gaps(Consumer, "p2", 0)  # no gaps at all
