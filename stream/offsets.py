@@ -36,10 +36,12 @@ Verdict = Literal["process", "drop"] | int  # an int: drop the event, seek the p
 @dataclass
 class _Rewind:
     to: int  # the offset sought
-    at: float  # when the partition was last sought
-    early: float  # when an event past ``to`` last came (one fetched before the seek)
-    began: float | None = None  # when the latest seek's re-read began (ReadBarrier)
+    mark: int = 0  # the guard's count of admitted events at the latest seek, or its re-read's start
+    seen: int = 0  # the count ``due`` last saw,
+    progress: float = 0.0  # and when it last changed (from ``mark`` on)
+    began: bool = False  # the latest seek's re-read began (ReadBarrier)
     answer: int | None = None  # where it began, when not at ``to``
+    passed: int | None = None  # the highest offset the barrier had passed on before it
     last_answer: int | None = None
     seeks: int = 0  # consecutive re-reads that began at ``last_answer``
 
@@ -51,15 +53,28 @@ class OffsetGuard:
     under load): they are dropped, and the ReadBarrier in front of Faust's consumer keeps them
     from spoiling the re-read. ``reread`` hears where each re-read began: at the sought offset,
     or later (a hole the broker has; or a start lost), and then the partition is sought again.
-    ``due`` seeks again a rewind whose re-read began but never reached the agent within
-    ``hold_s`` (nor any early event), or never began within ``stuck_s``."""
 
-    def __init__(self, confirmations: int = 3, hold_s: float = 1.0, stuck_s: float = 10.0,
+    Once a re-read began, its first record reaches the agent behind whatever Faust had queued
+    before it, which takes as long as the agent needs for those; and a seek's re-read begins only
+    when Faust fetches again, once its stream buffer has room. No clock can tell a slow agent
+    from a lost record (a rule that sought again when a re-read's first record had not come
+    within 1 s made a model-bound benchmark worker re-read, and answer again, 1,066 of 30,000
+    events). Order can: a partition's records reach the agent in offset order, so one past
+    ``passed`` (the highest offset of the partition Faust had been given before the re-read)
+    comes from the re-read, and if the re-read's first record has not come before it, that
+    record was lost: seek again. ``due`` is the backstop, by the agent's progress: seek again
+    when the agent has admitted ``max_ahead`` events since the seek or its re-read's start (more
+    than Faust queues ahead of it: its stream buffer holds 4,096, but Faust moves every fetched
+    record into it past that size, and a benchmark drain had more than 8,192 ahead) or none at
+    all for ``stuck_s``."""
+
+    def __init__(self, confirmations: int = 3, stuck_s: float = 10.0, max_ahead: int = 100_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.confirmations, self.hold_s, self.stuck_s, self._clock = confirmations, hold_s, stuck_s, clock
+        self.confirmations, self.stuck_s, self.max_ahead, self._clock = confirmations, stuck_s, max_ahead, clock
         self._next: dict[Hashable, int] = {}
         self._rewinds: dict[Hashable, _Rewind] = {}
         self.holes_accepted = 0
+        self.admitted = 0  # events admitted (any partition), for ``due``
 
     def reset(self) -> None:
         """On every rebalance: each partition starts again from its committed offset."""
@@ -69,6 +84,7 @@ class OffsetGuard:
     def admit(self, tp: Hashable, offset: int, committed: int | None) -> Verdict:
         """What to do with the event at ``offset`` of ``tp``; ``committed`` is the partition's
         committed offset (the next one to read; None when nothing is committed)."""
+        self.admitted += 1
         need = self._next.get(tp, committed)
         if need is None or offset == need:
             self._next[tp] = offset + 1
@@ -76,13 +92,16 @@ class OffsetGuard:
             return "process"
         if offset < need:  # a redelivery: the window knows it
             return "process"
-        now, r = self._clock(), self._rewinds.get(tp)
+        r = self._rewinds.get(tp)
         if r is None or r.to != need:
-            self._rewinds[tp] = _Rewind(need, now, now)
+            self._restart(r := _Rewind(need))
+            self._rewinds[tp] = r
             return need
-        if offset != r.answer:  # fetched before the seek
-            r.early = now
-            return "drop"
+        if offset != r.answer:
+            if r.began and r.passed is not None and offset > r.passed:
+                self._restart(r)  # from the re-read, which lost its first record: seek again
+                return need
+            return "drop"  # fetched before the seek
         r.seeks = r.seeks + 1 if offset == r.last_answer else 1
         r.last_answer = offset
         if r.seeks >= self.confirmations:  # every time: a hole the broker has
@@ -90,25 +109,32 @@ class OffsetGuard:
             del self._rewinds[tp]
             self.holes_accepted += 1
             return "process"
-        r.at, r.began, r.answer = now, None, None
+        self._restart(r)
         return need
 
-    def reread(self, tp: Hashable, offset: int) -> None:
-        """The re-read of ``tp`` began at ``offset`` (``ReadBarrier.on_reread``)."""
+    def reread(self, tp: Hashable, offset: int, passed: int | None = None) -> None:
+        """The re-read of ``tp`` began at ``offset`` (``ReadBarrier.on_reread``); ``passed``:
+        the highest offset of ``tp`` Faust had been given before it."""
         if (r := self._rewinds.get(tp)) is not None:
-            r.began, r.answer = self._clock(), (offset if offset != r.to else None)
+            self._restart(r)
+            r.began, r.answer, r.passed = True, (offset if offset != r.to else None), passed
 
     def due(self) -> dict[Hashable, int]:
         """Pending rewinds to seek again (marked sought now)."""
         now, out = self._clock(), {}
         for tp, r in self._rewinds.items():
-            if r.began is None:
-                late = now - r.at >= self.stuck_s
-            else:
-                late = now - max(r.began, r.early) >= self.hold_s
-            if late:
-                r.at, r.began, r.answer, out[tp] = now, None, None, r.to
+            if r.seen != self.admitted:
+                r.seen, r.progress = self.admitted, now
+            if self.admitted - r.mark >= self.max_ahead or now - r.progress >= self.stuck_s:
+                self._restart(r, now)
+                out[tp] = r.to
         return out
+
+    def _restart(self, r: _Rewind, now: float | None = None) -> None:
+        """A seek, or its re-read's start: watch the agent's progress from here."""
+        r.mark = r.seen = self.admitted
+        r.progress = self._clock() if now is None else now
+        r.began, r.answer = False, None
 
 
 class ReadBarrier:
@@ -126,10 +152,12 @@ class ReadBarrier:
     ``hold(tp, offset)`` before seeking, ``sought(tp)`` once the seek is done: from then on
     ``filter`` passes none of ``tp``'s records until the re-read begins (the record at
     ``offset``, or the first record of a fetch that came after the seek: where the broker has no
-    record at ``offset``), then reports it to ``on_reread(tp, offset)`` and lets all through."""
+    record at ``offset``), then reports it to ``on_reread(tp, offset)`` and lets all through.
+    ``passed`` holds the highest offset of each partition it has passed on (OffsetGuard)."""
 
     def __init__(self) -> None:
         self._held: dict[Hashable, list] = {}  # tp -> [offset sought, last fetch before the seek ended]
+        self.passed: dict[Hashable, int] = {}  # tp -> the highest offset passed on (since ``clear``)
         self._fetches = 0
         self.on_reread: Callable[[Hashable, int], None] | None = None
         self.dropped = 0
@@ -146,6 +174,7 @@ class ReadBarrier:
 
     def clear(self) -> None:
         self._held.clear()
+        self.passed.clear()
 
     def filter(self, records: Iterable[tuple[Hashable, Any]]) -> Iterator[tuple[Hashable, Any]]:
         """One fetch's ``(tp, record)`` pairs, less those held back."""
@@ -153,7 +182,7 @@ class ReadBarrier:
         return self._filter(records, self._fetches)
 
     def _filter(self, records, fetch: int):
-        held = self._held
+        held, passed = self._held, self.passed
         for tp, record in records:
             if held and (h := held.get(tp)) is not None:
                 if record.offset != h[0] and (h[1] is None or fetch <= h[1]):
@@ -162,6 +191,8 @@ class ReadBarrier:
                 del held[tp]
                 if self.on_reread is not None:
                     self.on_reread(tp, record.offset)
+            if (top := passed.get(tp)) is None or record.offset > top:
+                passed[tp] = record.offset
             yield tp, record
 
 
@@ -210,9 +241,11 @@ class Rewinder:
 
     def _reread(self, tp: Hashable, offset: int) -> None:
         # Records fetched before the seek may have raised Faust's read offset past ``offset``:
-        # it would drop the re-read. Faust's own seek_wait sets it the same way.
+        # it would drop the re-read. Faust's own seek_wait sets it the same way. (Faust's read
+        # offset cannot tell the guard where the records queued before the re-read end: Faust's
+        # own seeks set it back while stale records are still queued; the barrier's can.)
         self._consumer()._read_offset[tp] = offset
-        self.guard.reread(tp, offset)
+        self.guard.reread(tp, offset, self.barrier.passed.get(tp))
 
 
 def _forget_gaps(consumer: Any, tp: Hashable, offset: int) -> None:

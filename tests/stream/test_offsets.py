@@ -25,7 +25,7 @@ def test_contiguous_offsets_and_redeliveries_pass() -> None:
 def test_a_missing_offset_is_read_again() -> None:
     """The broker-restart case: committed 255, the stream's first event after the rebalance 256."""
     clock = Clock()
-    guard = OffsetGuard(hold_s=1.0, clock=clock)
+    guard = OffsetGuard(clock=clock)
     assert guard.admit("p1", 256, committed=255) == 255  # seek back to 255, drop 256
     clock.now = 5.0
     assert guard.admit("p1", 257, committed=255) == "drop"  # fetched before the seek: however late
@@ -39,19 +39,59 @@ def test_a_missing_offset_is_read_again() -> None:
     assert guard.due() == {} and guard.holes_accepted == 0
 
 
-def test_a_rewind_is_sought_again_when_its_reread_never_comes() -> None:
+def test_a_slow_agent_is_not_taken_for_a_lost_reread() -> None:
+    """A model-bound agent, a few events a second: the seek's re-read begins only once Faust's
+    stream buffer has room, and its first record comes behind what Faust had queued (up to
+    offset 60 of p0, and other partitions' events)."""
     clock = Clock()
-    guard = OffsetGuard(hold_s=1.0, stuck_s=10.0, clock=clock)
+    guard = OffsetGuard(stuck_s=10.0, max_ahead=1000, clock=clock)
     assert guard.admit("p0", 50, committed=40) == 40
-    guard.reread("p0", 40)  # the re-read began at 40 ...
-    clock.now = 0.9
+
+    def agent_busy(seconds: range) -> None:
+        for t in seconds:
+            clock.now = float(t)
+            assert [guard.admit("p1", 3 * t + i, committed=None) for i in range(3)] == ["process"] * 3
+            assert guard.due() == {}  # (the 10 s clock rule sought again at t=10, the 1 s one at t=3)
+
+    agent_busy(range(1, 30))
+    guard.reread("p0", 40, passed=60)
+    assert guard.admit("p0", 51, committed=40) == "drop"  # queued before the seek
+    agent_busy(range(30, 60))
+    assert [guard.admit("p0", o, committed=40) for o in range(40, 62)] == ["process"] * 22
     assert guard.due() == {}
-    clock.now = 1.1
-    assert guard.due() == {"p0": 40}  # ... but never reached the agent: lost again on the way
-    clock.now = 11.0
-    assert guard.due() == {}  # sought at 1.1, its re-read not begun yet: wait for the barrier
-    clock.now = 11.2
-    assert guard.due() == {"p0": 40}  # stuck: seek again
+
+
+def test_a_reread_record_past_what_was_queued_means_its_first_was_lost() -> None:
+    clock = Clock()
+    guard = OffsetGuard(clock=clock)
+    assert guard.admit("p0", 50, committed=40) == 40
+    guard.reread("p0", 40, passed=60)
+    assert guard.admit("p0", 60, committed=40) == "drop"  # the last one queued before the seek
+    assert guard.admit("p0", 61, committed=40) == 40  # from the re-read, and 40 never came: seek
+    assert guard.admit("p0", 62, committed=40) == "drop"  # the rest of that re-read
+    guard.reread("p0", 40, passed=62)
+    assert [guard.admit("p0", o, committed=40) for o in (40, 41, 42)] == ["process"] * 3
+    assert guard.due() == {}
+
+
+def test_a_rewind_is_sought_again_when_the_agent_gets_nothing() -> None:
+    clock = Clock()
+    guard = OffsetGuard(stuck_s=10.0, max_ahead=100, clock=clock)
+    assert guard.admit("p0", 50, committed=40) == 40
+    clock.now = 9.9
+    assert guard.due() == {}
+    clock.now = 10.1
+    assert guard.due() == {"p0": 40}  # nothing at all reached the agent: the seek was lost
+    guard.reread("p0", 40, passed=60)  # the re-read began at 40 ...
+    clock.now = 20.0
+    assert guard.due() == {}
+    clock.now = 20.2
+    assert guard.due() == {"p0": 40}  # ... and the agent has had nothing since: lost on the way
+    guard.reread("p0", 40, passed=60)
+    assert [guard.admit("p1", o, committed=None) for o in range(99)] == ["process"] * 99
+    assert guard.due() == {}
+    assert guard.admit("p1", 99, committed=None) == "process"
+    assert guard.due() == {"p0": 40}  # more events than Faust can queue ahead of it, and not it
     assert guard.admit("p0", 40, committed=40) == "process" and guard.due() == {}
 
 
@@ -97,6 +137,9 @@ def test_barrier_holds_a_partition_until_its_reread_begins() -> None:
     assert offsets(barrier.filter(fetch("p0", 400, 401) + fetch("p1", 9))) == [("p0", 400), ("p0", 401), ("p1", 9)]
     assert began == [("p0", 400)] and barrier.dropped == 2
     assert offsets(barrier.filter(fetch("p0", 402))) == [("p0", 402)]  # released
+    assert barrier.passed == {"p0": 500, "p1": 9}  # the highest of each passed on
+    barrier.clear()
+    assert barrier.passed == {}
 
 
 def test_barrier_lets_a_fetch_after_the_seek_through_where_the_broker_has_a_hole() -> None:

@@ -56,7 +56,7 @@ def worker() -> None:
         report["seeks"] += len(offsets)
         await rewinder.seek(offsets)
 
-    @app.timer(guard.hold_s / 4)
+    @app.timer(1.0)
     async def due() -> None:
         if offsets := guard.due():
             await seek(offsets)
