@@ -28,7 +28,6 @@ import dataclasses
 import fcntl
 import json
 import logging
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from persrec.models.config import ModelConfig
 from persrec.models.evaluate import evaluate, pad_ids
 from persrec.models.loss import build_model
 from persrec.models.train import TrainConfig
+from persrec.testing.machine import cpu_model
 
 log = logging.getLogger("offline_bench")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -464,14 +464,7 @@ def plot_long(points: list[dict[str, Any]], path: Path, M: int) -> None:
 
 # ------------------------------------------------------------------------------------ main
 def machine(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"cpu": cpu, "threads": threads, "torch": torch.__version__,
             "summary": f"{cpu}, {threads} thread(s)"}
 

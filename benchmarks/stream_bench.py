@@ -66,6 +66,7 @@ from persrec.settings import Settings
 from persrec.stack import WorkerProcess, get_json, settings_env
 from persrec.stream.window import Window
 from persrec.stream.window import encode as encode_window
+from persrec.testing.machine import cpu_model
 from persrec.testing.pipeline import whole_topic
 
 log = logging.getLogger("stream_bench")
@@ -620,17 +621,6 @@ def passthrough_worker() -> None:
     faust.Worker(app, loglevel="warning").execute_from_commandline()
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{platform.machine()} {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", nargs="?", default="run", choices=["run", "report", "passthrough-worker"],
@@ -666,7 +656,7 @@ def main() -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="stream-bench-"))
     wl = load_workload(None)
     stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "benchmarks/stream_bench.py " + " ".join(sys.argv[1:])}
-    res: dict = {"machine": f"{cpu_model()}, {os.cpu_count()} cores, no GPU"
+    res: dict = {"machine": f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores, no GPU"
                  if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
                  "lengths": lengths, "events": args.events} | stamp
     out_json = args.out / "stream_bench.json"

@@ -175,7 +175,7 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
         (await runtime()).counters.offset_rewinds += len(offsets)
         await rewinder.seek(offsets)
 
-    @app.timer(interval=1.0)
+    @app.timer(interval=guard.due_every_s)
     async def rewind_due() -> None:
         """Seek pending rewinds again whose re-read never came (see OffsetGuard)."""
         if due := guard.due():

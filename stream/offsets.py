@@ -75,6 +75,7 @@ class OffsetGuard:
         self._rewinds: dict[Hashable, _Rewind] = {}
         self.holes_accepted = 0
         self.admitted = 0  # events admitted (any partition), for ``due``
+        self.due_every_s = stuck_s / 10  # how often to call ``due``
 
     def reset(self) -> None:
         """On every rebalance: each partition starts again from its committed offset."""

@@ -56,7 +56,7 @@ def worker() -> None:
         report["seeks"] += len(offsets)
         await rewinder.seek(offsets)
 
-    @app.timer(1.0)
+    @app.timer(guard.due_every_s)
     async def due() -> None:
         if offsets := guard.due():
             await seek(offsets)
