@@ -245,7 +245,7 @@ def intervals(rows: dict[str, Any], data: experiment.Dataset, run_dir: Path | No
         path = run_dir / name / "best.pt"
         if path.is_file():
             model = load_checkpoint(path).build_model("cpu")
-            per_user[name] = ndcg_at(target_ranks(model, data.split.test), 10)
+            per_user[name] = ndcg_at(target_ranks(model, data.split.test)["exclude"], 10)
     out = {}
     for name in per_user:
         if not name.startswith(("recompress", "incremental")) or name.endswith(PUBLISHED):

@@ -48,9 +48,17 @@ class ModelConfig:
     policy: MemoryPolicy = MemoryPolicy.RECOMPRESS
     segment_len: int = 50  # INCREMENTAL: history items folded per token block in training
     time_bias: bool = False  # add a relative time bias (needs timestamps)
-    num_time_buckets: int = 64  # log-spaced buckets of |t_q - t_k| in seconds
+    num_time_buckets: int = 64  # buckets ln(|t_q - t_k|) / 0.301 (clamped), i.e. factors of ~1.35 s
+    request_time: bool = False  # t_q = time of the event the query predicts (official), not its own
     temperature: float = 0.05  # sampled-softmax temperature on cosine similarities
-    num_negatives: int = 128  # uniform negatives per sequence in the sampled softmax
+    num_negatives: int = 128  # uniform negatives in the sampled softmax (see train.Negatives)
+    # Details where the official HSTU code differs from ours (models.recipe names both sets):
+    norm_affine: bool = True  # LayerNorms with a learned scale and shift (official: none)
+    projection_bias: bool = True  # the uvqk projection has a bias (official: none)
+    official_init: bool = False  # uvqk ~ N(0, .02), output projection xavier_uniform
+    bias_init_std: float = 0.0  # relative position/time biases start at N(0, std) (official .02)
+    attention_norm: int = 0  # attention divided by this constant; 0 = max_len (official 211)
+    abs_positions: bool = False  # learned absolute position embedding from the row start
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "architecture", Architecture(self.architecture))
@@ -65,6 +73,14 @@ class ModelConfig:
             raise ValueError("recent_len, segment_len must be >= 1 and max_len >= 2")
         if self.architecture is Architecture.SASREC and self.dim % self.num_heads:
             raise ValueError("SASRec needs dim divisible by num_heads")
+        if self.abs_positions and self.num_memory_tokens:
+            # A memory row replaces a history of any length, so "position from the row start"
+            # of the recent items would depend on history the serving path no longer has.
+            raise ValueError("abs_positions needs num_memory_tokens=0")
+        if self.request_time and not self.time_bias:
+            raise ValueError("request_time needs time_bias")
+        if self.num_time_buckets < 1 or self.attention_norm < 0:
+            raise ValueError("num_time_buckets must be >= 1 and attention_norm >= 0")
 
     @property
     def has_memory(self) -> bool:
@@ -74,6 +90,12 @@ class ModelConfig:
     def memory_shape(self) -> tuple[int, int, int, int, int]:
         """Shape of one user's memory: ``[L, 2, M, H, Dh]`` (keys at index 0, values at 1)."""
         return (self.num_layers, 2, self.num_memory_tokens, self.num_heads, self.head_dim)
+
+    @property
+    def attention_divisor(self) -> int:
+        """The constant the pointwise attention is divided by (never the query count, so a
+        sequence split into memory + recent gives the scores of one pass over all of it)."""
+        return self.attention_norm or self.max_len
 
     @property
     def max_distance(self) -> int:
@@ -88,6 +110,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Fields missing from ``d`` take their defaults, which are the behaviour of the
+        checkpoints written before those fields existed."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:

@@ -1,6 +1,10 @@
-"""Leave-one-out evaluation: full ranking over all items, history items excluded."""
+"""Leave-one-out evaluation: full ranking over all items, under an explicit rule for the items
+the user has already seen."""
 
 from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -8,6 +12,37 @@ from torch import nn
 
 from .layout import collate
 from .metrics import RankingAccumulator, rank_of_target
+
+
+class Seen(str, enum.Enum):
+    """What happens to items already in the user's history.
+
+    EXCLUDE: every history item leaves the ranking, a target the user saw before included (that
+    row is then a miss). The protocol behind the published ML-1M figures, where no item repeats.
+    KEEP: nothing leaves the ranking; a repeated item can be recommended and counts as a hit.
+    """
+
+    EXCLUDE = "exclude"
+    KEEP = "keep"
+
+
+@dataclass(frozen=True)
+class SeenRule:
+    """``seen`` applied to the whole history, or with ``window`` to its last ``window`` items
+    only (the official HSTU evaluation filters the 200 items the model reads)."""
+
+    seen: Seen = Seen.EXCLUDE
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seen", Seen(self.seen))
+        if self.window is not None and self.window < 1:
+            raise ValueError("window must be >= 1")
+
+    def excluded(self, history: np.ndarray) -> np.ndarray:
+        if self.seen is Seen.KEEP:
+            return history[:0]
+        return history if self.window is None else history[-self.window:]
 
 
 def pad_ids(rows: list[np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -22,50 +57,77 @@ def pad_ids(rows: list[np.ndarray], device: torch.device | str = "cpu") -> torch
 @torch.no_grad()
 def user_vectors(
     model: nn.Module, histories: list[np.ndarray], timestamps: list[np.ndarray] | None,
-    device: torch.device | str,
+    device: torch.device | str, request_ts: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Full-pass user vectors ``[B, D]`` from each history's last ``max_len`` items."""
+    """Full-pass user vectors ``[B, D]`` from each history's last ``max_len`` items.
+    ``request_ts`` ``[B]``: when each recommendation is asked for (the target's time in
+    leave-one-out), which the last query of a ``request_time`` model is asked at."""
     max_len = model.cfg.max_len
     inputs = [h[-max_len:] for h in histories]
-    ts = None if timestamps is None else [t[-max_len:] for t in timestamps]
-    batch = collate(inputs, model.cfg, timestamps=ts).to(device)
+    ts = qts = None
+    if timestamps is not None:
+        ts = [t[-max_len:] for t in timestamps]
+        if request_ts is not None:
+            qts = [np.append(t[1:], r) for t, r in zip(ts, request_ts)]
+    batch = collate(inputs, model.cfg, timestamps=ts, query_timestamps=qts).to(device)
     hidden = model(batch)
     return hidden[torch.arange(len(inputs), device=hidden.device), batch.last]
 
 
 @torch.no_grad()
-def target_ranks(model: nn.Module, rows, *, device: torch.device | str = "cpu", batch_size: int = 256) -> torch.Tensor:
-    """0-based rank of each row's target ``[R]`` (in the rows' order) under the protocol below."""
+def target_ranks(
+    model: nn.Module, rows, *, device: torch.device | str = "cpu", batch_size: int = 256,
+    rules: dict[str, SeenRule] | None = None,
+) -> dict[str, torch.Tensor]:
+    """0-based rank of each row's target ``[R]`` (in the rows' order) under each of ``rules``
+    (name -> rule; default one ``SeenRule()`` named ``exclude``). Scores are computed once."""
+    rules = rules or {"exclude": SeenRule()}
     was_training = model.training
     model.eval()
-    ranks = torch.zeros(len(rows.target), dtype=torch.long)
+    ranks = {name: torch.zeros(len(rows.target), dtype=torch.long) for name in rules}
     order = np.argsort([len(h) for h in rows.history], kind="stable")  # similar lengths batch well
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         hist = [rows.history[i] for i in idx]
         ts = None if rows.history_ts is None else [rows.history_ts[i] for i in idx]
-        scores = model.score(user_vectors(model, hist, ts, device))
+        request = None if rows.target_ts is None else rows.target_ts[idx]
+        scores = model.score(user_vectors(model, hist, ts, device, request))
         targets = torch.as_tensor(rows.target[idx], device=scores.device)
-        ranks[torch.from_numpy(idx)] = rank_of_target(scores, targets, pad_ids(hist, scores.device)).cpu()
+        for name, rule in rules.items():
+            exclude = pad_ids([rule.excluded(h) for h in hist], scores.device)
+            ranks[name][torch.from_numpy(idx)] = rank_of_target(
+                scores, targets, exclude, exclude_target=rule.seen is Seen.EXCLUDE).cpu()
     model.train(was_training)
     return ranks
 
 
+def evaluate_rules(
+    model: nn.Module, rows, rules: dict[str, SeenRule], *, device: torch.device | str = "cpu",
+    batch_size: int = 256, ks: tuple[int, ...] = (10, 50, 200),
+) -> dict[str, dict[str, float]]:
+    """``evaluate`` under several seen rules at the cost of one: rule name -> metrics."""
+    out = {}
+    for name, r in target_ranks(model, rows, device=device, batch_size=batch_size, rules=rules).items():
+        acc = RankingAccumulator(ks)
+        acc.add(r)
+        out[name] = acc.compute()
+    return out
+
+
 def evaluate(
     model: nn.Module, rows, *, device: torch.device | str = "cpu", batch_size: int = 256,
-    ks: tuple[int, ...] = (10, 50, 200),
+    ks: tuple[int, ...] = (10, 50, 200), seen: SeenRule = SeenRule(),
 ) -> dict[str, float]:
-    """Metrics of ``model`` on ``EvalRows`` (``history``, ``history_ts``, ``target``).
-
-    Each row's history is its user's whole prefix; the model reads its last ``max_len`` items
-    and every item of the prefix is excluded from the ranking (the target itself stays rankable).
-    """
-    acc = RankingAccumulator(ks)
-    acc.add(target_ranks(model, rows, device=device, batch_size=batch_size))
-    return acc.compute()
+    """Metrics of ``model`` on ``EvalRows`` (``history``, ``history_ts``, ``target``,
+    ``target_ts``): each row's history is its user's whole prefix, the model reads its last
+    ``max_len`` items, and ``seen`` says which history items leave the ranking (by default
+    all of them, a repeated target included)."""
+    return evaluate_rules(model, rows, {"r": seen}, device=device, batch_size=batch_size, ks=ks)["r"]
 
 
-def popularity_metrics(train_items: list[np.ndarray], num_items: int, rows, ks=(10, 50, 200)) -> dict[str, float]:
+def popularity_metrics(
+    train_items: list[np.ndarray], num_items: int, rows, ks=(10, 50, 200), seen: SeenRule = SeenRule(),
+) -> dict[str, float]:
     """The same protocol for a most-popular ranker (counts over training sequences)."""
     counts = np.bincount(np.concatenate(train_items), minlength=num_items + 1).astype(np.float32)
     acc = RankingAccumulator(ks)
@@ -74,5 +136,7 @@ def popularity_metrics(train_items: list[np.ndarray], num_items: int, rows, ks=(
         sl = slice(start, start + 1024)
         hist = rows.history[sl]
         scores = base.expand(len(hist), -1).clone()
-        acc.add(rank_of_target(scores, torch.as_tensor(rows.target[sl]), pad_ids(hist)))
+        exclude = pad_ids([seen.excluded(h) for h in hist])
+        acc.add(rank_of_target(scores, torch.as_tensor(rows.target[sl]), exclude,
+                               exclude_target=seen.seen is Seen.EXCLUDE))
     return acc.compute()

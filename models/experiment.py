@@ -16,7 +16,7 @@ from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .data import (IdMap, SequenceData, Split, all_but_test, build_sequences, leave_one_out, load_interactions,
                    synthetic_interactions)
-from .evaluate import evaluate, popularity_metrics
+from .evaluate import SeenRule, evaluate, popularity_metrics
 from .loss import build_model
 from .train import EpochReport, FitResult, TrainConfig, fit
 
@@ -59,7 +59,11 @@ def train_on(
     data: Dataset, model_overrides: dict[str, Any], train_cfg: TrainConfig, *,
     out_dir: Path | None, device: torch.device | str = "cpu", resume: Path | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None, protocol: Protocol = Protocol.HELDOUT,
+    test_rules: dict[str, SeenRule] | None = None,
 ) -> tuple[torch.nn.Module, FitResult]:
+    """Build the model of ``model_overrides`` and train it on ``data`` under ``protocol``. With
+    ``train_cfg.test_every``, the test rows are evaluated along the way under ``test_rules``
+    (recorded in the history, never used to choose weights)."""
     cfg = ModelConfig(num_items=data.id_map.num_items, **model_overrides)
     if resume is not None:  # the checkpoint's configuration wins
         cfg = load_checkpoint(resume).config
@@ -71,21 +75,24 @@ def train_on(
     result = fit(
         model, train.items, train.timestamps, valid, train_cfg,
         device=device, id_map_json=data.id_map.to_json(), out_dir=out_dir, resume=resume,
-        on_epoch=on_epoch,
+        on_epoch=on_epoch, test_rows=data.split.test, test_rules=test_rules,
     )
     return model, result
 
 
-def test_report(model: torch.nn.Module, data: Dataset, *, device: torch.device | str = "cpu") -> dict[str, Any]:
+def test_report(
+    model: torch.nn.Module, data: Dataset, *, device: torch.device | str = "cpu", seen: SeenRule = SeenRule(),
+) -> dict[str, Any]:
     """Test-split metrics of the model next to a most-popular ranker, as one JSON-able dict."""
     return {
         "dataset": data.name,
         "users": len(data.sequences),
         "items": data.id_map.num_items,
         "test_rows": len(data.split.test),
-        "model": dataclasses.asdict(model.cfg) | {"architecture": model.cfg.architecture.value, "policy": model.cfg.policy.value},
-        "test": evaluate(model, data.split.test, device=device),
-        "popularity_test": popularity_metrics(data.split.train.items, data.id_map.num_items, data.split.test),
+        "model": model.cfg.to_dict(),
+        "seen": {"rule": seen.seen.value, "window": seen.window},
+        "test": evaluate(model, data.split.test, device=device, seen=seen),
+        "popularity_test": popularity_metrics(data.split.train.items, data.id_map.num_items, data.split.test, seen=seen),
     }
 
 

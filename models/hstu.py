@@ -16,18 +16,46 @@ from .config import ModelConfig
 from .layout import ITEM, attention_mask, causal_mask
 
 
-class RelativeBias(nn.Module):
-    """``rab[b, q, k]`` = w_pos[pos_q - pos_k] (+ w_time[bucket(|t_q - t_k|)] between items).
+def time_buckets(q_ts: torch.Tensor, k_ts: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """``[B, Nq, Nk]`` bucket ``floor(ln(max(|t_q - t_k|, 1)) / 0.301)`` clamped to
+    ``0..num_buckets-1`` of query times ``[B, Nq]`` and key times ``[B, Nk]`` (unix seconds):
+    0 for gaps under 2 s, then a bucket per factor of e^0.301 = 1.35 (HSTU's bucketing)."""
+    dt = (q_ts[:, :, None] - k_ts[:, None, :]).abs().clamp(min=1).double()
+    return (torch.log(dt) / 0.301).long().clamp(0, num_buckets - 1)
 
-    Distances are clamped to ``cfg.max_distance``; the time bias uses log-spaced buckets of
-    seconds and applies only between two items (tokens have no time).
+
+def query_times(ts: torch.Tensor, lengths: torch.Tensor, after: torch.Tensor | None) -> torch.Tensor:
+    """The time each item's query is asked at under ``request_time``: the time of the next item
+    of the row, and ``after`` ``[B]`` (the request time, or the next event's) for the last one;
+    ``ts`` ``[B, N]`` right-padded to ``lengths`` ``[B]``. ``after=None`` uses the last item's
+    own time (a request at the moment of the last event). Padding positions get 0."""
+    B, N = ts.shape
+    if N == 0:
+        return ts
+    last = ts.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
+    after = last if after is None else after.to(ts.dtype)
+    q = torch.cat([ts[:, 1:], torch.zeros_like(ts[:, :1])], dim=1)
+    ar = torch.arange(N, device=ts.device)[None]
+    q = torch.where(ar == (lengths - 1)[:, None], after[:, None], q)
+    return torch.where(ar < lengths[:, None], q, torch.zeros_like(q))
+
+
+class RelativeBias(nn.Module):
+    """``rab[b, q, k]`` = w_pos[pos_q - pos_k] (+ w_time[bucket(t_q - t_k)] between items).
+
+    Distances are clamped to ``cfg.max_distance``; the time bias (``time_buckets``) applies only
+    between two items (tokens have no time). ``t_q`` is the query item's own time, or with
+    ``cfg.request_time`` the time of the event it predicts (``query_times``), as in the official
+    HSTU code: then the bias tells the model how long after each past item the request comes.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.max_distance = cfg.max_distance
-        self.pos_w = nn.Parameter(torch.zeros(cfg.max_distance + 1))
-        self.time_w = nn.Parameter(torch.zeros(cfg.num_time_buckets)) if cfg.time_bias else None
+        std = cfg.bias_init_std
+        init = (lambda n: torch.randn(n) * std) if std > 0 else torch.zeros  # noqa: E731
+        self.pos_w = nn.Parameter(init(cfg.max_distance + 1))
+        self.time_w = nn.Parameter(init(cfg.num_time_buckets)) if cfg.time_bias else None
 
     def forward(
         self, q_pos: torch.Tensor, k_pos: torch.Tensor,
@@ -37,8 +65,7 @@ class RelativeBias(nn.Module):
         dist = (q_pos[:, :, None] - k_pos[:, None, :]).clamp(0, self.max_distance)
         rab = self.pos_w[dist]  # [B, Nq, Nk]; batch 1 when the positions have batch 1
         if self.time_w is not None and q_ts is not None and k_ts is not None:
-            dt = (q_ts[:, :, None] - k_ts[:, None, :]).abs().clamp(min=1).double()
-            bucket = (torch.log(dt) / 0.301).long().clamp(0, self.time_w.numel() - 1)
+            bucket = time_buckets(q_ts, k_ts, self.time_w.numel())
             both_items = q_item[:, :, None] & k_item[:, None, :]
             rab = rab + self.time_w[bucket] * both_items
         return rab
@@ -110,11 +137,14 @@ class HSTULayer(nn.Module):
         super().__init__()
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
         inner = cfg.num_heads * cfg.head_dim
-        self.norm_in = nn.LayerNorm(cfg.dim)
-        self.uvqk = nn.Linear(cfg.dim, 4 * inner)
-        self.norm_attn = nn.LayerNorm(inner)
+        self.norm_in = nn.LayerNorm(cfg.dim, elementwise_affine=cfg.norm_affine)
+        self.uvqk = nn.Linear(cfg.dim, 4 * inner, bias=cfg.projection_bias)
+        self.norm_attn = nn.LayerNorm(inner, elementwise_affine=cfg.norm_affine)
         self.out = nn.Linear(inner, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.official_init:
+            nn.init.normal_(self.uvqk.weight, std=0.02)
+            nn.init.xavier_uniform_(self.out.weight)
 
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, rab: torch.Tensor,
@@ -142,17 +172,22 @@ class HSTUStack(nn.Module):
         super().__init__()
         self.bias = RelativeBias(cfg)
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_layers))
-        self.inv_norm = 1.0 / cfg.max_len
+        self.inv_norm = 1.0 / cfg.attention_divisor
 
     def forward(
         self, x: torch.Tensor, kind: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor,
         ts: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
         prefix_kind: torch.Tensor | None = None, prefix_seg: torch.Tensor | None = None,
         prefix_pos: torch.Tensor | None = None, keep: slice | None = None,
+        q_ts: torch.Tensor | None = None, plain: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x ``[B, N, D]`` with attributes kind/seg/pos/ts ``[B, N]``; ``prefix`` ``[B, L, 2, P,
         H, Dh]`` with attributes ``[B, P]``. Returns the output ``[B, N, D]`` and, if ``keep`` is
         given, the keys/values of positions ``keep`` for every layer ``[B, L, 2, |keep|, H, Dh]``.
+        ``q_ts`` ``[B, N]``: the queries' times for the time bias (default ``ts``, each item's
+        own). ``plain``: the caller guarantees a plain causal layout without a prefix (rows of
+        right-padded items of one segment at positions 0..N-1, as ``collate`` lays out a model
+        without memory tokens), so no check reads the tensors (each would wait for the GPU).
         Outputs at padding positions are unspecified (nothing reads them).
         """
         if prefix is None:
@@ -162,19 +197,27 @@ class HSTUStack(nn.Module):
             k_seg = torch.cat([prefix_seg, seg], 1)
             k_pos = torch.cat([prefix_pos, pos], 1)
             k_ts = None if ts is None else torch.cat([torch.zeros_like(prefix_pos), ts], 1)
-        q_pos, k_pos = _shared_rows(pos), _shared_rows(k_pos)  # [1, N] when all rows agree
-        # Key positions 0..P+N-1 in column order, the queries being the last N: every mask
-        # (all include pos_k <= pos_q) is lower triangular after the prefix.
-        Nk, N = k_pos.shape[1], pos.shape[1]
-        column_order = (k_pos.shape[0] == 1 and q_pos.shape[0] == 1
-                        and torch.equal(k_pos[0], torch.arange(Nk, device=pos.device))
-                        and torch.equal(q_pos[0], k_pos[0, Nk - N:]))
-        chunk = self.causal_chunk if column_order else None
-        mask = causal_mask(kind, seg, pos, prefix_kind, prefix_seg, prefix_pos)  # [1, N, P+N]
-        if mask is None:
-            mask = attention_mask(kind, seg, q_pos, k_kind, k_seg, k_pos)
+        if plain and prefix is None:
+            q_pos = k_pos = pos[:1]
+            chunk, N = self.causal_chunk, pos.shape[1]
+            mask = torch.ones(N, N, dtype=torch.bool, device=pos.device).tril()[None]
+        else:
+            q_pos, k_pos = _shared_rows(pos), _shared_rows(k_pos)  # [1, N] when all rows agree
+            # Key positions 0..P+N-1 in column order, the queries being the last N: every mask
+            # (all include pos_k <= pos_q) is lower triangular after the prefix.
+            Nk, N = k_pos.shape[1], pos.shape[1]
+            column_order = (k_pos.shape[0] == 1 and q_pos.shape[0] == 1
+                            and torch.equal(k_pos[0], torch.arange(Nk, device=pos.device))
+                            and torch.equal(q_pos[0], k_pos[0, Nk - N:]))
+            chunk = self.causal_chunk if column_order else None
+            mask = causal_mask(kind, seg, pos, prefix_kind, prefix_seg, prefix_pos)  # [1, N, P+N]
+            if mask is None:
+                mask = attention_mask(kind, seg, q_pos, k_kind, k_seg, k_pos)
+        if x.is_cuda:  # skipping the upper triangle saves CPU time, but costs a GPU launches
+            chunk = None
         weights = mask.to(x.dtype).mul_(self.inv_norm)  # [B or 1, N, P+N]
-        rab = self.bias(q_pos, k_pos, kind == ITEM, k_kind == ITEM, ts, k_ts).to(x.dtype)
+        q_ts = ts if q_ts is None else q_ts
+        rab = self.bias(q_pos, k_pos, kind == ITEM, k_kind == ITEM, q_ts, k_ts).to(x.dtype)
         kept = []
         for i, layer in enumerate(self.layers):
             pk = pv = None

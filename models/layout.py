@@ -164,7 +164,8 @@ def user_layout(n: int, cfg: ModelConfig) -> UserLayout:
 class LayoutBatch:
     """A padded batch in the full (training / reference) layout. All tensors ``[B, N]`` int64
     except ``last`` ``[B]``: the position of each row's last item (where the next item is scored).
-    ``targets`` is 0 wherever there is no next-item target."""
+    ``targets`` is 0 wherever there is no next-item target. ``ts``: each item's time;
+    ``qts``: the time its query is asked at (the next event's, see ``hstu.query_times``)."""
 
     item_ids: torch.Tensor
     kind: torch.Tensor
@@ -174,6 +175,13 @@ class LayoutBatch:
     targets: torch.Tensor
     last: torch.Tensor
     ts: torch.Tensor | None = None
+    qts: torch.Tensor | None = None
+
+    def rows(self, index: torch.Tensor, width: int | None = None) -> "LayoutBatch":
+        """Rows ``index`` of the batch, cut to their first ``width`` columns."""
+        cut = lambda t: None if t is None else t[index, :width]  # noqa: E731
+        return LayoutBatch(cut(self.item_ids), cut(self.kind), cut(self.seg), cut(self.pos),
+                           cut(self.tok), cut(self.targets), self.last[index], cut(self.ts), cut(self.qts))
 
     def to(self, device: torch.device | str) -> "LayoutBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -185,9 +193,12 @@ def collate(
     cfg: ModelConfig,
     targets: list[np.ndarray] | None = None,
     timestamps: list[np.ndarray] | None = None,
+    query_timestamps: list[np.ndarray] | None = None,
 ) -> LayoutBatch:
     """Lay out each user's ``inputs`` (item ids, oldest first, each non-empty) and pad to the
-    longest row. ``targets[b][i]`` is the item to predict after ``inputs[b][i]`` (0 = none)."""
+    longest row. ``targets[b][i]`` is the item to predict after ``inputs[b][i]`` (0 = none);
+    ``timestamps``/``query_timestamps`` are aligned with ``inputs`` (the items' times and the
+    times of the events each one's query predicts)."""
     layouts = [user_layout(len(x), cfg) for x in inputs]
     B, N = len(inputs), max(len(lay.kind) for lay in layouts)
     item_ids = np.zeros((B, N), np.int64)
@@ -196,6 +207,7 @@ def collate(
     tok = np.zeros((B, N), np.int64)
     tgt = np.zeros((B, N), np.int64)
     ts = np.zeros((B, N), np.int64) if timestamps is not None else None
+    qts = np.zeros((B, N), np.int64) if query_timestamps is not None else None
     last = np.zeros(B, np.int64)
     for b, (x, lay) in enumerate(zip(inputs, layouts)):
         n = len(lay.kind)
@@ -207,10 +219,12 @@ def collate(
             tgt[b, :n][is_item] = targets[b][lay.src[is_item]]
         if ts is not None:
             ts[b, :n][is_item] = timestamps[b][lay.src[is_item]]
+        if qts is not None:
+            qts[b, :n][is_item] = query_timestamps[b][lay.src[is_item]]
         last[b] = np.flatnonzero(is_item)[-1]
     pos = np.broadcast_to(np.arange(N, dtype=np.int64), (B, N)).copy()
     t = torch.from_numpy
     return LayoutBatch(
         t(item_ids), t(kind), t(seg), t(pos), t(tok), t(tgt), t(last),
-        None if ts is None else t(ts),
+        None if ts is None else t(ts), None if qts is None else t(qts),
     )

@@ -15,7 +15,8 @@ DEFAULT_KS: tuple[int, ...] = (10, 50, 200)
 
 
 def rank_of_target(
-    scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None
+    scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None,
+    exclude_target: bool = False,
 ) -> torch.Tensor:
     """0-based rank of each target among all items.
 
@@ -27,9 +28,9 @@ def rank_of_target(
     target's. Ties therefore count in the target's favour (optimistic), which only matters for
     degenerate models that give many items the same score.
 
-    Column 0 and every excluded item are set to -inf before counting; the target itself is
-    never excluded, even if it is in `exclude`: the protocol filters history items, and a
-    target the user saw before stays rankable.
+    Column 0 and every excluded item are set to -inf before counting. A target that is itself
+    in `exclude` (the user saw it before) stays rankable unless `exclude_target`; then it is a
+    miss at every cut-off: its rank is the number of columns, I.
     """
     if scores.dim() != 2 or targets.shape != scores.shape[:1]:
         shapes = f"{tuple(scores.shape)} and {tuple(targets.shape)}"
@@ -42,7 +43,11 @@ def rank_of_target(
     if exclude is not None:
         masked.scatter_(1, exclude, -math.inf)  # id 0 lands on the padding column
     # The target's own column is never strictly greater than itself, masked or not.
-    return (masked > target_score).sum(dim=1)
+    ranks = (masked > target_score).sum(dim=1)
+    if exclude is not None and exclude_target:
+        seen = (exclude == targets[:, None]).any(dim=1)
+        ranks = torch.where(seen, torch.full_like(ranks, scores.shape[1]), ranks)
+    return ranks
 
 
 def _sums(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:

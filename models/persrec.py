@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Architecture, ModelConfig
-from .hstu import ItemScoring, HSTUStack, init_embedding_, input_scale
+from .hstu import ItemScoring, HSTUStack, init_embedding_, input_scale, query_times
 from .layout import ITEM, PAD, TOKEN, LayoutBatch
 
 
@@ -37,6 +37,10 @@ class PerSRec(ItemScoring, nn.Module):
         if cfg.has_memory:
             self.tokens = nn.Parameter(torch.empty(cfg.num_memory_tokens, cfg.dim))
             init_embedding_(self.tokens)
+        self.pos_emb = None
+        if cfg.abs_positions:
+            self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
+            init_embedding_(self.pos_emb.weight)
         self.backbone = HSTUStack(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.scale = input_scale(cfg.dim)
@@ -46,16 +50,30 @@ class PerSRec(ItemScoring, nn.Module):
         x = self.item_emb(item_ids)  # [B, N, D]
         if self.tokens is not None:
             x = torch.where((kind == TOKEN)[..., None], self.tokens[tok], x)
-        return self.dropout(x * self.scale)
+        x = x * self.scale
+        if self.pos_emb is not None:  # rows start at position 0 (no memory tokens)
+            N = x.shape[1]
+            if N > self.cfg.max_len:
+                raise ValueError(f"abs_positions models read at most max_len={self.cfg.max_len} items, got {N}")
+            x = x + self.pos_emb.weight[:N]
+        return self.dropout(x)
 
     def forward(self, batch: LayoutBatch) -> torch.Tensor:
         """One masked pass over the full layout -> L2-normalised outputs ``[B, N, D]``."""
         x = self._embed(batch.item_ids, batch.kind, batch.tok)
-        h, _ = self.backbone(x, batch.kind, batch.seg, batch.pos, self._ts(batch.ts))
+        ts, q_ts = self._times(batch.ts, batch.qts)
+        # collate lays a model without memory tokens out as plain causal rows
+        h, _ = self.backbone(x, batch.kind, batch.seg, batch.pos, ts, q_ts=q_ts, plain=self.tokens is None)
         return F.normalize(h, dim=-1)
 
-    def _ts(self, ts: torch.Tensor | None) -> torch.Tensor | None:
-        return ts if self.cfg.time_bias else None
+    def _times(self, ts: torch.Tensor | None, q_ts: torch.Tensor | None):
+        """(key times, query times) as the backbone reads them: none without a time bias, the
+        items' own times as queries unless ``request_time``."""
+        if not self.cfg.time_bias or ts is None:
+            return None, None
+        if self.cfg.request_time and q_ts is None:
+            raise ValueError("a request_time model needs the query times (the next event's time)")
+        return ts, (q_ts if self.cfg.request_time else None)
 
     def _block(self, items: torch.Tensor, lengths: torch.Tensor, with_tokens: bool):
         """Attributes of ``[items (seg 1) | tokens (block 1)]`` placed after a memory prefix."""
@@ -74,12 +92,17 @@ class PerSRec(ItemScoring, nn.Module):
             tok = torch.cat([tok, tm], 1)
         return ids, kind, torch.ones_like(kind), pos, tok
 
-    def _run(self, items, lengths, ts, memory, has_memory, with_tokens):
+    def _run(self, items, lengths, ts, memory, has_memory, with_tokens, after=None):
         B, N = items.shape
         M = self.cfg.num_memory_tokens
         ids, kind, seg, pos, tok = self._block(items, lengths, with_tokens)
+        q_ts = None
+        if ts is not None and self.cfg.request_time:
+            q_ts = query_times(ts, lengths, after)
         if ts is not None and with_tokens:
-            ts = torch.cat([ts, torch.zeros(B, M, dtype=ts.dtype, device=ts.device)], 1)
+            pad = lambda t: torch.cat([t, torch.zeros(B, M, dtype=t.dtype, device=t.device)], 1)  # noqa: E731
+            ts = pad(ts)
+            q_ts = None if q_ts is None else pad(q_ts)
         prefix = {}
         if memory is not None:
             if has_memory is None:
@@ -93,26 +116,32 @@ class PerSRec(ItemScoring, nn.Module):
             )
         x = self._embed(ids, kind, tok)
         keep = slice(N, N + M) if with_tokens else None
-        return self.backbone(x, kind, seg, pos, self._ts(ts), keep=keep, **prefix)
+        ts, q_ts = self._times(ts, q_ts)
+        return self.backbone(x, kind, seg, pos, ts, keep=keep, q_ts=q_ts, **prefix)
 
     def compress(
         self, items: torch.Tensor, lengths: torch.Tensor, ts: torch.Tensor | None = None,
+        next_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """History ``[B, N]`` (right-padded, ``lengths`` ``[B]``, may be 0) -> memory
-        ``[B, L, 2, M, H, Dh]``."""
-        return self.fold(None, None, items, lengths, ts)
+        ``[B, L, 2, M, H, Dh]``. ``ts``, ``next_ts``: as in ``fold``."""
+        return self.fold(None, None, items, lengths, ts, next_ts)
 
     def fold(
         self, memory: torch.Tensor | None, has_memory: torch.Tensor | None,
         items: torch.Tensor, lengths: torch.Tensor, ts: torch.Tensor | None = None,
+        next_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fold segment ``items`` ``[B, N]`` into ``memory`` ``[B, L, 2, M, H, Dh]``.
 
         ``has_memory`` ``[B]`` bool says which rows have a previous memory; rows without one
         (a user's first fold) are compressed from the segment alone, as in training.
+        ``ts`` ``[B, N]``: the items' times (time-bias models); ``next_ts`` ``[B]``: the time of
+        the event after each row's last item, which a ``request_time`` model's last query is
+        asked at (default: that item's own time).
         """
         self._need_memory()
-        _, kv = self._run(items, lengths, ts, memory, has_memory, with_tokens=True)
+        _, kv = self._run(items, lengths, ts, memory, has_memory, with_tokens=True, after=next_ts)
         return kv
 
     def empty_memory(self, batch_size: int = 1) -> torch.Tensor:
@@ -124,20 +153,29 @@ class PerSRec(ItemScoring, nn.Module):
     def recommend(
         self, memory: torch.Tensor | None, items: torch.Tensor, lengths: torch.Tensor,
         ts: torch.Tensor | None = None, at: tuple[torch.Tensor, torch.Tensor] | None = None,
+        request_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Memory ``[B, L, 2, M, H, Dh]`` (None without memory tokens) + recent items ``[B, N]``
         (right-padded, ``lengths`` >= 1) -> L2-normalised user vectors ``[B, D]``.
 
+        ``ts`` ``[B, N]``: the items' times; ``request_ts`` ``[B]``: when each row's
+        recommendation is asked for, which a ``request_time`` model reads (default: the time of
+        the row's last item, i.e. at that event).
+
         ``at = (rows, positions)`` (``[Q]`` each) asks for the vectors after ``positions`` of
         ``rows`` instead, ``[Q, D]``: attention is causal and its biases depend on distances
         only, so the vector after position p of a row is ``recommend`` of the row's first p + 1
-        items, and one pass answers every prefix of a row (a user's burst of events)."""
+        items, and one pass answers every prefix of a row (a user's burst of events). Not for
+        ``request_time`` models: there the query at p is asked at the time of item p + 1, so a
+        prefix ending at p needs its own row."""
         if bool((lengths < 1).any()):
             raise ValueError("recommend needs at least one recent item per row")
         if (memory is None) == self.cfg.has_memory:
             raise ValueError("pass a memory exactly when the model has memory tokens")
         rows, positions = self.query_positions(lengths, at)
-        h, _ = self._run(items, lengths, ts, memory, None, with_tokens=False)
+        if at is not None and self.cfg.request_time and ts is not None and bool((positions != lengths[rows] - 1).any()):
+            raise ValueError("a request_time model answers at the last item of a row only")
+        h, _ = self._run(items, lengths, ts, memory, None, with_tokens=False, after=request_ts)
         return F.normalize(h[rows, positions], dim=-1)
 
     def _need_memory(self) -> None:

@@ -1,10 +1,13 @@
-"""Training: length-bucketed batches, sampled softmax, periodic validation, early stopping,
+"""Training: the examples laid out once, batches by length or shuffled, sampled or full
+softmax, periodic validation (and test, recorded, never selected on), early stopping,
 checkpoints and resume; DistributedDataParallel when launched under ``torchrun``."""
 
 from __future__ import annotations
 
 import copy
+import enum
 import gc
+import json
 import logging
 import math
 import time
@@ -18,11 +21,21 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from .evaluate import evaluate
-from .layout import collate
-from .loss import sampled_softmax_loss
+from .evaluate import SeenRule, evaluate, evaluate_rules
+from .layout import PAD, LayoutBatch, collate
+from .loss import Negatives, next_item_loss
 
 log = logging.getLogger(__name__)
+
+
+class Optimizer(str, enum.Enum):
+    ADAM = "adam"  # torch.optim.Adam: weight decay added to the gradient (L2)
+    ADAMW = "adamw"  # decoupled weight decay (the official HSTU setup, with decay 0)
+
+
+class Batching(str, enum.Enum):
+    BY_LENGTH = "by_length"  # similar lengths together (less padding), batches in random order
+    SHUFFLE = "shuffle"  # users in random order (the official setup)
 
 
 @dataclass(frozen=True)
@@ -31,11 +44,33 @@ class TrainConfig:
     batch_size: int = 128  # sequences per step (per process under DDP)
     lr: float = 1e-3
     weight_decay: float = 0.0
+    optimizer: Optimizer = Optimizer.ADAM
+    betas: tuple[float, float] = (0.9, 0.999)
+    batching: Batching = Batching.BY_LENGTH
+    negatives: Negatives = Negatives.SHARED
     eval_every: int = 1  # epochs between validations and last.pt checkpoints
-    patience: int = 10  # validations without a better NDCG@10 before stopping
+    patience: int | None = 10  # validations without a better NDCG@10 before stopping; None: never
     max_minutes: float | None = None  # wall-clock budget; stops after the epoch that passes it
     seed: int = 42
     eval_batch_size: int = 256
+    test_every: int = 0  # also evaluate the test rows every this many epochs (0: never); recorded
+    # in the history for learning curves and last-epoch figures, never used to pick an epoch
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "optimizer", Optimizer(self.optimizer))
+        object.__setattr__(self, "batching", Batching(self.batching))
+        object.__setattr__(self, "negatives", Negatives(self.negatives))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+
+def plain_dict(cfg: TrainConfig) -> dict:
+    """``cfg`` as JSON types (enums as their values), as checkpoints store it."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    kind = torch.optim.AdamW if cfg.optimizer is Optimizer.ADAMW else torch.optim.Adam
+    return kind(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 @dataclass
@@ -44,6 +79,7 @@ class EpochReport:
     loss: float
     seconds: float
     valid: dict[str, float] | None = None
+    test: dict[str, dict[str, float]] | None = None  # seen rule -> metrics (``test_every``)
 
 
 @dataclass
@@ -58,13 +94,42 @@ class FitResult:
 
 def training_examples(
     seqs: list[np.ndarray], ts: list[np.ndarray] | None, max_len: int,
-) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None]:
-    """Each user's last ``max_len`` next-item pairs: inputs ``s[:-1]``, targets ``s[1:]``."""
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None, list[np.ndarray] | None]:
+    """Each user's last ``max_len`` next-item pairs: inputs ``s[:-1]``, targets ``s[1:]``; with
+    times, the inputs' times ``t[:-1]`` and their queries' times ``t[1:]`` (each position's
+    query is asked when its target happens)."""
     keep = [i for i, s in enumerate(seqs) if len(s) >= 2]
     inputs = [seqs[i][:-1][-max_len:] for i in keep]
     targets = [seqs[i][1:][-max_len:] for i in keep]
     times = None if ts is None else [ts[i][:-1][-max_len:] for i in keep]
-    return inputs, targets, times
+    query_times = None if ts is None else [ts[i][1:][-max_len:] for i in keep]
+    return inputs, targets, times, query_times
+
+
+class Examples:
+    """Every training example laid out once (``collate``), on the training device; a batch is a
+    gather of rows cut to the longest of them, so no step lays anything out again."""
+
+    def __init__(self, seqs: list[np.ndarray], ts: list[np.ndarray] | None, cfg, device) -> None:
+        inputs, targets, times, qtimes = training_examples(seqs, ts, cfg.max_len)
+        if not inputs:
+            raise ValueError("no user has two events to train on")
+        self.all: LayoutBatch = collate(inputs, cfg, targets, times, qtimes).to(device)
+        self.width = (self.all.kind != PAD).sum(1).cpu().numpy()  # [U] laid-out length per row
+        self.lengths = np.array([len(x) for x in inputs])  # [U] items per row
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, idx: np.ndarray) -> LayoutBatch:
+        index = torch.from_numpy(np.asarray(idx)).to(self.all.kind.device)
+        return self.all.rows(index, int(self.width[idx].max()))
+
+    def batches(self, cfg: TrainConfig, rng: np.random.Generator) -> list[np.ndarray]:
+        if cfg.batching is Batching.SHUFFLE:
+            order = rng.permutation(len(self))
+            return [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        return length_batches(self.lengths, cfg.batch_size, rng)
 
 
 def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -106,6 +171,8 @@ def fit(
     out_dir: Path | None = None,
     resume: Path | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
+    test_rows=None,
+    test_rules: dict[str, SeenRule] | None = None,
 ) -> FitResult:
     """Train ``model`` in place and leave it holding the best validation weights (the last
     epoch's when ``valid_rows`` is None: fixed epochs, no early stopping).
@@ -114,13 +181,15 @@ def fit(
     share of the batches through DistributedDataParallel; rank 0 validates, decides early
     stopping for everyone, and writes ``out_dir/best.pt`` and ``out_dir/last.pt``; every
     process ends holding rank 0's best weights.
+
+    With ``cfg.test_every`` and ``test_rows``, rank 0 also evaluates the test rows under each of
+    ``test_rules`` (name -> seen rule) every that many epochs, into ``EpochReport.test``.
     """
     rank, world = _world()
     mcfg = model.cfg
     model.to(device)
-    inputs, targets, times = training_examples(train_seqs, train_ts if mcfg.time_bias else None, mcfg.max_len)
-    lengths = np.array([len(x) for x in inputs])
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    examples = Examples(train_seqs, train_ts if mcfg.time_bias else None, mcfg, device)
+    opt = make_optimizer(model.parameters(), cfg)
     start_epoch, best, best_epoch = 1, -math.inf, 0
     best_state = copy.deepcopy(model.state_dict())
     if resume is not None:
@@ -140,25 +209,23 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.monotonic()
         rng = np.random.default_rng(cfg.seed + epoch)
-        batches = length_batches(lengths, cfg.batch_size, rng)
+        batches = examples.batches(cfg, rng)
         batches = batches[: len(batches) // world * world][rank::world] if world > 1 else batches
         model.train()
-        total, steps = 0.0, 0
+        total, steps = torch.zeros((), device=device), 0
         for idx in batches:
-            batch = collate(
-                [inputs[i] for i in idx], mcfg, [targets[i] for i in idx],
-                None if times is None else [times[i] for i in idx],
-            ).to(device)
+            batch = examples.batch(idx)
             hidden = net(batch)
-            loss = sampled_softmax_loss(
-                hidden, batch.targets, model.item_vectors, mcfg.num_items,
-                mcfg.num_negatives, mcfg.temperature, gen,
-            )
+            loss = next_item_loss(hidden, batch.targets, model, mcfg.num_negatives, mcfg.temperature,
+                                  cfg.negatives, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, steps = total + loss.item(), steps + 1
-        report = EpochReport(epoch, total / max(steps, 1), time.monotonic() - t0)
+            total, steps = total + loss.detach(), steps + 1
+        report = EpochReport(epoch, float(total) / max(steps, 1), time.monotonic() - t0)
+        if cfg.test_every and test_rows is not None and rank == 0 and (epoch % cfg.test_every == 0 or epoch == cfg.epochs):
+            report.test = evaluate_rules(model, test_rows, test_rules or {"exclude": SeenRule()},
+                                         device=device, batch_size=cfg.eval_batch_size)
         out_of_time = cfg.max_minutes is not None and time.monotonic() - t_start > cfg.max_minutes * 60
         stop = False
         checkpoint_now = epoch % cfg.eval_every == 0 or epoch == cfg.epochs or out_of_time
@@ -172,10 +239,10 @@ def fit(
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
-            stop = stale >= cfg.patience
+            stop = cfg.patience is not None and stale >= cfg.patience
         if checkpoint_now and out_dir is not None and rank == 0:
             state = dict(optimizer=opt.state_dict(), epoch=epoch, best=best, best_epoch=best_epoch,
-                         train_config=asdict(cfg))
+                         train_config=plain_dict(cfg))
             save_checkpoint(make_checkpoint(model, id_map_json, state, report.valid), out_dir / "last.pt")
         stop = _agree(stop or out_of_time, device)
         history.append(report)
@@ -194,7 +261,7 @@ def fit(
     _share_state(model)
     ckpt_path = None
     if out_dir is not None and rank == 0:
-        state = dict(epoch=epoch, best=best, best_epoch=best_epoch, train_config=asdict(cfg))
+        state = dict(epoch=epoch, best=best, best_epoch=best_epoch, train_config=plain_dict(cfg))
         ckpt_path = save_checkpoint(make_checkpoint(model, id_map_json, state, best_metrics), out_dir / "best.pt")
     return FitResult(best_metrics, best_epoch, epoch, time.monotonic() - t_start, history, ckpt_path)
 

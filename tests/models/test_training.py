@@ -12,7 +12,7 @@ from persrec.models.train import TrainConfig, length_batches, training_examples
 
 def test_training_examples_shift_targets_by_one() -> None:
     seqs = [np.arange(1, 6), np.arange(10, 14), np.array([7])]
-    inputs, targets, _ = training_examples(seqs, None, max_len=3)
+    inputs, targets, _, _ = training_examples(seqs, None, max_len=3)
     assert [x.tolist() for x in inputs] == [[2, 3, 4], [10, 11, 12]]
     assert [y.tolist() for y in targets] == [[3, 4, 5], [11, 12, 13]]
 

@@ -1,0 +1,331 @@
+"""Recipe benchmark (issue 18): our HSTU setup against the official one, difference by
+difference, and beyond, with several seeds per row.
+
+A job trains one (dataset, model, recipe, protocol, seed) for the recipe's fixed number of
+epochs, validating every epoch, and records the test metrics at the validation-selected epoch
+and at the last epoch, each under two seen-item rules (every history item excluded; only the
+last 200, as the official evaluation does). Every finished job is one line of
+``results/recipe_runs.jsonl``; a job already there is not run again, so a plan can be resumed
+after an interruption and run on several machines.
+
+    .venv/bin/python benchmarks/recipe_bench.py run --plan ml1m --workers 2 --threads 1
+    .venv/bin/python benchmarks/recipe_bench.py run --plan small --workers 2 --threads 1
+    .venv/bin/python benchmarks/recipe_bench.py run --plan gpu --device cuda --workers 10 --deadline-s 540
+    .venv/bin/python benchmarks/recipe_bench.py list --plan gpu          # the jobs and which are done
+    .venv/bin/python benchmarks/recipe_bench.py report                   # -> results/recipe_bench.{md,json}
+
+Datasets (read from ``$PERSREC_DATA_DIR``, default ``../shared/data``): ``ml1m`` (the sequence
+file, no timestamps), ``ml1m-ts`` (GroupLens ``ratings.dat`` lines of users 1-2,999, with
+timestamps) and ``mlsmall`` (ml-latest-small ``ratings.csv``). Models: HSTU and SASRec over the
+last 200 items (2 blocks, dim 50, one head), PerSRec with K=8 memory tokens and a recent window
+of 50 under both memory policies. Weights are not kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = RESULTS / "recipe_runs.jsonl"
+log = logging.getLogger("recipe_bench")
+
+DATASETS = {
+    "ml1m": "ml-1m/ml-1m_sequences_original_ids.txt.gz",
+    "ml1m-ts": "ml-1m/ratings_subset_users1-2999.dat.gz",
+    "mlsmall": "ml-latest-small/ratings.csv",
+}
+BASE = dict(dim=50, num_layers=2, num_heads=1, head_dim=50, max_len=200, dropout=0.2)
+MODELS: dict[str, dict[str, Any]] = {
+    "hstu": {},
+    "sasrec": dict(architecture="sasrec"),
+    "persrec-recompress-k8": dict(num_memory_tokens=8, recent_len=50, segment_len=50, policy="recompress"),
+    "persrec-incremental-k8": dict(num_memory_tokens=8, recent_len=50, segment_len=50, policy="incremental"),
+}
+RULES = {"exclude": dict(window=None), "exclude-200": dict(window=200)}
+
+
+@dataclass(frozen=True)
+class Job:
+    dataset: str
+    model: str
+    recipe: str  # a models.recipe expression: "official", "ours+negatives", "best" ...
+    protocol: str  # heldout | published
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.model}/{self.recipe}/{self.protocol}/s{self.seed}"
+
+
+def _jobs(datasets, models, recipes, protocols=("heldout",), seeds=(1, 2, 3)) -> list[Job]:
+    return [Job(d, m, r, p, s) for d in datasets for m in models for r in recipes for p in protocols for s in seeds]
+
+
+SINGLE = ["ours+" + d for d in ("negatives", "optimizer", "batching", "abs_positions", "norm_init",
+                                 "bias_init", "attention_norm", "epochs")]
+BEYOND = ["official+num_negatives=512", "official+abs_positions=false"]
+
+
+def plan(name: str) -> list[Job]:
+    """Jobs in priority order (a deadline cuts the tail)."""
+    timed = ("ml1m-ts", "mlsmall")
+    core = {
+        # the claims: ours vs official vs best, HSTU vs SASRec, PerSRec vs HSTU; 3 seeds each
+        "ml1m": (_jobs(["ml1m"], ["hstu"], ["ours", "official", "best"])
+                 + _jobs(["ml1m"], ["sasrec"], ["official", "best"])
+                 + _jobs(["ml1m"], ["persrec-recompress-k8", "persrec-incremental-k8"], ["best"])
+                 + _jobs(["ml1m"], ["hstu"], ["official", "best"], ["published"])
+                 + _jobs(["ml1m"], ["hstu"], SINGLE + BEYOND, seeds=(1,))),
+        # time bias: official and best with and without it, on the two timestamped sets
+        "timed": (_jobs(timed, ["hstu"], ["official", "official+time_bias=false", "best", "best+time_bias=false", "ours"])
+                  + _jobs(timed, ["sasrec"], ["best"])
+                  + _jobs(timed, ["persrec-recompress-k8", "persrec-incremental-k8"], ["best"])),
+    }
+    if name == "gpu":  # ML-1M's claim rows first, then the timed sets, then the screening rows
+        ml1m = core["ml1m"]
+        claims = [j for j in ml1m if j.seed != 1 or j.recipe not in SINGLE + BEYOND]
+        screening = [j for j in ml1m if j not in claims]
+        return claims + [j for j in core["timed"] if j.dataset == "ml1m-ts"] + screening + \
+            [j for j in core["timed"] if j.dataset == "mlsmall"]
+    if name == "small":
+        return [j for j in core["timed"] if j.dataset == "mlsmall"]
+    if name == "quick":  # smoke test: synthetic data, two epochs
+        return [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")]
+    if name in core:
+        return core[name]
+    raise SystemExit(f"unknown plan {name!r}; known: ml1m, timed, small, gpu, quick")
+
+
+# ------------------------------------------------------------------------------------ running
+_DATA_CACHE: dict[str, Any] = {}
+
+
+def load(dataset: str):
+    from persrec.models import experiment
+    from persrec.models.data import data_dir
+
+    if dataset not in _DATA_CACHE:
+        path = "synthetic" if dataset == "synthetic" else data_dir() / DATASETS[dataset]
+        _DATA_CACHE[dataset] = experiment.load_dataset(path)
+    return _DATA_CACHE[dataset]
+
+
+def run_job(job: Job, device: str, threads: int | None, epochs: int | None = None) -> dict[str, Any]:
+    import torch
+
+    from persrec.models import experiment
+    from persrec.models.evaluate import SeenRule, evaluate_rules, target_ranks
+    from persrec.models.recipe import recipe_named
+    from persrec.testing.machine import cpu_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    data = load(job.dataset)
+    recipe = recipe_named(job.recipe)
+    spec = MODELS[job.model]
+    if spec.get("num_memory_tokens"):
+        recipe = recipe.with_(abs_positions=False)  # undefined for memory rows (ModelConfig)
+    if spec.get("architecture") == "sasrec":  # SASRec has its own positions and no relative bias
+        recipe = recipe.with_(time_bias=False, request_time=False, abs_positions=False)
+    small = job.dataset == "synthetic"
+    base = BASE | (dict(max_len=40, dim=16, head_dim=16) if small else {})
+    if small and spec.get("num_memory_tokens"):
+        spec = spec | dict(recent_len=10, segment_len=10)
+    has_ts = data.sequences.timestamps is not None
+    overrides = base | spec | recipe.model_overrides(base["max_len"], has_ts)
+    n_epochs = epochs or (2 if small else recipe.epochs)
+    tcfg = recipe.train_config(seed=job.seed, epochs=n_epochs, patience=None, eval_every=1, test_every=n_epochs)
+    rules = {name: SeenRule(**r) for name, r in RULES.items()}
+    t0 = time.monotonic()
+    def progress(r):
+        if r.epoch % 10 == 0:
+            v = f" valid NDCG@10 {r.valid['ndcg@10']:.4f}" if r.valid else ""
+            print(f"  {job.key} epoch {r.epoch}: {time.monotonic() - t0:.0f}s{v}", flush=True)
+
+    model, fit = experiment.train_on(data, overrides, tcfg, out_dir=None, device=device,
+                                     protocol=job.protocol, test_rules=rules, on_epoch=progress)
+    seconds = time.monotonic() - t0
+    last = fit.history[-1].test
+    selected = evaluate_rules(model, data.split.test, rules, device=device) if job.protocol == "heldout" else last
+    ranks = target_ranks(model, data.split.test, device=device, rules={"exclude": rules["exclude"]})["exclude"]
+    round4 = lambda m: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}  # noqa: E731
+    return dict(
+        key=job.key, dataset=job.dataset, model=job.model, recipe=job.recipe, protocol=job.protocol,
+        seed=job.seed, recipe_settings=recipe.to_dict(), config=model.cfg.to_dict(),
+        epochs=n_epochs, best_epoch=fit.best_epoch if job.protocol == "heldout" else n_epochs,
+        train_seconds=round(seconds, 1),
+        loss=[round(r.loss, 4) for r in fit.history],
+        valid_ndcg10=[round(r.valid["ndcg@10"], 5) for r in fit.history if r.valid],
+        test_selected={k: round4(v) for k, v in selected.items()},
+        test_last={k: round4(v) for k, v in last.items()},
+        test_ranks_selected=ranks.tolist(),
+        machine=dict(cpu=cpu_model(), device=device, threads=torch.get_num_threads(),
+                     gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None,
+                     torch=torch.__version__),
+        code=os.environ.get("PERSREC_CODE_COMMIT", _commit()),
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _worker(args):
+    job, device, threads, epochs = args
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        return run_job(job, device, threads, epochs), None
+    except Exception as e:  # a failed job is reported and skipped, the others go on
+        import traceback
+
+        return None, f"{job.key}: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+
+
+def done_keys(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    return {json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def cmd_run(args) -> int:
+    jobs = [j for j in plan(args.plan) if not args.only or any(s in j.key for s in args.only.split(","))]
+    done = done_keys(args.out)
+    todo = [j for j in jobs if j.key not in done]
+    print(f"{len(jobs)} jobs in plan {args.plan!r}, {len(jobs) - len(todo)} done, {len(todo)} to run "
+          f"on {args.workers} worker(s), device {args.device}", flush=True)
+    if not todo:
+        return 0
+    t0 = time.monotonic()
+    ctx = mp.get_context("spawn")
+    failed = 0
+    with ctx.Pool(args.workers, maxtasksperchild=None) as pool:
+        pending = pool.imap_unordered(_worker, [(j, args.device, args.threads, args.epochs) for j in todo])
+        for _ in todo:
+            left = None if args.deadline_s is None else args.deadline_s - (time.monotonic() - t0)
+            if left is not None and left <= 0:
+                print("deadline reached: stopping", flush=True)
+                pool.terminate()
+                break
+            try:
+                result, error = pending.next(timeout=left)
+            except mp.TimeoutError:
+                print("deadline reached: stopping", flush=True)
+                pool.terminate()
+                break
+            if error:
+                failed += 1
+                print("FAILED " + error, flush=True)
+                continue
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with args.out.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            sel = result["test_selected"]["exclude"]["ndcg@10"]
+            print(f"{time.monotonic() - t0:7.0f}s {result['key']}: test NDCG@10 {sel:.4f} (epoch "
+                  f"{result['best_epoch']}), last {result['test_last']['exclude']['ndcg@10']:.4f}, "
+                  f"{result['train_seconds']:.0f}s", flush=True)
+    return 1 if failed else 0
+
+
+def cmd_list(args) -> int:
+    done = done_keys(args.out)
+    for j in plan(args.plan):
+        print(("done " if j.key in done else "todo ") + j.key)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ report
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One entry per (dataset, model, recipe, protocol) over its seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["model"], r["recipe"], r["protocol"]), []).append(r)
+    out = []
+    for (dataset, model, recipe, protocol), rs in sorted(groups.items()):
+        entry = dict(dataset=dataset, model=model, recipe=recipe, protocol=protocol, seeds=sorted(r["seed"] for r in rs),
+                     best_epoch=[r["best_epoch"] for r in rs], train_seconds=_mean_sd([r["train_seconds"] for r in rs])[0],
+                     machines=sorted({(r["machine"]["gpu"] or r["machine"]["cpu"]) for r in rs}))
+        for when in ("selected", "last"):
+            for rule in RULES:
+                for metric in ("ndcg@10", "hr@10", "ndcg@50", "mrr"):
+                    vals = [r[f"test_{when}"][rule][metric] for r in rs]
+                    m, sd = _mean_sd(vals)
+                    entry[f"{when}/{rule}/{metric}"] = dict(mean=m, sd=sd, values=vals)
+        out.append(entry)
+    return out
+
+
+def _fmt(e: dict, key: str) -> str:
+    m, sd = e[key]["mean"], e[key]["sd"]
+    return f"{m:.4f}" if sd != sd else f"{m:.4f} ± {sd:.4f}"
+
+
+def cmd_report(args) -> int:
+    rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    groups = aggregate(rows)
+    lines = ["# Recipe benchmark results", "",
+             f"From `{args.out.name}` ({len(rows)} runs). Test metrics, mean ± sd over seeds; "
+             "'selected' = the epoch with the best validation NDCG@10 (held-out protocol; the "
+             "published protocol has no validation and reports its last epoch); "
+             "'exclude' = every history item left out of the ranking, 'exclude-200' = the last 200 "
+             "only (the official evaluation).", ""]
+    for dataset in sorted({g["dataset"] for g in groups}):
+        lines += [f"## {dataset}", "",
+                  "| model | recipe | protocol | seeds | NDCG@10 selected | HR@10 selected | NDCG@10 last | NDCG@10 last, exclude-200 | best epoch | train s | machine |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for g in (g for g in groups if g["dataset"] == dataset):
+            lines.append(
+                f"| {g['model']} | {g['recipe']} | {g['protocol']} | {len(g['seeds'])} | "
+                f"{_fmt(g, 'selected/exclude/ndcg@10')} | {_fmt(g, 'selected/exclude/hr@10')} | "
+                f"{_fmt(g, 'last/exclude/ndcg@10')} | {_fmt(g, 'last/exclude-200/ndcg@10')} | "
+                f"{', '.join(map(str, g['best_epoch']))} | {g['train_seconds']:.0f} | {'; '.join(g['machines'])} |")
+        lines.append("")
+    md = args.out.with_name("recipe_bench.md")
+    md.write_text("\n".join(lines))
+    args.out.with_name("recipe_bench.json").write_text(json.dumps(groups, indent=1))
+    print("\n".join(lines))
+    print(f"-> {md}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "list", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--out", type=Path, default=RUNS, help="the runs file (JSON lines)")
+        if name != "report":
+            p.add_argument("--plan", default="ml1m")
+        if name == "run":
+            p.add_argument("--only", default="", help="comma-separated substrings of job keys to keep")
+            p.add_argument("--device", default="cpu")
+            p.add_argument("--workers", type=int, default=1)
+            p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+            p.add_argument("--deadline-s", type=float, default=None, help="stop after this long (jobs in flight are lost)")
+            p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (smoke tests)")
+    args = ap.parse_args(argv)
+    return {"run": cmd_run, "list": cmd_list, "report": cmd_report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
