@@ -54,6 +54,19 @@ def pad_ids(rows: list[np.ndarray], device: torch.device | str = "cpu") -> torch
     return torch.from_numpy(out).to(device)
 
 
+def _batch_inputs(model_cfg, histories, timestamps, request_ts):
+    """``collate`` of each history's last ``max_len`` items (with the query times of a
+    ``request_time`` model: the next item's, then ``request_ts``)."""
+    max_len = model_cfg.max_len
+    inputs = [h[-max_len:] for h in histories]
+    ts = qts = None
+    if timestamps is not None:
+        ts = [t[-max_len:] for t in timestamps]
+        if request_ts is not None:
+            qts = [np.append(t[1:], r) for t, r in zip(ts, request_ts)]
+    return collate(inputs, model_cfg, timestamps=ts, query_timestamps=qts)
+
+
 @torch.no_grad()
 def user_vectors(
     model: nn.Module, histories: list[np.ndarray], timestamps: list[np.ndarray] | None,
@@ -62,43 +75,62 @@ def user_vectors(
     """Full-pass user vectors ``[B, D]`` from each history's last ``max_len`` items.
     ``request_ts`` ``[B]``: when each recommendation is asked for (the target's time in
     leave-one-out), which the last query of a ``request_time`` model is asked at."""
-    max_len = model.cfg.max_len
-    inputs = [h[-max_len:] for h in histories]
-    ts = qts = None
-    if timestamps is not None:
-        ts = [t[-max_len:] for t in timestamps]
-        if request_ts is not None:
-            qts = [np.append(t[1:], r) for t, r in zip(ts, request_ts)]
-    batch = collate(inputs, model.cfg, timestamps=ts, query_timestamps=qts).to(device)
+    batch = _batch_inputs(model.cfg, histories, timestamps, request_ts).to(device)
     hidden = model(batch)
-    return hidden[torch.arange(len(inputs), device=hidden.device), batch.last]
+    return hidden[torch.arange(len(histories), device=hidden.device), batch.last]
 
 
-@torch.no_grad()
+class Evaluator:
+    """``EvalRows`` laid out once, with the items each seen rule excludes, on ``device``:
+    evaluating a model again (every epoch of a training run) lays nothing out again."""
+
+    def __init__(self, rows, model_cfg, rules: dict[str, SeenRule] | None = None, *,
+                 device: torch.device | str = "cpu", batch_size: int = 256) -> None:
+        self.rules = rules or {"exclude": SeenRule()}
+        self.count = len(rows.target)
+        order = np.argsort([len(h) for h in rows.history], kind="stable")  # similar lengths batch well
+        self.batches = []
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            hist = [rows.history[i] for i in idx]
+            ts = None if rows.history_ts is None else [rows.history_ts[i] for i in idx]
+            request = None if rows.target_ts is None else rows.target_ts[idx]
+            batch = _batch_inputs(model_cfg, hist, ts, request).to(device)
+            targets = torch.as_tensor(rows.target[idx], device=device)
+            exclude = {name: pad_ids([rule.excluded(h) for h in hist], device) for name, rule in self.rules.items()}
+            self.batches.append((torch.from_numpy(idx), batch, targets, exclude))
+
+    @torch.no_grad()
+    def ranks(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """0-based rank of each row's target ``[R]`` (in the rows' order) under each rule."""
+        was_training = model.training
+        model.eval()
+        ranks = {name: torch.zeros(self.count, dtype=torch.long) for name in self.rules}
+        for idx, batch, targets, exclude in self.batches:
+            hidden = model(batch)
+            scores = model.score(hidden[torch.arange(len(idx), device=hidden.device), batch.last])
+            for name, rule in self.rules.items():
+                ranks[name][idx] = rank_of_target(
+                    scores, targets, exclude[name], exclude_target=rule.seen is Seen.EXCLUDE).cpu()
+        model.train(was_training)
+        return ranks
+
+    def metrics(self, model: nn.Module, ks: tuple[int, ...] = (10, 50, 200)) -> dict[str, dict[str, float]]:
+        out = {}
+        for name, r in self.ranks(model).items():
+            acc = RankingAccumulator(ks)
+            acc.add(r)
+            out[name] = acc.compute()
+        return out
+
+
 def target_ranks(
     model: nn.Module, rows, *, device: torch.device | str = "cpu", batch_size: int = 256,
     rules: dict[str, SeenRule] | None = None,
 ) -> dict[str, torch.Tensor]:
     """0-based rank of each row's target ``[R]`` (in the rows' order) under each of ``rules``
     (name -> rule; default one ``SeenRule()`` named ``exclude``). Scores are computed once."""
-    rules = rules or {"exclude": SeenRule()}
-    was_training = model.training
-    model.eval()
-    ranks = {name: torch.zeros(len(rows.target), dtype=torch.long) for name in rules}
-    order = np.argsort([len(h) for h in rows.history], kind="stable")  # similar lengths batch well
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        hist = [rows.history[i] for i in idx]
-        ts = None if rows.history_ts is None else [rows.history_ts[i] for i in idx]
-        request = None if rows.target_ts is None else rows.target_ts[idx]
-        scores = model.score(user_vectors(model, hist, ts, device, request))
-        targets = torch.as_tensor(rows.target[idx], device=scores.device)
-        for name, rule in rules.items():
-            exclude = pad_ids([rule.excluded(h) for h in hist], scores.device)
-            ranks[name][torch.from_numpy(idx)] = rank_of_target(
-                scores, targets, exclude, exclude_target=rule.seen is Seen.EXCLUDE).cpu()
-    model.train(was_training)
-    return ranks
+    return Evaluator(rows, model.cfg, rules, device=device, batch_size=batch_size).ranks(model)
 
 
 def evaluate_rules(
@@ -106,12 +138,7 @@ def evaluate_rules(
     batch_size: int = 256, ks: tuple[int, ...] = (10, 50, 200),
 ) -> dict[str, dict[str, float]]:
     """``evaluate`` under several seen rules at the cost of one: rule name -> metrics."""
-    out = {}
-    for name, r in target_ranks(model, rows, device=device, batch_size=batch_size, rules=rules).items():
-        acc = RankingAccumulator(ks)
-        acc.add(r)
-        out[name] = acc.compute()
-    return out
+    return Evaluator(rows, model.cfg, rules, device=device, batch_size=batch_size).metrics(model, ks)
 
 
 def evaluate(

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from .evaluate import SeenRule, evaluate, evaluate_rules
+from .evaluate import Evaluator, SeenRule
 from .layout import PAD, LayoutBatch, collate
 from .loss import Negatives, next_item_loss
 
@@ -202,6 +202,11 @@ def fit(
         best, best_epoch = float(st.get("best", -math.inf)), int(st.get("best_epoch", 0))
         best_state = copy.deepcopy(model.state_dict())
         log.info("resumed from %s at epoch %d", resume, start_epoch)
+    validator = tester = None
+    if rank == 0:
+        validator = None if valid_rows is None else Evaluator(valid_rows, mcfg, device=device, batch_size=cfg.eval_batch_size)
+        if cfg.test_every and test_rows is not None:
+            tester = Evaluator(test_rows, mcfg, test_rules, device=device, batch_size=cfg.eval_batch_size)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     history: list[EpochReport] = []
@@ -223,16 +228,15 @@ def fit(
             opt.step()
             total, steps = total + loss.detach(), steps + 1
         report = EpochReport(epoch, float(total) / max(steps, 1), time.monotonic() - t0)
-        if cfg.test_every and test_rows is not None and rank == 0 and (epoch % cfg.test_every == 0 or epoch == cfg.epochs):
-            report.test = evaluate_rules(model, test_rows, test_rules or {"exclude": SeenRule()},
-                                         device=device, batch_size=cfg.eval_batch_size)
+        if tester is not None and (epoch % cfg.test_every == 0 or epoch == cfg.epochs):
+            report.test = tester.metrics(model)
         out_of_time = cfg.max_minutes is not None and time.monotonic() - t_start > cfg.max_minutes * 60
         stop = False
         checkpoint_now = epoch % cfg.eval_every == 0 or epoch == cfg.epochs or out_of_time
         if valid_rows is None:  # fixed epochs: the last one is the result
             best_epoch = epoch
         elif checkpoint_now and rank == 0:
-            report.valid = evaluate(model, valid_rows, device=device, batch_size=cfg.eval_batch_size)
+            report.valid = validator.metrics(model)["exclude"]
             score = report.valid["ndcg@10"]
             if score > best:
                 best, best_epoch, best_metrics, stale = score, epoch, report.valid, 0
