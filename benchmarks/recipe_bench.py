@@ -8,10 +8,9 @@ last 200, as the official evaluation does). Every finished job is one line of
 ``results/recipe_runs.jsonl``; a job already there is not run again, so a plan can be resumed
 after an interruption and run on several machines.
 
-    .venv/bin/python benchmarks/recipe_bench.py run --plan ml1m --workers 2 --threads 1
-    .venv/bin/python benchmarks/recipe_bench.py run --plan small --workers 2 --threads 1
-    .venv/bin/python benchmarks/recipe_bench.py run --plan gpu --device cuda --workers 10 --deadline-s 540
-    .venv/bin/python benchmarks/recipe_bench.py list --plan gpu          # the jobs and which are done
+    .venv/bin/python benchmarks/recipe_bench.py run --plan ml1m --device cuda --workers 6   # ~4 min a job on an H200
+    .venv/bin/python benchmarks/recipe_bench.py run --plan cpu --workers 2 --threads 1      # everything else, 2 cores
+    .venv/bin/python benchmarks/recipe_bench.py list --plan cpu          # the jobs and which are done
     .venv/bin/python benchmarks/recipe_bench.py report                   # -> results/recipe_bench.{md,json}
 
 Datasets (read from ``$PERSREC_DATA_DIR``, default ``../shared/data``): ``ml1m`` (the sequence
@@ -73,37 +72,33 @@ def _jobs(datasets, models, recipes, protocols=("heldout",), seeds=(1, 2, 3)) ->
 
 SINGLE = ["ours+" + d for d in ("negatives", "optimizer", "batching", "abs_positions", "norm_init",
                                  "bias_init", "attention_norm", "epochs")]
-BEYOND = ["official+num_negatives=512", "official+abs_positions=false"]
+PERSREC = ["persrec-recompress-k8", "persrec-incremental-k8"]
+NO_ABS = "official+abs_positions=false"  # what PerSRec can use of the official recipe
 
 
 def plan(name: str) -> list[Job]:
     """Jobs in priority order (a deadline cuts the tail)."""
-    timed = ("ml1m-ts", "mlsmall")
-    core = {
-        # the claims: ours vs official vs best, HSTU vs SASRec, PerSRec vs HSTU; 3 seeds each
+    plans = {
+        # ML-1M's claim rows: ours vs official vs best, HSTU vs SASRec (run on an H200)
         "ml1m": (_jobs(["ml1m"], ["hstu"], ["ours", "official", "best"])
-                 + _jobs(["ml1m"], ["sasrec"], ["official", "best"])
-                 + _jobs(["ml1m"], ["persrec-recompress-k8", "persrec-incremental-k8"], ["best"])
-                 + _jobs(["ml1m"], ["hstu"], ["official", "best"], ["published"])
-                 + _jobs(["ml1m"], ["hstu"], SINGLE + BEYOND, seeds=(1,))),
-        # time bias: official and best with and without it, on the two timestamped sets
-        "timed": (_jobs(timed, ["hstu"], ["official", "official+time_bias=false", "best", "best+time_bias=false", "ours"])
-                  + _jobs(timed, ["sasrec"], ["best"])
-                  + _jobs(timed, ["persrec-recompress-k8", "persrec-incremental-k8"], ["best"])),
+                 + _jobs(["ml1m"], ["sasrec"], ["official", "best"])),
+        # PerSRec against HSTU with the same recipe: the official one without absolute positions
+        "ml1m-persrec": _jobs(["ml1m"], ["hstu"] + PERSREC, [NO_ABS]),
+        "ml1m-published": _jobs(["ml1m"], ["hstu"], ["official", "best"], ["published"]),
+        "ml1m-screening": _jobs(["ml1m"], ["hstu"], SINGLE + ["official+num_negatives=512", NO_ABS], seeds=(1,)),
+        # the time bias on the timestamped sets: the official recipe with and without it
+        **{f"timed-{d}": (_jobs([d], ["hstu"], ["official", "official+time_bias=false", "ours"])
+                          + _jobs([d], ["sasrec"], ["official"])
+                          + _jobs([d], PERSREC, [NO_ABS]))
+           for d in ("mlsmall", "ml1m-ts")},
+        # smoke test: synthetic data, two epochs
+        "quick": [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")],
     }
-    if name == "gpu":  # ML-1M's claim rows first, then the timed sets, then the screening rows
-        ml1m = core["ml1m"]
-        claims = [j for j in ml1m if j.seed != 1 or j.recipe not in SINGLE + BEYOND]
-        screening = [j for j in ml1m if j not in claims]
-        return claims + [j for j in core["timed"] if j.dataset == "ml1m-ts"] + screening + \
-            [j for j in core["timed"] if j.dataset == "mlsmall"]
-    if name == "small":
-        return [j for j in core["timed"] if j.dataset == "mlsmall"]
-    if name == "quick":  # smoke test: synthetic data, two epochs
-        return [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")]
-    if name in core:
-        return core[name]
-    raise SystemExit(f"unknown plan {name!r}; known: ml1m, timed, small, gpu, quick")
+    if name == "cpu":  # this order on a 2-core machine: cheapest claims first
+        return plans["timed-mlsmall"] + plans["ml1m-persrec"] + plans["timed-ml1m-ts"] + plans["ml1m-screening"]
+    if name not in plans:
+        raise SystemExit(f"unknown plan {name!r}; known: {sorted(plans) + ['cpu']}")
+    return plans[name]
 
 
 # ------------------------------------------------------------------------------------ running

@@ -6,6 +6,7 @@ cached keys/values (a user's memory), which is how the serving path reuses store
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,12 +17,32 @@ from .config import ModelConfig
 from .layout import ITEM, attention_mask, causal_mask
 
 
+def time_bucket_reference(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """``floor(ln(max(|dt|, 1)) / 0.301)`` clamped to ``0..num_buckets-1`` (HSTU's bucketing of
+    a gap in seconds: 0 under 2 s, then one bucket per factor of e^0.301 = 1.35)."""
+    return (torch.log(dt.abs().clamp(min=1).double()) / 0.301).long().clamp(0, num_buckets - 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _bucket_starts(num_buckets: int) -> tuple[int, ...]:
+    """The smallest gap of buckets 1..num_buckets-1 under ``time_bucket_reference``."""
+    starts = []
+    for k in range(1, num_buckets):
+        gap = max(1, math.floor(math.exp(0.301 * k)) - 2)
+        while math.floor(math.log(gap) / 0.301) < k:
+            gap += 1
+        starts.append(gap)
+    return tuple(starts)
+
+
 def time_buckets(q_ts: torch.Tensor, k_ts: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """``[B, Nq, Nk]`` bucket ``floor(ln(max(|t_q - t_k|, 1)) / 0.301)`` clamped to
-    ``0..num_buckets-1`` of query times ``[B, Nq]`` and key times ``[B, Nk]`` (unix seconds):
-    0 for gaps under 2 s, then a bucket per factor of e^0.301 = 1.35 (HSTU's bucketing)."""
-    dt = (q_ts[:, :, None] - k_ts[:, None, :]).abs().clamp(min=1).double()
-    return (torch.log(dt) / 0.301).long().clamp(0, num_buckets - 1)
+    """``[B, Nq, Nk]`` ``time_bucket_reference`` of ``t_q - t_k`` for query times ``[B, Nq]``
+    and key times ``[B, Nk]`` (unix seconds), by a binary search over the buckets' integer
+    starts: a third of the time of a logarithm per pair on a CPU, where it was a third of a
+    time-bias model's training step."""
+    dt = (q_ts[:, :, None] - k_ts[:, None, :]).abs()
+    starts = torch.tensor(_bucket_starts(num_buckets), dtype=dt.dtype, device=dt.device)
+    return torch.bucketize(dt, starts, right=True)
 
 
 def query_times(ts: torch.Tensor, lengths: torch.Tensor, after: torch.Tensor | None) -> torch.Tensor:

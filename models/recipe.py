@@ -45,7 +45,7 @@ class Recipe:
     patience: int | None = 10  # validations without improvement before stopping; None: never
     # model details
     time_bias: bool = False  # used where the data has timestamps
-    request_time: bool = False  # the time bias's query is the predicted event's time
+    request_time: bool = False  # with time_bias: its query is the predicted event's time
     num_time_buckets: int = 64
     abs_positions: bool = False
     norm_affine: bool = True
@@ -63,8 +63,6 @@ class Recipe:
                            ("batching", Batching), ("selection", Selection)):
             object.__setattr__(self, name, kind(getattr(self, name)))
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if self.request_time and not self.time_bias:
-            raise ValueError("request_time needs time_bias")
 
     def with_(self, name: str | None = None, **changes: Any) -> "Recipe":
         """A copy with ``changes`` (field values, strings accepted for enums)."""
@@ -164,16 +162,21 @@ def parse_setting(text: str) -> tuple[str, Any]:
 
 
 def recipe_named(name: str, sets: list[str] = ()) -> Recipe:
-    """``RECIPES[name]`` with ``sets`` (``["key=value", ...]``) applied; a name may also be
-    ``ours+negatives+optimizer`` (OURS with those ``DIFFERENCES``)."""
-    base, *diffs = name.split("+")
+    """A recipe from an expression: a name of ``RECIPES``, then ``+``-separated parts, each a
+    difference of ``DIFFERENCES`` or a ``key=value`` setting, applied left to right, then
+    ``sets`` (``["key=value", ...]``). E.g. ``ours+negatives+optimizer`` (OURS with those two
+    official differences), ``official+time_bias=false``."""
+    base, *parts = name.split("+")
     if base not in RECIPES:
         raise ValueError(f"unknown recipe {base!r}; known: {sorted(RECIPES)}")
     recipe = RECIPES[base]
-    for d in diffs:
-        if d not in DIFFERENCES:
-            raise ValueError(f"unknown difference {d!r}; known: {sorted(DIFFERENCES)}")
-        recipe = recipe.with_(**DIFFERENCES[d])
+    for part in parts:
+        if "=" in part:
+            recipe = recipe.with_(**dict([parse_setting(part)]))
+        elif part in DIFFERENCES:
+            recipe = recipe.with_(**DIFFERENCES[part])
+        else:
+            raise ValueError(f"unknown difference {part!r}; known: {sorted(DIFFERENCES)} or KEY=VALUE")
     changes = dict(parse_setting(s) for s in sets)
     label = name + "".join(f"+{k}={v}" for k, v in changes.items())
     return recipe.with_(label, **changes)
