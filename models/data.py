@@ -3,7 +3,10 @@
 The pipeline, each step a plain function on plain arrays (numpy + stdlib + pyarrow, no torch):
 
 1. `load_interactions` reads a log in one of the supported formats into `Interactions`
-   (original user and item ids as strings, optional unix-second timestamps).
+   (original user and item ids as strings, optional unix-second timestamps): SASRec-style
+   `user item` sequence files ("ml1m-seq"), MovieLens-100K `u.data` ("movielens-100k"),
+   MovieLens-1M `ratings.dat` ("grouplens-dat"), CSV with a header ("csv") and Parquet
+   ("parquet"); `detect_format` picks one from the file name and first line.
 2. `IdMap` maps original item ids to dense ids 1..N in order of first appearance; 0 is padding.
 3. `build_sequences` groups events by user into chronological `SequenceData`.
 4. `leave_one_out` cuts the last two events of each user into validation and test rows
@@ -34,7 +37,7 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
-Format = Literal["auto", "ml1m-seq", "grouplens-dat", "csv", "parquet"]
+Format = Literal["auto", "ml1m-seq", "movielens-100k", "grouplens-dat", "csv", "parquet"]
 FORMATS: tuple[str, ...] = get_args(Format)
 
 ML1M_SEQUENCE_FILE = Path("ml-1m") / "ml-1m_sequences_original_ids.txt.gz"
@@ -92,15 +95,20 @@ def load_interactions(
     """Read an interaction log. Files may be gzip-compressed.
 
     fmt:
-      "ml1m-seq":      `UserID MovieID` per line (whitespace separated), lines in chronological
-                       order per user; timestamps are None and file order is kept exactly.
+      "ml1m-seq":      `UserID MovieID` per line (space or tab separated, no header), lines in
+                       chronological order per user: the SASRec data format (e.g. its
+                       `ml-1m.txt`). Timestamps are None and file order is kept exactly.
+      "movielens-100k": MovieLens-100K `u.data` (and `u1.base`, `ua.test`, ...):
+                       `user item rating timestamp` per line, tab (or any whitespace)
+                       separated, no header, unix-second timestamps. Ratings are dropped.
       "grouplens-dat": official `ratings.dat`, `UserID::MovieID::Rating::Timestamp` (latin-1).
       "csv":           a header row; user/item/time columns detected by name (userId, user_id,
                        movieId, item_id, timestamp, ts, ...) unless given. Times may be unix
                        seconds or ISO-8601 strings (naive times are read as UTC). Without a
                        time column, timestamps are None.
       "parquet":       same column logic as csv.
-      "auto":          decided from the file name and a sniff of the first line.
+      "auto":          decided from the file name and a sniff of the first line
+                       (see `detect_format`).
     Raises ValueError for unknown formats, missing columns and bad lines (with line number).
     """
     path = Path(path)
@@ -108,11 +116,20 @@ def load_interactions(
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if fmt == "auto":
         fmt = detect_format(path)
-    if fmt in ("ml1m-seq", "grouplens-dat") and (user_col or item_col or time_col):
+    if fmt in ("ml1m-seq", "movielens-100k", "grouplens-dat") and (
+        user_col or item_col or time_col
+    ):
         raise ValueError(f"column names apply to csv and parquet only, not {fmt!r}")
     if fmt == "ml1m-seq":
         users, items = _read_token_table(path, ncols=2)
         return Interactions(_decode(users, "utf-8"), _decode(items, "utf-8"))
+    if fmt == "movielens-100k":
+        users, items, _, times = _read_token_table(path, ncols=4)
+        return Interactions(
+            _decode(users, "utf-8"),
+            _decode(items, "utf-8"),
+            _parse_ints(times, path, "timestamp"),
+        )
     if fmt == "grouplens-dat":
         users, items, _, times = _read_token_table(path, ncols=4, sep=b"::")
         return Interactions(
@@ -126,7 +143,13 @@ def load_interactions(
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """Guess the format of `path` from its name, then from its first line."""
+    """Guess the format of `path` from its name, then from its first line.
+
+    By name (a trailing ".gz" ignored): *.parquet / *.pq → "parquet", *.csv → "csv".
+    Otherwise by the first line: "::" → "grouplens-dat"; "," → "csv"; four tab-separated
+    integer fields → "movielens-100k"; two whitespace-separated fields (spaces or tabs) →
+    "ml1m-seq". Anything else raises ValueError listing the formats to pass as fmt=.
+    """
     path = Path(path)
     name = path.name.lower().removesuffix(".gz")
     if name.endswith((".parquet", ".pq")):
@@ -139,12 +162,23 @@ def detect_format(path: str | os.PathLike) -> str:
         return "grouplens-dat"
     if "," in first:
         return "csv"
+    tab_fields = first.split("\t")
+    if len(tab_fields) == 4 and all(_is_int(field.strip()) for field in tab_fields):
+        return "movielens-100k"
     if len(first.split()) == 2:
         return "ml1m-seq"
     raise ValueError(
         f"{path}: cannot detect the format from first line {first!r}; "
         f"pass fmt= one of {FORMATS[1:]}"
     )
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _open_binary(path: Path):

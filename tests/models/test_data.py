@@ -229,6 +229,83 @@ def test_ml1m_seq_without_trailing_newline_and_crlf(tmp_path):
     assert [s.tolist() for s in seqs.items] == [[1, 2], [2]]
 
 
+# MovieLens-100K u.data: tab separated, no header; user 196's events are out of time order.
+U_DATA = (
+    b"196\t242\t3\t881250949\n"
+    b"186\t302\t3\t891717742\n"
+    b"196\t377\t1\t878887116\n"
+    b"186\t242\t5\t891717742\n"
+    b"196\t51\t2\t880606923\n"
+)
+
+
+def test_movielens_100k_u_data(tmp_path):
+    path = tmp_path / "u.data"
+    path.write_bytes(U_DATA)
+    assert detect_format(path) == "movielens-100k"
+    interactions = load_interactions(path)
+    assert interactions.users.tolist() == ["196", "186", "196", "186", "196"]
+    assert interactions.items.tolist() == ["242", "302", "377", "242", "51"]  # ratings dropped
+    assert interactions.timestamps.dtype == np.int64
+    times = [881250949, 891717742, 878887116, 891717742, 880606923]
+    assert interactions.timestamps.tolist() == times
+    seqs, id_map = build_sequences(interactions)
+    assert seqs.user_ids == ["196", "186"]
+    assert [id_map.decode(s) for s in seqs.items] == [["377", "51", "242"], ["302", "242"]]
+    assert [t.tolist() for t in seqs.timestamps] == [
+        [878887116, 880606923, 881250949],
+        [891717742, 891717742],  # equal times keep file order
+    ]
+    explicit = load_interactions(path, fmt="movielens-100k")
+    np.testing.assert_array_equal(explicit.timestamps, interactions.timestamps)
+    with pytest.raises(ValueError, match="column names apply to csv and parquet only"):
+        load_interactions(path, user_col="user")
+    path.write_bytes(b"196\t242\t3\t881250949\n186\t302\t3\tlater\n")
+    with pytest.raises(ValueError, match=r"line 2: timestamp .later. is not an integer"):
+        load_interactions(path)
+    path.write_bytes(b"196\t242\t3\t881250949\n186\t302\t3\n")
+    with pytest.raises(ValueError, match=r"line 2: expected 4 fields, got 3"):
+        load_interactions(path)
+
+
+def test_movielens_100k_gzip(tmp_path):
+    path = tmp_path / "u1.base.gz"
+    path.write_bytes(gzip.compress(U_DATA))
+    assert detect_format(path) == "movielens-100k"
+    interactions = load_interactions(path)
+    assert len(interactions) == 5
+    assert interactions.timestamps.tolist()[:2] == [881250949, 891717742]
+
+
+def test_sasrec_tab_separated_pairs_are_ml1m_seq(tmp_path):
+    path = tmp_path / "ml-1m.txt"
+    path.write_text("1\t10\n1\t11\n2\t10\n")
+    assert detect_format(path) == "ml1m-seq"
+    interactions = load_interactions(path)
+    assert interactions.timestamps is None
+    assert interactions.users.tolist() == ["1", "1", "2"]
+    assert interactions.items.tolist() == ["10", "11", "10"]
+    # Four fields that are not all integers, or four space-separated fields, are not u.data.
+    path.write_text("1\t10\t4.5\t881250949\n")
+    with pytest.raises(ValueError, match="cannot detect the format"):
+        detect_format(path)
+    path.write_text("1 10 4 881250949\n")
+    with pytest.raises(ValueError, match="cannot detect the format"):
+        detect_format(path)
+    assert load_interactions(path, fmt="movielens-100k").timestamps.tolist() == [881250949]
+
+
+def test_undetectable_format_lists_the_accepted_formats(tmp_path):
+    path = tmp_path / "three.txt"
+    path.write_text("1 10 5\n2 11 4\n")
+    with pytest.raises(ValueError, match="cannot detect the format") as error:
+        load_interactions(path)
+    message = str(error.value)
+    for fmt in ("ml1m-seq", "movielens-100k", "grouplens-dat", "csv", "parquet"):
+        assert repr(fmt) in message
+    assert "'auto'" not in message
+
+
 # ---------------------------------------------------------------------------- IdMap
 
 

@@ -9,6 +9,10 @@ from persrec.models.layout import collate, segment_lengths
 from persrec.models.persrec import PerSRec
 
 TOL = 1e-5
+# The time bias: none; each query at its own item's time; each query at the time of the event it
+# predicts (the official HSTU setup: the last one at the request's time).
+MODES = {"none": dict(time_bias=False), "own": dict(time_bias=True),
+         "request": dict(time_bias=True, request_time=True, num_time_buckets=129)}
 
 
 def pad(rows: list[np.ndarray], min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,12 +23,13 @@ def pad(rows: list[np.ndarray], min_width: int = 0) -> tuple[torch.Tensor, torch
     return torch.from_numpy(out), torch.tensor([len(r) for r in rows])
 
 
-def make(policy: str, time_bias: bool, seed: int, **kw) -> PerSRec:
+def make(policy: str, mode: str | bool, seed: int, **kw) -> PerSRec:
     torch.manual_seed(seed)
+    time = MODES[{False: "none", True: "own"}.get(mode, mode)]
     cfg = ModelConfig(
         num_items=200, dim=24, num_layers=3, num_heads=2, head_dim=8, max_len=64,
         num_memory_tokens=kw.pop("m", 4), recent_len=kw.pop("recent", 6), segment_len=5,
-        policy=policy, time_bias=time_bias, dropout=0.0, **kw,
+        policy=policy, dropout=0.0, **time, **kw,
     )
     model = PerSRec(cfg).eval()
     # Random non-zero biases so the test exercises them (they start at zero).
@@ -35,51 +40,72 @@ def make(policy: str, time_bias: bool, seed: int, **kw) -> PerSRec:
     return model
 
 
+def irregular_times(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Times like real logs: ties, seconds apart within a session, hours or days between."""
+    gaps = rng.choice([0, 1, 30, 600, 7200, 86400 * 3], size=n, p=[.15, .25, .25, .15, .1, .1])
+    return 10**9 + np.cumsum(gaps * rng.uniform(0.5, 1.5, size=n)).astype(np.int64)
+
+
 def random_users(rng: np.random.Generator, lengths: list[int]):
     seqs = [rng.integers(1, 201, size=n) for n in lengths]
-    ts = [np.sort(rng.integers(0, 10**9, size=n)) for n in lengths]
+    ts = [irregular_times(rng, n) for n in lengths]
     return seqs, ts
 
 
-def full_pass_vectors(model: PerSRec, seqs, ts) -> torch.Tensor:
-    batch = collate(seqs, model.cfg, timestamps=ts)
+def full_pass_vectors(model: PerSRec, seqs, ts, request=None) -> torch.Tensor:
+    """The training pass; with ``request`` (one time per user), each query is asked at the next
+    item's time, the last one at the request's."""
+    qts = None if request is None else [np.append(t[1:], r) for t, r in zip(ts, request)]
+    batch = collate(seqs, model.cfg, timestamps=ts, query_timestamps=qts)
     h = model(batch)
     return h[torch.arange(len(seqs)), batch.last]
 
 
-@pytest.mark.parametrize("time_bias", [False, True])
+def requests_after(rng: np.random.Generator, ts) -> np.ndarray:
+    return np.array([t[-1] + int(rng.integers(0, 5000)) for t in ts])
+
+
+def first_or_zero(rows) -> torch.Tensor:
+    return torch.tensor([int(r[0]) if len(r) else 0 for r in rows])
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("seed", range(3))
 @torch.no_grad()
-def test_recommend_of_compress_equals_full_pass(time_bias: bool, seed: int) -> None:
+def test_recommend_of_compress_equals_full_pass(mode: str, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    model = make("recompress", time_bias, seed)
+    model = make("recompress", mode, seed)
     lengths = list(rng.integers(1, 60, size=7)) + [1, 6, 7]  # includes empty histories
     seqs, ts = random_users(rng, lengths)
-    reference = full_pass_vectors(model, seqs, ts)
+    request = requests_after(rng, ts) if mode == "request" else None
+    reference = full_pass_vectors(model, seqs, ts, request)
 
     R = model.cfg.recent_len
     hist, recent = [s[:-R] for s in seqs], [s[-R:] for s in seqs]
     hist_ts, recent_ts = [t[:-R] for t in ts], [t[-R:] for t in ts]
     H, h_len = pad(hist, min_width=3)  # extra padding columns must not matter
-    memory = model.compress(H, h_len, pad(hist_ts, 3)[0])
+    # the history's last query is asked when the first recent item happened
+    memory = model.compress(H, h_len, pad(hist_ts, 3)[0], next_ts=first_or_zero(recent_ts))
     assert memory.shape == (len(seqs), *model.cfg.memory_shape)
     R_ids, r_len = pad(recent, min_width=9)
-    served = model.recommend(memory, R_ids, r_len, pad(recent_ts, 9)[0])
+    served = model.recommend(memory, R_ids, r_len, pad(recent_ts, 9)[0],
+                             request_ts=None if request is None else torch.from_numpy(request))
 
     assert (served - reference).abs().max().item() <= TOL
     scores_ref, scores = model.score(reference), model.score(served)
     assert (scores[:, 1:] - scores_ref[:, 1:]).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("time_bias", [False, True])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("seed", range(3))
 @torch.no_grad()
-def test_successive_folds_equal_multi_block_pass(time_bias: bool, seed: int) -> None:
+def test_successive_folds_equal_multi_block_pass(mode: str, seed: int) -> None:
     rng = np.random.default_rng(100 + seed)
-    model = make("incremental", time_bias, seed)
+    model = make("incremental", mode, seed)
     lengths = list(rng.integers(1, 50, size=6)) + [1, 6, 11, 12]
     seqs, ts = random_users(rng, lengths)
-    reference = full_pass_vectors(model, seqs, ts)
+    request = requests_after(rng, ts) if mode == "request" else None
+    reference = full_pass_vectors(model, seqs, ts, request)
 
     # Fold each user's segments in a batch where users sit at different fold counts.
     seg_lens = [segment_lengths(len(s), model.cfg) for s in seqs]
@@ -88,11 +114,13 @@ def test_successive_folds_equal_multi_block_pass(time_bias: bool, seed: int) -> 
     has_memory = torch.zeros(len(seqs), dtype=torch.bool)
     for step in range(max(len(s) for s in seg_lens) - 1):
         active = [i for i, s in enumerate(seg_lens) if step < len(s) - 1]
-        segs = [seqs[i][starts[i] : starts[i] + seg_lens[i][step]] for i in active]
-        seg_ts = [ts[i][starts[i] : starts[i] + seg_lens[i][step]] for i in active]
+        ends = [starts[i] + seg_lens[i][step] for i in active]
+        segs = [seqs[i][starts[i] : e] for i, e in zip(active, ends)]
+        seg_ts = [ts[i][starts[i] : e] for i, e in zip(active, ends)]
         S, s_len = pad(segs)
         idx = torch.tensor(active)
-        new = model.fold(memory[idx], has_memory[idx], S, s_len, pad(seg_ts)[0])
+        next_ts = torch.tensor([int(ts[i][e]) for i, e in zip(active, ends)])  # the item after
+        new = model.fold(memory[idx], has_memory[idx], S, s_len, pad(seg_ts)[0], next_ts=next_ts)
         memory[idx] = new
         has_memory[idx] = True
         for i in active:
@@ -100,8 +128,28 @@ def test_successive_folds_equal_multi_block_pass(time_bias: bool, seed: int) -> 
     recent = [s[st:] for s, st in zip(seqs, starts)]
     recent_ts = [t[st:] for t, st in zip(ts, starts)]
     R_ids, r_len = pad(recent)
-    served = model.recommend(memory, R_ids, r_len, pad(recent_ts)[0])
+    served = model.recommend(memory, R_ids, r_len, pad(recent_ts)[0],
+                             request_ts=None if request is None else torch.from_numpy(request))
     assert (served - reference).abs().max().item() <= TOL
+
+
+@torch.no_grad()
+def test_request_time_changes_the_answer_and_defaults_to_the_last_event() -> None:
+    """A request-time model's last query is asked at the request's time: a later request gives
+    another vector, and without one it is asked at the last event's own time."""
+    model = make("recompress", "request", 3)
+    rng = np.random.default_rng(3)
+    seqs, ts = random_users(rng, [12])
+    R = model.cfg.recent_len
+    memory = model.compress(*pad([seqs[0][:-R]]), pad([ts[0][:-R]])[0], next_ts=torch.tensor([int(ts[0][-R])]))
+    r, rl = pad([seqs[0][-R:]])
+    rt = pad([ts[0][-R:]])[0]
+    at_event = model.recommend(memory, r, rl, rt)
+    assert torch.equal(at_event, model.recommend(memory, r, rl, rt, request_ts=torch.tensor([int(ts[0][-1])])))
+    week_later = model.recommend(memory, r, rl, rt, request_ts=torch.tensor([int(ts[0][-1]) + 7 * 86400]))
+    assert (week_later - at_event).abs().max().item() > 1e-4
+    with pytest.raises(ValueError, match="last item"):
+        model.recommend(memory, r, rl, rt, at=(torch.tensor([0]), torch.tensor([2])))
 
 
 @torch.no_grad()
@@ -176,11 +224,12 @@ def test_recommend_rejects_empty_recent_and_wrong_memory() -> None:
         model.recommend(None, torch.ones(1, 2, dtype=torch.long), torch.tensor([2]))
 
 
-@pytest.mark.parametrize("time_bias", [False, True])
+@pytest.mark.parametrize("mode", ["none", "own"])
 @torch.no_grad()
-def test_vectors_at_positions_equal_recommend_of_each_prefix(time_bias: bool) -> None:
-    """One pass over a row answers each of its prefixes: what serves a user's burst at once."""
-    model = make("recompress", time_bias, 4)
+def test_vectors_at_positions_equal_recommend_of_each_prefix(mode: str) -> None:
+    """One pass over a row answers each of its prefixes: what serves a user's burst at once
+    (not for request-time models: their query at p is asked when item p + 1 happened)."""
+    model = make("recompress", mode, 4)
     rng = np.random.default_rng(4)
     (seq,), (ts,) = random_users(rng, [40])
     memory = model.compress(*pad([rng.integers(1, 201, size=20)]))
