@@ -115,12 +115,14 @@ def causal_mask(
 @dataclass(frozen=True)
 class UserLayout:
     """One user's layout. ``src[i]`` = index into the user's items (-1 if not an item),
-    ``tok[i]`` = memory-token index (-1 if not a token)."""
+    ``tok[i]`` = memory-token index (-1 if not a token), ``closes[i]``: the last item of a
+    segment that a token block follows (a memory's last item)."""
 
     kind: np.ndarray
     seg: np.ndarray
     src: np.ndarray
     tok: np.ndarray
+    closes: np.ndarray
 
 
 def segment_lengths(n: int, cfg: ModelConfig) -> list[int]:
@@ -139,7 +141,7 @@ def segment_lengths(n: int, cfg: ModelConfig) -> list[int]:
 
 @functools.lru_cache(maxsize=4096)
 def _user_layout(seg_lens: tuple[int, ...], num_tokens: int) -> UserLayout:
-    kind, seg, src, tok = [], [], [], []
+    kind, seg, src, tok, closes = [], [], [], [], []
     start = 0
     for s, n in enumerate(seg_lens, start=1):
         kind += [ITEM] * n
@@ -147,13 +149,16 @@ def _user_layout(seg_lens: tuple[int, ...], num_tokens: int) -> UserLayout:
         src += range(start, start + n)
         tok += [-1] * n
         start += n
-        if s < len(seg_lens):  # every segment but the last (recent) one is followed by tokens
+        last_segment = s == len(seg_lens)
+        closes += [False] * (n - 1) + [not last_segment] if n else []
+        if not last_segment:  # every segment but the last (recent) one is followed by tokens
             kind += [TOKEN] * num_tokens
             seg += [s] * num_tokens
             src += [-1] * num_tokens
             tok += range(num_tokens)
+            closes += [False] * num_tokens
     as_arr = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
-    return UserLayout(as_arr(kind), as_arr(seg), as_arr(src), as_arr(tok))
+    return UserLayout(as_arr(kind), as_arr(seg), as_arr(src), as_arr(tok), np.asarray(closes, bool))
 
 
 def user_layout(n: int, cfg: ModelConfig) -> UserLayout:
@@ -198,7 +203,9 @@ def collate(
     """Lay out each user's ``inputs`` (item ids, oldest first, each non-empty) and pad to the
     longest row. ``targets[b][i]`` is the item to predict after ``inputs[b][i]`` (0 = none);
     ``timestamps``/``query_timestamps`` are aligned with ``inputs`` (the items' times and the
-    times of the events each one's query predicts)."""
+    times of the events each one's query predicts). The last item of a segment that tokens
+    follow is asked at its own time instead: a memory holds the events it was made of and
+    nothing later, so ``compress``/``fold`` of a segment need no time from after it."""
     layouts = [user_layout(len(x), cfg) for x in inputs]
     B, N = len(inputs), max(len(lay.kind) for lay in layouts)
     item_ids = np.zeros((B, N), np.int64)
@@ -221,6 +228,7 @@ def collate(
             ts[b, :n][is_item] = timestamps[b][lay.src[is_item]]
         if qts is not None:
             qts[b, :n][is_item] = query_timestamps[b][lay.src[is_item]]
+            qts[b, :n][lay.closes] = timestamps[b][lay.src[lay.closes]]
         last[b] = np.flatnonzero(is_item)[-1]
     pos = np.broadcast_to(np.arange(N, dtype=np.int64), (B, N)).copy()
     t = torch.from_numpy

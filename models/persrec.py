@@ -121,27 +121,25 @@ class PerSRec(ItemScoring, nn.Module):
 
     def compress(
         self, items: torch.Tensor, lengths: torch.Tensor, ts: torch.Tensor | None = None,
-        next_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """History ``[B, N]`` (right-padded, ``lengths`` ``[B]``, may be 0) -> memory
-        ``[B, L, 2, M, H, Dh]``. ``ts``, ``next_ts``: as in ``fold``."""
-        return self.fold(None, None, items, lengths, ts, next_ts)
+        ``[B, L, 2, M, H, Dh]``. ``ts``: as in ``fold``."""
+        return self.fold(None, None, items, lengths, ts)
 
     def fold(
         self, memory: torch.Tensor | None, has_memory: torch.Tensor | None,
         items: torch.Tensor, lengths: torch.Tensor, ts: torch.Tensor | None = None,
-        next_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fold segment ``items`` ``[B, N]`` into ``memory`` ``[B, L, 2, M, H, Dh]``.
 
         ``has_memory`` ``[B]`` bool says which rows have a previous memory; rows without one
         (a user's first fold) are compressed from the segment alone, as in training.
-        ``ts`` ``[B, N]``: the items' times (time-bias models); ``next_ts`` ``[B]``: the time of
-        the event after each row's last item, which a ``request_time`` model's last query is
-        asked at (default: that item's own time).
+        ``ts`` ``[B, N]``: the items' times (time-bias models). A ``request_time`` model asks
+        each item's query at the next item's time and the segment's last at its own
+        (``layout.collate``): a memory depends on the events it holds only.
         """
         self._need_memory()
-        _, kv = self._run(items, lengths, ts, memory, has_memory, with_tokens=True, after=next_ts)
+        _, kv = self._run(items, lengths, ts, memory, has_memory, with_tokens=True)
         return kv
 
     def empty_memory(self, batch_size: int = 1) -> torch.Tensor:

@@ -65,8 +65,6 @@ def requests_after(rng: np.random.Generator, ts) -> np.ndarray:
     return np.array([t[-1] + int(rng.integers(0, 5000)) for t in ts])
 
 
-def first_or_zero(rows) -> torch.Tensor:
-    return torch.tensor([int(r[0]) if len(r) else 0 for r in rows])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -84,8 +82,7 @@ def test_recommend_of_compress_equals_full_pass(mode: str, seed: int) -> None:
     hist, recent = [s[:-R] for s in seqs], [s[-R:] for s in seqs]
     hist_ts, recent_ts = [t[:-R] for t in ts], [t[-R:] for t in ts]
     H, h_len = pad(hist, min_width=3)  # extra padding columns must not matter
-    # the history's last query is asked when the first recent item happened
-    memory = model.compress(H, h_len, pad(hist_ts, 3)[0], next_ts=first_or_zero(recent_ts))
+    memory = model.compress(H, h_len, pad(hist_ts, 3)[0])
     assert memory.shape == (len(seqs), *model.cfg.memory_shape)
     R_ids, r_len = pad(recent, min_width=9)
     served = model.recommend(memory, R_ids, r_len, pad(recent_ts, 9)[0],
@@ -119,8 +116,7 @@ def test_successive_folds_equal_multi_block_pass(mode: str, seed: int) -> None:
         seg_ts = [ts[i][starts[i] : e] for i, e in zip(active, ends)]
         S, s_len = pad(segs)
         idx = torch.tensor(active)
-        next_ts = torch.tensor([int(ts[i][e]) for i, e in zip(active, ends)])  # the item after
-        new = model.fold(memory[idx], has_memory[idx], S, s_len, pad(seg_ts)[0], next_ts=next_ts)
+        new = model.fold(memory[idx], has_memory[idx], S, s_len, pad(seg_ts)[0])
         memory[idx] = new
         has_memory[idx] = True
         for i in active:
@@ -141,7 +137,7 @@ def test_request_time_changes_the_answer_and_defaults_to_the_last_event() -> Non
     rng = np.random.default_rng(3)
     seqs, ts = random_users(rng, [12])
     R = model.cfg.recent_len
-    memory = model.compress(*pad([seqs[0][:-R]]), pad([ts[0][:-R]])[0], next_ts=torch.tensor([int(ts[0][-R])]))
+    memory = model.compress(*pad([seqs[0][:-R]]), pad([ts[0][:-R]])[0])
     r, rl = pad([seqs[0][-R:]])
     rt = pad([ts[0][-R:]])[0]
     at_event = model.recommend(memory, r, rl, rt)
