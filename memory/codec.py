@@ -1,4 +1,4 @@
-"""Byte codecs for memory tensors and aged-out item histories.
+"""Byte codecs for memory tensors and aged-out item histories (ids and their times).
 
 A memory tensor has shape (L, 2, M, H, D/H): per layer, keys and values of the M memory tokens.
 It is stored as raw little-endian bytes of a storage dtype (float16 by default, halving the
@@ -57,7 +57,8 @@ def decode_tensor(
 
 
 def encode_history(items: np.ndarray | None) -> tuple[bytes | None, int]:
-    """Encode a 1-D array of item ids as (int64 little-endian bytes, length); None stays None."""
+    """Encode a 1-D integer array (item ids or their unix-second times) as (int64 little-endian
+    bytes, length); None stays None."""
     if items is None:
         return None, 0
     src = np.asarray(items)

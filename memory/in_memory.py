@@ -74,8 +74,9 @@ class InMemoryMemoryStore(MemoryStore):
     def stats(self) -> MemoryStats:
         with self._lock:
             rows = list(self._rows.values())
+        payload = ("data", "history", "history_ts")
         return MemoryStats(
-            rows=len(rows), bytes=sum(len(r["data"]) + len(r["history"] or b"") for r in rows)
+            rows=len(rows), bytes=sum(len(r[c] or b"") for r in rows for c in payload)
         )
 
     def _version(self, user_id: str) -> int:

@@ -22,14 +22,27 @@ class MemoryRecord:
     events_folded: int  # events ever folded into this memory
     watermark: int  # per-user seq of the last folded event: events with seq <= it are in memory
     history: np.ndarray | None = None  # (P,) int64 ids of the last aged-out items, or None
+    history_ts: np.ndarray | None = None  # (P,) int64 unix seconds of `history`, or None
     updated_at: datetime | None = None  # UTC time of the write; set by the store
     row_version: int = 0  # 0 = never stored; the store returns 1 on insert, +1 per update
+
+    def __post_init__(self) -> None:
+        """Raise ValueError if `history_ts` is given without `history` or with another length."""
+        if self.history_ts is None:
+            return
+        if self.history is None:
+            raise ValueError(f"user {self.user_id!r}: history_ts given without history")
+        if len(self.history_ts) != len(self.history):
+            raise ValueError(
+                f"user {self.user_id!r}: history_ts has {len(self.history_ts)} times "
+                f"for {len(self.history)} history items"
+            )
 
 
 @dataclass(frozen=True)
 class MemoryStats:
     rows: int
-    bytes: int  # tensor plus history payload bytes, without row overhead
+    bytes: int  # tensor, history and history_ts payload bytes, without row overhead
 
 
 class StaleMemoryError(RuntimeError):

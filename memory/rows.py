@@ -21,6 +21,7 @@ def record_to_columns(rec: MemoryRecord, storage_dtype: str, now: datetime) -> d
     """Column values for `rec`, without row_version (the store decides it)."""
     data, dtype, shape = encode_tensor(rec.tensor, storage_dtype)
     history, history_len = encode_history(rec.history)
+    history_ts, _ = encode_history(rec.history_ts)
     return {
         "user_id": rec.user_id,
         "model_version": rec.model_version,
@@ -31,6 +32,7 @@ def record_to_columns(rec: MemoryRecord, storage_dtype: str, now: datetime) -> d
         "watermark": int(rec.watermark),
         "history": history,
         "history_len": history_len,
+        "history_ts": history_ts,
         "updated_at": now,
     }
 
@@ -43,6 +45,7 @@ def columns_to_record(row: Mapping[str, Any]) -> MemoryRecord:
         events_folded=row["events_folded"],
         watermark=row["watermark"],
         history=decode_history(row["history"], row["history_len"]),
+        history_ts=decode_history(row["history_ts"], row["history_len"]),
         updated_at=as_utc(row["updated_at"]),
         row_version=row["row_version"],
     )

@@ -1,6 +1,6 @@
 """The `user_memory` table (SQLAlchemy 2 typed declarative).
 
-Alembic revision 0001 creates exactly this table; tests check that the migrated schema and this
+The Alembic revisions build exactly this table; tests check that the migrated schema and this
 metadata agree on SQLite and PostgreSQL. Change both together, through a new revision.
 """
 
@@ -39,6 +39,8 @@ class UserMemory(Base):
     watermark: Mapped[int] = mapped_column(BigInteger)
     history: Mapped[bytes | None] = mapped_column(LargeBinary)  # (P,) int64 aged-out item ids
     history_len: Mapped[int] = mapped_column(Integer)  # P; 0 when history is NULL
+    # (P,) int64 unix seconds of `history`; NULL when there is no history or it has no times.
+    history_ts: Mapped[bytes | None] = mapped_column(LargeBinary)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # UTC
     # Optimistic concurrency: 1 on insert, +1 per update. The store's upsert maintains it in
     # SQL; ORM users get the same check through version_id_col.

@@ -148,7 +148,11 @@ class SqlMemoryStore(MemoryStore):
             return list(conn.scalars(query))
 
     def stats(self) -> MemoryStats:
-        payload = func.length(_T.c.data) + func.coalesce(func.length(_T.c.history), 0)
+        payload = (
+            func.length(_T.c.data)
+            + func.coalesce(func.length(_T.c.history), 0)
+            + func.coalesce(func.length(_T.c.history_ts), 0)
+        )
         query = select(func.count(), func.coalesce(func.sum(payload), 0))
         with self._engine.connect() as conn:
             rows, nbytes = conn.execute(query).one()

@@ -63,8 +63,9 @@ class SASRec(ItemScoring, nn.Module):
         return self._encode(batch.item_ids, batch.kind == ITEM)
 
     def recommend(self, memory: None, items: torch.Tensor, lengths: torch.Tensor, ts=None,
-                  at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """As ``PerSRec.recommend`` (``at`` too: causal, positions counted from the row's start)."""
+                  at: tuple[torch.Tensor, torch.Tensor] | None = None, request_ts=None) -> torch.Tensor:
+        """As ``PerSRec.recommend`` (``at`` too: causal, positions counted from the row's start;
+        SASRec reads no times)."""
         if memory is not None:
             raise ValueError("SASRec has no memory")
         valid = torch.arange(items.shape[1], device=items.device)[None] < lengths[:, None]

@@ -33,9 +33,13 @@ class Manifest:
     has_memory: bool
     policy: str
     history_len: int  # RECOMPRESS: aged-out items kept and compressed (max_len - recent_len)
+    # the model asks its last query at the request's time: ``recommend`` takes REQUEST_TS
+    request_time: bool = False
 
     @classmethod
     def read(cls, repository: Path) -> "Manifest":
+        """The manifest of ``repository``; fields added since a repository was written take
+        their defaults."""
         d = json.loads((Path(repository) / MANIFEST).read_text())
         d["memory_shape"] = tuple(d["memory_shape"])
         return cls(**d)
@@ -78,11 +82,6 @@ def export_repository(
     """Write (or add a version to) the repository at ``out``; return its manifest."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     cfg = ck.config
-    if cfg.has_memory and cfg.time_bias and cfg.policy.value == "recompress":
-        # The stream keeps aged-out item ids but not their times, so it could not reproduce
-        # this model's time biases when it recompresses.
-        raise ValueError("streaming a RECOMPRESS model with time_bias is not supported; "
-                         "train with the incremental policy or without --time-bias")
     if kind == "auto":
         kind = "KIND_GPU" if torch.cuda.is_available() else "KIND_CPU"
     window = cfg.recent_len + fold_every if cfg.has_memory else cfg.max_len
@@ -90,7 +89,7 @@ def export_repository(
         model_version=ck.model_version, triton_version=version, window_len=window,
         recent_len=cfg.recent_len, top_k=top_k,
         memory_shape=tuple(cfg.memory_shape), has_memory=cfg.has_memory, policy=cfg.policy.value,
-        history_len=max(cfg.max_len - cfg.recent_len, 0),
+        history_len=max(cfg.max_len - cfg.recent_len, 0), request_time=cfg.request_time,
     )
     params = {"model_version": ck.model_version, "cpu_threads": str(cpu_threads)}
     mem = list(cfg.memory_shape)
@@ -98,6 +97,8 @@ def export_repository(
                   _io("LENGTHS", "TYPE_INT64", [1])]
     if cfg.has_memory:
         rec_inputs += [_io("MEMORY", "TYPE_FP32", mem), _io("HAS_MEMORY", "TYPE_BOOL", [1])]
+    if cfg.request_time:
+        rec_inputs.append(_io("REQUEST_TS", "TYPE_INT64", [1]))
     models = {
         "recommend": model_config(
             "recommend", ck, kind, max_batch_size,

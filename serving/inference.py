@@ -48,18 +48,26 @@ class ModelRunner:
     def recommend(
         self, memory: np.ndarray | None, has_memory: np.ndarray | None, items: np.ndarray,
         lengths: np.ndarray, timestamps: np.ndarray | None, top_k: int, exclude_seen: bool = True,
+        request_ts: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """-> top-k dense item ids ``[B, k]`` int64 and cosine scores ``[B, k]`` float32.
 
-        A row that is a prefix of another row (same memory, its items and times the first ones
-        of the other's: a user's earlier event of a burst) is answered from that row's pass
-        (``shared_prefixes``). The remaining rows run in groups of similar length
-        (``width_groups``), each trimmed to its own longest row: a batch is padded to its
-        longest row and attention is quadratic in it."""
+        ``request_ts`` ``[B]``: when each row's recommendation is asked for (a ``request_time``
+        model reads it; default: the row's last item's time). A row that is a prefix of another
+        row (same memory, its items and times the first ones of the other's: a user's earlier
+        event of a burst) is answered from that row's pass (``shared_prefixes``), except under
+        a ``request_time`` model, whose query at an item is asked at the next item's time. The
+        remaining rows run in groups of similar length (``width_groups``), each trimmed to its
+        own longest row: a batch is padded to its longest row and attention is quadratic in
+        it."""
         lengths = lengths.reshape(-1)
         k = min(top_k, self.cfg.num_items)
         ids, scores = np.zeros((len(lengths), k), np.int64), np.zeros((len(lengths), k), np.float32)
-        carrier = shared_prefixes(items, lengths, timestamps, memory, has_memory)
+        if self.cfg.request_time:
+            carrier = np.arange(len(lengths))
+        else:
+            carrier = shared_prefixes(items, lengths, timestamps, memory, has_memory)
+            request_ts = None
         carriers = np.unique(carrier)
         for group in width_groups(lengths[carriers]):
             rows = carriers[group]
@@ -69,17 +77,21 @@ class ModelRunner:
             ids[queries], scores[queries] = self._recommend(
                 pick(memory), pick(has_memory), items[rows, :w], lengths[rows],
                 None if timestamps is None else timestamps[rows, :w],
-                np.searchsorted(rows, carrier[queries]), lengths[queries] - 1, k, exclude_seen)
+                np.searchsorted(rows, carrier[queries]), lengths[queries] - 1, k, exclude_seen,
+                None if request_ts is None else request_ts.reshape(-1)[rows])
         return ids, scores
 
     @torch.inference_mode()
-    def _recommend(self, memory, has_memory, items, lengths, timestamps, rows, positions, k, exclude_seen):
+    def _recommend(self, memory, has_memory, items, lengths, timestamps, rows, positions, k, exclude_seen,
+                   request_ts=None):
         ids = self._tensor(items, torch.long)
         lens = self._tensor(lengths.reshape(-1), torch.long)
         ts = None if timestamps is None else self._tensor(timestamps, torch.long)
+        request = None if request_ts is None else self._tensor(request_ts, torch.long)
         mem = self._memory(memory, has_memory) if self.cfg.has_memory else None
         rows, positions = self._tensor(rows, torch.long), self._tensor(positions, torch.long)
-        scores = self.model.score(self.model.recommend(mem, ids, lens, ts, at=(rows, positions)), self._table)
+        vectors = self.model.recommend(mem, ids, lens, ts, at=(rows, positions), request_ts=request)
+        scores = self.model.score(vectors, self._table)
         if exclude_seen:  # each query's own items: its row up to its position
             seen = torch.arange(ids.shape[1], device=ids.device)[None] <= positions[:, None]
             scores.scatter_(1, ids[rows] * seen, float("-inf"))  # padding maps to column 0, already -inf

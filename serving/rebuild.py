@@ -4,8 +4,9 @@ A memory is only valid for the model that wrote it. After a rollout, users whose
 written by the previous model are found with ``stale_users``; for the RECOMPRESS policy the row
 keeps the last aged-out items, so the new model recompresses them: old dense ids -> original ids
 (old id map) -> new dense ids (items the new model does not know are dropped). Watermark and
-fold count carry over, so the stream's windows stay consistent. INCREMENTAL memories keep no raw
-history and cannot be rebuilt this way (they need a replay of the user's events).
+fold count carry over, so the stream's windows stay consistent; the items' times (kept since the
+row format has them) carry over too, for models with a time bias. INCREMENTAL memories keep no
+raw history and cannot be rebuilt this way (they need a replay of the user's events).
 """
 
 from __future__ import annotations
@@ -49,19 +50,24 @@ def rebuild_memories(store: MemoryStore, old: Checkpoint, new: ModelRunner, *, b
         skipped += len(users) - len(usable)
         if not usable:
             continue
-        histories = []
+        histories, times = [], []
         for r in usable:
-            original = old_map.decode(r.history.tolist())
-            histories.append(new_map.encode([i for i in original if i in new_map])[-history_len:])
+            known = np.array([i in new_map for i in old_map.decode(r.history.tolist())], bool)
+            original = old_map.decode(r.history[known].tolist())
+            ts = r.history_ts if r.history_ts is not None else np.zeros(len(r.history), np.int64)
+            histories.append(new_map.encode(original)[-history_len:])
+            times.append(ts[known][-history_len:])
         width = max(1, max(len(h) for h in histories))
         items = np.zeros((len(usable), width), np.int64)
-        for i, h in enumerate(histories):
-            items[i, : len(h)] = h
+        stamps = np.zeros_like(items)
+        for i, (h, t) in enumerate(zip(histories, times)):
+            items[i, : len(h)], stamps[i, : len(t)] = h, t
         lengths = np.array([len(h) for h in histories], np.int64)
         memory = np.zeros((len(usable), *new.cfg.memory_shape), np.float32)
-        tensors = new.fold(memory, np.zeros(len(usable), bool), items, lengths, np.zeros_like(items))
+        tensors = new.fold(memory, np.zeros(len(usable), bool), items, lengths, stamps)
         store.put_many([
-            MemoryRecord(r.user_id, new.model_version, tensors[i], r.events_folded, r.watermark, histories[i])
+            MemoryRecord(r.user_id, new.model_version, tensors[i], r.events_folded, r.watermark, histories[i],
+                         history_ts=times[i] if r.history_ts is not None else None)
             for i, r in enumerate(usable)
         ])
         rebuilt += len(usable)

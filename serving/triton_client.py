@@ -96,12 +96,15 @@ class TritonModels:
 
     async def recommend(self, items: np.ndarray, timestamps: np.ndarray, lengths: np.ndarray,
                         memory: np.ndarray | None = None, has_memory: np.ndarray | None = None,
-                        ) -> tuple[np.ndarray, np.ndarray]:
-        """-> TOP_IDS ``[B, k]`` int64 (dense ids), TOP_SCORES ``[B, k]`` float32."""
+                        request_ts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """-> TOP_IDS ``[B, k]`` int64 (dense ids), TOP_SCORES ``[B, k]`` float32.
+        ``request_ts`` ``[B]``: only for a request-time model (``Manifest.request_time``)."""
         inputs = {"ITEMS": items.astype(np.int64), "TIMESTAMPS": timestamps.astype(np.int64),
                   "LENGTHS": lengths.reshape(-1, 1).astype(np.int64)}
         if memory is not None:
             inputs |= {"MEMORY": memory.astype(np.float32), "HAS_MEMORY": has_memory.reshape(-1, 1).astype(bool)}
+        if request_ts is not None:
+            inputs["REQUEST_TS"] = request_ts.reshape(-1, 1).astype(np.int64)
         out = await self._infer("recommend", inputs, ["TOP_IDS", "TOP_SCORES"])
         return out["TOP_IDS"], out["TOP_SCORES"]
 

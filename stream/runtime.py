@@ -57,6 +57,7 @@ class CachedMemory:
     watermark: int = 0
     history: np.ndarray | None = None  # RECOMPRESS: dense ids of the last aged-out items
     row_version: int = 0  # 0 = no row for this model version
+    history_ts: np.ndarray | None = None  # RECOMPRESS: their times (unix seconds)
 
 
 @dataclass
@@ -140,7 +141,8 @@ class Runtime:
             for u in missing:
                 r = rows.get(u)
                 self._remember(u, CachedMemory(None) if r is None else CachedMemory(
-                    r.tensor.astype(np.float32), r.events_folded, r.watermark, r.history, r.row_version))
+                    r.tensor.astype(np.float32), r.events_folded, r.watermark, r.history, r.row_version,
+                    r.history_ts))
         out = {}
         for u in user_ids:
             out[u] = self.cache[u]
@@ -283,7 +285,10 @@ class Runtime:
                     m = used[i]
                     if m.tensor is not None:
                         memory[row], has[row] = m.tensor, True
-            top_ids, top_scores = await self.models.recommend(items, ts, lengths, memory, has)
+            request_ts = None
+            if self.manifest.request_time:  # the recommendation is asked for at its event's time
+                request_ts = np.array([int(reqs[i].event_ts) for i in live], np.int64)
+            top_ids, top_scores = await self.models.recommend(items, ts, lengths, memory, has, request_ts)
         now = time.time()
         messages, row_of = [], {i: row for row, i in enumerate(live)}
         threshold = self.manifest.recent_len + self.cfg.fold_every
@@ -328,21 +333,21 @@ class Runtime:
         if not plan:
             return 0
         recompress = self.manifest.policy == "recompress"
-        rows = []
+        rows = []  # (items, times, fold into the stored memory, history kept, its times)
         for u, m, seg, seg_ts, _, _ in plan:
+            seg, seg_ts = np.asarray(seg, np.int64), np.asarray(seg_ts, np.int64)
             if recompress:
-                hist = np.concatenate([m.history if m.history is not None else np.zeros(0, np.int64),
-                                       np.asarray(seg, np.int64)])[-self.manifest.history_len:]
-                rows.append((hist, np.zeros_like(hist), False, hist))
+                hist, hist_ts = _history_after(m, seg, seg_ts, self.manifest.history_len)
+                rows.append((hist, hist_ts, False, hist, hist_ts))
             else:
-                rows.append((np.asarray(seg, np.int64), np.asarray(seg_ts, np.int64), m.tensor is not None, None))
+                rows.append((seg, seg_ts, m.tensor is not None, None, None))
         width = max(1, max(len(r[0]) for r in rows))
         items = np.zeros((len(rows), width), np.int64)
         ts = np.zeros_like(items)
         lengths = np.array([len(r[0]) for r in rows], np.int64)
         memory = np.zeros((len(rows), *self.manifest.memory_shape), np.float32)
         has = np.array([r[2] for r in rows], bool)
-        for i, (it, t, h, _) in enumerate(rows):
+        for i, (it, t, h, _, _) in enumerate(rows):
             items[i, : len(it)], ts[i, : len(t)] = it, t
             if h:
                 memory[i] = plan[i][1].tensor
@@ -350,7 +355,8 @@ class Runtime:
         records, expected, fresh = [], {}, []
         for i, (u, m, _, _, new_wm, n) in enumerate(plan):
             stored = _as_stored(new[i], self.cfg.storage_dtype)
-            rec = MemoryRecord(u, self.manifest.model_version, stored, m.events_folded + n, new_wm, rows[i][3])
+            rec = MemoryRecord(u, self.manifest.model_version, stored, m.events_folded + n, new_wm, rows[i][3],
+                               history_ts=rows[i][4])
             (records if m.row_version else fresh).append(rec)
             if m.row_version:
                 expected[u] = m.row_version
@@ -365,10 +371,19 @@ class Runtime:
         if fresh:
             written |= await asyncio.to_thread(self.store.put_many, fresh)
         for rec in records + fresh:
-            self._remember(rec.user_id, CachedMemory(rec.tensor, rec.events_folded, rec.watermark, rec.history, written[rec.user_id]))
+            self._remember(rec.user_id, CachedMemory(rec.tensor, rec.events_folded, rec.watermark, rec.history,
+                                                     written[rec.user_id], rec.history_ts))
             self.fold_pending.discard(rec.user_id)
         self.counters.folds += len(written)
         return len(written)
+
+
+def _history_after(m: CachedMemory, seg: np.ndarray, seg_ts: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """RECOMPRESS: the last ``keep`` aged-out items (and times) once ``seg`` has aged out too. A
+    row written before times were kept has none for its history: those items get time 0."""
+    old = m.history if m.history is not None else np.zeros(0, np.int64)
+    old_ts = m.history_ts if m.history_ts is not None else np.zeros(len(old), np.int64)
+    return np.concatenate([old, seg])[-keep:], np.concatenate([old_ts, seg_ts])[-keep:]
 
 
 def _as_stored(tensor: np.ndarray, dtype: str) -> np.ndarray:

@@ -69,17 +69,24 @@ def events_by_user(events: list[dict]) -> dict[str, list[dict]]:
 
 def offline_top10(checkpoint, id_map, user_events: list[dict], watermark: int, seq: int):
     """The model's answer, computed offline, for a user whose memory holds their first
-    ``watermark`` events and whose window holds events ``watermark..seq`` (recompress policy)."""
+    ``watermark`` events and whose window holds events ``watermark..seq`` (recompress policy),
+    asked at the time of event ``seq`` (what a request-time model reads)."""
     model = checkpoint.build_model("cpu")
     cfg = model.cfg
-    known = lambda evs: [int(id_map.encode([e["item_id"]])[0]) for e in evs if e["item_id"] in id_map]  # noqa: E731
-    history = known(user_events[:watermark])[-(cfg.max_len - cfg.recent_len):]
-    recent = known(user_events[watermark:seq])
-    recent = recent[read_start(len(recent), cfg.max_len):]  # the worker's cap (Runtime.model_inputs)
+
+    def known(evs):
+        evs = [e for e in evs if e["item_id"] in id_map]
+        return [int(id_map.encode([e["item_id"]])[0]) for e in evs], [int(e["ts"]) for e in evs]
+
+    history, history_ts = (x[-(cfg.max_len - cfg.recent_len):] for x in known(user_events[:watermark]))
+    recent, recent_ts = known(user_events[watermark:seq])
+    start = read_start(len(recent), cfg.max_len)  # the worker's cap (Runtime.model_inputs)
+    recent, recent_ts = recent[start:], recent_ts[start:]
+    as_row = lambda x: torch.tensor([x or [0]], dtype=torch.long)  # noqa: E731
     with torch.no_grad():
-        h = torch.tensor([history or [0]], dtype=torch.long)
-        memory = model.compress(h, torch.tensor([len(history)]))
-        vec = model.recommend(memory, torch.tensor([recent]), torch.tensor([len(recent)]))
+        memory = model.compress(as_row(history), torch.tensor([len(history)]), as_row(history_ts))
+        vec = model.recommend(memory, as_row(recent), torch.tensor([len(recent)]), as_row(recent_ts),
+                              request_ts=torch.tensor([int(user_events[seq - 1]["ts"])]))
         scores = model.score(vec)[0]
         scores[torch.tensor(recent)] = float("-inf")
         top = torch.topk(scores, 10)

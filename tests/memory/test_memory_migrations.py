@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, MetaData, Table, inspect, select
 
 from persrec.memory import (
     Base,
+    MemoryRecord,
     SqlMemoryStore,
     create_engine_for,
     current_revision,
     downgrade,
     migrate,
 )
+from persrec.memory.rows import record_to_columns, utc_now
+
+HEAD = "0002"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -43,7 +49,7 @@ def test_upgrade_downgrade_upgrade(url: str, engine: Engine, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)  # migrations are found from the package, not the cwd
     assert current_revision(url) is None
     migrate(url)
-    assert current_revision(url) == "0001"
+    assert current_revision(url) == HEAD
     assert schema_diff(engine) == []
 
     downgrade(url)
@@ -51,10 +57,68 @@ def test_upgrade_downgrade_upgrade(url: str, engine: Engine, tmp_path, monkeypat
     assert "user_memory" not in inspect(engine).get_table_names()
 
     migrate(engine)
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == HEAD
     assert schema_diff(engine) == []
     migrate(url)  # already at head: a no-op
-    assert current_revision(url) == "0001"
+    assert current_revision(url) == HEAD
+
+
+def user_memory_rows(engine: Engine) -> list[dict[str, Any]]:
+    """Every user_memory row as the database returns it, in the table's current shape."""
+    table = Table("user_memory", MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        query = select(table).order_by(table.c.user_id)
+        return [dict(row) for row in conn.execute(query).mappings()]
+
+
+def test_upgrade_from_0001_keeps_rows_and_adds_null_history_ts(url: str, engine: Engine) -> None:
+    migrate(url, "0001")
+    rng = np.random.default_rng(0)
+    records = [
+        MemoryRecord(
+            f"u{i}",
+            "v1",
+            rng.standard_normal((2, 2, 4, 1, 8)).astype(np.float32),
+            events_folded=i,
+            watermark=2**40 + i,
+            history=rng.integers(0, 2**40, size=i) if i % 2 else None,
+        )
+        for i in range(20)
+    ]
+    columns = [record_to_columns(rec, "float16", utc_now()) | {"row_version": 1} for rec in records]
+    for row in columns:
+        del row["history_ts"]  # not a column at 0001
+    table = Table("user_memory", MetaData(), autoload_with=engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), columns)
+    before = user_memory_rows(engine)
+    assert len(before) == 20
+
+    migrate(url)
+    assert current_revision(url) == HEAD
+    assert schema_diff(engine) == []
+    after = user_memory_rows(engine)
+    assert [r.pop("history_ts") for r in after] == [None] * 20
+    assert after == before
+
+    store = SqlMemoryStore(engine)
+    got = store.get_many([r.user_id for r in records], "v1")
+    for rec in records:
+        assert got[rec.user_id].history_ts is None
+        np.testing.assert_array_equal(got[rec.user_id].history, rec.history)
+    timed = MemoryRecord(
+        "timed", "v1", records[0].tensor, 3, 3, np.array([7, 8, 9]), np.array([1, 2**33, 5])
+    )
+    assert store.put_many([timed, records[1]]) == {"timed": 1, "u1": 2}
+    got = store.get_many(["timed", "u1"], "v1")
+    np.testing.assert_array_equal(got["timed"].history_ts, [1, 2**33, 5])
+    assert got["u1"].history_ts is None
+
+    downgrade(url, "0001")  # drops the times, keeps the rows and the index
+    rows = user_memory_rows(engine)
+    assert len(rows) == 21 and "history_ts" not in rows[0]
+    indexes = inspect(engine).get_indexes("user_memory")
+    assert [ix["name"] for ix in indexes] == ["ix_user_memory_model_version"]
 
 
 def test_store_does_not_create_tables(url: str, engine: Engine) -> None:

@@ -55,7 +55,12 @@ def store(make_store: StoreFactory) -> MemoryStore:
 
 
 def record(
-    user_id: str, model_version: str = "v1", seed: int = 0, history: bool = True, **kw
+    user_id: str,
+    model_version: str = "v1",
+    seed: int = 0,
+    history: bool = True,
+    times: bool = False,
+    **kw,
 ) -> MemoryRecord:
     rng = np.random.default_rng(seed)
     return MemoryRecord(
@@ -65,6 +70,7 @@ def record(
         events_folded=kw.pop("events_folded", 100 + seed),
         watermark=kw.pop("watermark", 2**40 + seed),  # needs BIGINT
         history=rng.integers(0, 2**40, size=16) if history else None,
+        history_ts=rng.integers(0, 2**33, size=16) if times else None,  # past 2038: needs int64
         **kw,
     )
 
@@ -91,6 +97,28 @@ def test_round_trip_float32_storage_is_exact(make_store: StoreFactory) -> None:
     got = store.get_many(["u1"], "v1")["u1"]
     np.testing.assert_array_equal(got.tensor, rec.tensor)
     assert got.history is None
+
+
+def test_history_ts_round_trips_and_none_stays_none(store: MemoryStore) -> None:
+    timed, untimed, bare = record("t", times=True), record("u"), record("b", history=False)
+    store.put_many([timed, untimed, bare])
+    got = store.get_many(["t", "u", "b"], "v1")
+    assert got["t"].history_ts is not None and got["t"].history_ts.dtype == np.int64
+    np.testing.assert_array_equal(got["t"].history_ts, timed.history_ts)
+    np.testing.assert_array_equal(got["t"].history, timed.history)
+    assert got["u"].history_ts is None and got["u"].history is not None
+    assert got["b"].history_ts is None and got["b"].history is None
+
+    store.put_many([record("t", seed=1)])  # an update without times clears the old ones
+    assert store.get_many(["t"], "v1")["t"].history_ts is None
+
+
+def test_history_ts_must_match_history() -> None:
+    tensor = np.zeros(SHAPE, np.float32)
+    with pytest.raises(ValueError, match="2 times for 3 history items"):
+        MemoryRecord("u1", "v1", tensor, 3, 3, np.arange(3), np.arange(2))
+    with pytest.raises(ValueError, match="without history"):
+        MemoryRecord("u1", "v1", tensor, 3, 3, None, np.arange(3))
 
 
 def test_get_many_returns_only_present_users(store: MemoryStore) -> None:
@@ -183,10 +211,10 @@ def test_stale_users_lists_other_model_versions(store: MemoryStore) -> None:
 
 def test_stats_counts_payload_bytes(store: MemoryStore) -> None:
     assert (store.stats().rows, store.stats().bytes) == (0, 0)
-    store.put_many([record("u1"), record("u2", history=False)])
+    store.put_many([record("u1"), record("u2", history=False), record("u3", times=True)])
     tensor_bytes = int(np.prod(SHAPE)) * 2  # float16
-    assert store.stats().rows == 2
-    assert store.stats().bytes == 2 * tensor_bytes + 16 * 8
+    assert store.stats().rows == 3
+    assert store.stats().bytes == 3 * tensor_bytes + 16 * 8 + 2 * 16 * 8
 
 
 def test_large_batch_round_trip(store: MemoryStore) -> None:

@@ -122,3 +122,40 @@ def test_rows_answered_from_a_longer_row_match_rows_run_alone(memory_tokens: int
         has = np.ones(6, bool)
     assert len(set(shared_prefixes(items, lengths, ts, memory, has).tolist())) == 2
     assert_rows_as_alone(runner, memory, has, items, lengths, ts)
+
+
+@pytest.mark.parametrize("memory_tokens", [0, 3])
+def test_request_time_rows_are_answered_each_on_its_own_at_its_request_time(memory_tokens: int) -> None:
+    """A request-time model's burst: every row is its own pass (no shared prefixes), and each is
+    asked at its request's time, as the model alone would be."""
+    torch.manual_seed(2)
+    cfg = ModelConfig(num_items=40, dim=16, head_dim=8, max_len=80, recent_len=6, dropout=0.0,
+                      num_memory_tokens=memory_tokens, time_bias=True, request_time=True, num_time_buckets=129,
+                      bias_init_std=0.5)  # non-zero biases, so that times matter
+    model = build_model(cfg).eval()
+    runner = ModelRunner(make_checkpoint(model, "{}"), "cpu")
+    rng = np.random.default_rng(2)
+    burst = rng.integers(1, 41, size=20)
+    burst_ts = 10**9 + np.cumsum(rng.choice([0, 5, 60, 86400], size=20))
+    lengths = np.array([3, 20, 12, 7])
+    items = np.stack([np.where(np.arange(20) < n, burst, 0) for n in lengths])
+    ts = np.stack([np.where(np.arange(20) < n, burst_ts, 0) for n in lengths])
+    request = burst_ts[lengths - 1] + np.array([0, 30, 3600, 0])
+    memory = has = None
+    if memory_tokens:
+        memory = np.repeat(rng.standard_normal((1, *cfg.memory_shape)).astype(np.float32), 4, axis=0)
+        has = np.ones(4, bool)
+    ids, scores = runner.recommend(memory, has, items, lengths, ts, 5, request_ts=request)
+    with torch.no_grad():
+        for i, n in enumerate(lengths):
+            mem = None if memory is None else torch.from_numpy(memory[i:i + 1])
+            vec = model.recommend(mem, torch.from_numpy(items[i:i + 1, :n]), torch.tensor([n]),
+                                  torch.from_numpy(ts[i:i + 1, :n]), request_ts=torch.tensor([request[i]]))
+            s = model.score(vec)[0]
+            s[torch.from_numpy(items[i, :n])] = float("-inf")
+            top = torch.topk(s, 5)
+            assert ids[i].tolist() == top.indices.tolist()
+            assert np.allclose(scores[i], top.values.numpy(), atol=1e-5)
+    # asked later, the same row gets another answer
+    later = runner.recommend(memory, has, items, lengths, ts, 5, request_ts=request + 30 * 86400)[1]
+    assert not np.allclose(later, scores, atol=1e-6)

@@ -49,11 +49,13 @@ def test_incremental_memories_are_refused() -> None:
                          ModelRunner(checkpoint(["a", "b"], 1, "incremental"), "cpu"))
 
 
-def test_export_refuses_a_model_the_stream_cannot_reproduce(tmp_path) -> None:
-    from persrec.serving.export import export_repository
+def test_export_of_a_request_time_recompress_model_takes_request_times(tmp_path) -> None:
+    from persrec.serving.export import Manifest, export_repository
 
     cfg = ModelConfig(num_items=5, dim=8, head_dim=4, num_memory_tokens=2, recent_len=2, max_len=8,
-                      time_bias=True)
+                      time_bias=True, request_time=True)
     ck = make_checkpoint(build_model(cfg), IdMap([str(i) for i in range(5)]).to_json())
-    with pytest.raises(ValueError, match="time_bias"):
-        export_repository(ck, tmp_path)
+    manifest = export_repository(ck, tmp_path)
+    assert manifest.request_time and Manifest.read(tmp_path).request_time
+    assert 'name: "REQUEST_TS"' in (tmp_path / "recommend" / "config.pbtxt").read_text()
+    assert "REQUEST_TS" not in (tmp_path / "compress" / "config.pbtxt").read_text()

@@ -1,7 +1,9 @@
 """Triton python-backend model ``recommend``: memory + recent window -> top-k items.
 
 Inputs (per row): MEMORY fp32 [L,2,M,H,Dh], HAS_MEMORY bool [1], ITEMS int64 [W],
-TIMESTAMPS int64 [W], LENGTHS int64 [1]. Outputs: TOP_IDS int64 [k], TOP_SCORES fp32 [k].
+TIMESTAMPS int64 [W], LENGTHS int64 [1], and for a request-time model REQUEST_TS int64 [1]
+(unix seconds of the event the recommendation answers). Outputs: TOP_IDS int64 [k],
+TOP_SCORES fp32 [k].
 Requests that Triton's dynamic batcher hands over together run as one batch.
 """
 
@@ -18,16 +20,18 @@ class TritonPythonModel:
         self.top_k = int(params["top_k"])
         self.exclude_seen = params.get("exclude_seen", "true") == "true"
         self.has_memory = self.runner.cfg.has_memory
+        self.request_time = self.runner.cfg.request_time
 
     def execute(self, requests):
-        names = ["ITEMS", "TIMESTAMPS", "LENGTHS"] + (["MEMORY", "HAS_MEMORY"] if self.has_memory else [])
+        names = (["ITEMS", "TIMESTAMPS", "LENGTHS"] + (["MEMORY", "HAS_MEMORY"] if self.has_memory else [])
+                 + (["REQUEST_TS"] if self.request_time else []))
         arrays, sizes = concat_rows(
             [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in names} for r in requests],
             pad=("ITEMS", "TIMESTAMPS"),
         )
         ids, scores = self.runner.recommend(
             arrays.get("MEMORY"), arrays.get("HAS_MEMORY"), arrays["ITEMS"], arrays["LENGTHS"],
-            arrays["TIMESTAMPS"], self.top_k, self.exclude_seen,
+            arrays["TIMESTAMPS"], self.top_k, self.exclude_seen, arrays.get("REQUEST_TS"),
         )
         return [
             pb_utils.InferenceResponse(output_tensors=[
