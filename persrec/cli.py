@@ -63,11 +63,32 @@ def _metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
 DataArg = Annotated[Optional[str], typer.Argument(help="dataset file (ML-1M sequences, ratings.dat, CSV, Parquet) or 'synthetic'; default: ML-1M from the data dir")]
 
 
+FORMATS_HELP = "auto, ml1m-seq (SASRec-style 'user item'), grouplens-dat, movielens-100k (u.data), csv, parquet"
+
+
+class Split(str, Enum):
+    test = "test"
+    valid = "valid"
+
+
+class SeenOpt(str, Enum):
+    exclude = "exclude"
+    keep = "keep"
+
+
+SeenHelp = ("exclude: every history item leaves the ranking (a repeated target is a miss); "
+            "keep: nothing leaves it (repeat consumption counts)")
+
+
 @app.command()
 def train(
     data: DataArg = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto, ml1m-seq, grouplens-dat, csv, parquet")] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help=FORMATS_HELP)] = "auto",
     out: Annotated[Path, typer.Option(help="checkpoint directory")] = Path("runs/model"),
+    recipe: Annotated[str, typer.Option(help="training recipe (persrec.models.recipe): ours, official, best, "
+                                             "or e.g. official+time_bias=false")] = "best",
+    recipe_set: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE recipe setting, repeatable "
+                                                                          "(e.g. --set negatives=full)")] = None,
     arch: Arch = Arch.hstu,
     memory_tokens: Annotated[int, typer.Option(help="M; 0 = plain model over the whole sequence")] = 0,
     recent_len: int = 50,
@@ -79,16 +100,12 @@ def train(
     heads: int = 1,
     head_dim: int = 50,
     dropout: float = 0.2,
-    time_bias: bool = False,
-    negatives: Annotated[int, typer.Option(help="uniform negatives per sequence in the sampled softmax")] = 128,
-    temperature: float = 0.05,
-    epochs: int = 100,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    patience: int = 10,
+    epochs: Annotated[Optional[int], typer.Option(help="default: the recipe's")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="validations without improvement before stopping (default: the recipe's; 0 = never stop early)")] = None,
     eval_every: int = 1,
     max_minutes: Optional[float] = None,
     seed: int = 42,
+    seen: Annotated[SeenOpt, typer.Option(help=SeenHelp)] = SeenOpt.exclude,
     protocol: Annotated[Protocol, typer.Option(help="heldout: validation = second to last event, early stopping; published: train on all but the test event for --epochs (HSTU repository)")] = Protocol.heldout,
     resume: Annotated[Optional[Path], typer.Option(help="continue from a last.pt checkpoint")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 is fastest on a busy 2-core machine)")] = None,
@@ -96,15 +113,23 @@ def train(
 ) -> None:
     """Train a model with early stopping on validation NDCG@10; write checkpoints and test metrics.
 
-    Launched under ``torchrun --nproc-per-node N persrec train ...`` it trains with
+    The recipe sets the loss, optimiser, batches and HSTU details (``best``: the official HSTU
+    recipe without absolute positions; BENCHMARKS.md has what each setting measured). Launched
+    under ``torchrun --nproc-per-node N persrec train ...`` it trains with
     DistributedDataParallel (gloo on CPU, NCCL on GPU).
     """
     from persrec.models import experiment
     from persrec.models.data import default_dataset_path
     from persrec.models.device import pick_device
-    from persrec.models.train import TrainConfig, leave_process_group
+    from persrec.models.evaluate import Seen, SeenRule
+    from persrec.models.recipe import recipe_named
+    from persrec.models.train import leave_process_group
 
     _setup_logging(verbose)
+    try:
+        chosen = recipe_named(recipe, recipe_set or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--recipe/--set") from None
     if threads:
         import torch
 
@@ -118,16 +143,23 @@ def train(
         device = torch.device("cuda", rank % torch.cuda.device_count())
     path = data if data is not None else default_dataset_path()
     dataset = experiment.load_dataset(path, fmt)
+    if memory_tokens and chosen.abs_positions:
+        chosen = chosen.with_(abs_positions=False)  # a memory row has no position from the window start
+        console.print("[yellow]absolute positions are off: a model with memory tokens cannot have them[/]")
+    has_ts = dataset.sequences.timestamps is not None
     overrides = dict(
         architecture=arch.value, num_memory_tokens=memory_tokens, recent_len=recent_len,
         policy=policy.value, segment_len=segment_len, max_len=max_len, dim=dim, num_layers=layers,
-        num_heads=heads, head_dim=head_dim, dropout=dropout, time_bias=time_bias,
-        num_negatives=negatives, temperature=temperature,
-    )
-    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
-                       eval_every=eval_every, max_minutes=max_minutes, seed=seed)
+        num_heads=heads, head_dim=head_dim, dropout=dropout,
+    ) | chosen.model_overrides(max_len, has_ts)
+    tcfg = chosen.train_config(eval_every=eval_every, max_minutes=max_minutes, seed=seed,
+                               **({} if epochs is None else dict(epochs=epochs)),
+                               **({} if patience is None else dict(patience=patience or None)))
+    seen_rule = SeenRule(Seen(seen.value))
     if rank == 0:
-        console.print(f"[bold]data[/]: {dataset.name}: {len(dataset.sequences)} users, {dataset.id_map.num_items} items; device {device}, {world} process(es)")
+        timed = "on" if overrides["time_bias"] else ("off (no timestamps)" if chosen.time_bias else "off")
+        console.print(f"[bold]data[/]: {dataset.name}: {len(dataset.sequences)} users, {dataset.id_map.num_items} items; "
+                      f"recipe {chosen.name}, time bias {timed}; device {device}, {world} process(es)")
 
     def on_epoch(r):
         v = f" valid ndcg@10 {r.valid['ndcg@10']:.4f} hr@10 {r.valid['hr@10']:.4f}" if r.valid else ""
@@ -135,10 +167,11 @@ def train(
 
     model, result = experiment.train_on(dataset, overrides, tcfg, out_dir=out, device=device, resume=resume, on_epoch=on_epoch, protocol=protocol.value)
     if rank == 0:
-        report = experiment.test_report(model, dataset, device=device)
-        report |= {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1), "valid": result.best_metrics, "protocol": protocol.value}
+        report = experiment.test_report(model, dataset, device=device, seen=seen_rule)
+        report |= {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1),
+                   "valid": result.best_metrics, "protocol": protocol.value, "recipe": chosen.to_dict()}
         experiment.write_json(report, out / "metrics.json")
-        console.print(_metrics_table(f"test ({dataset.name})", {arch.value + (f"+M{memory_tokens}" if memory_tokens else ""): report["test"], "most popular": report["popularity_test"]}))
+        console.print(_metrics_table(f"test ({dataset.name}, seen items: {seen.value})", {arch.value + (f"+M{memory_tokens}" if memory_tokens else ""): report["test"], "most popular": report["popularity_test"]}))
         console.print(f"checkpoint: {result.checkpoint}  metrics: {out / 'metrics.json'}")
     leave_process_group()  # under torchrun: every rank leaves together
 
@@ -147,26 +180,28 @@ def train(
 def evaluate(
     checkpoint: Path,
     data: DataArg = None,
-    fmt: Annotated[str, typer.Option("--format")] = "auto",
-    split: Annotated[str, typer.Option(help="test or valid")] = "test",
+    fmt: Annotated[str, typer.Option("--format", help=FORMATS_HELP)] = "auto",
+    split: Annotated[Split, typer.Option(help="which leave-one-out row of each user")] = Split.test,
+    seen: Annotated[SeenOpt, typer.Option(help=SeenHelp)] = SeenOpt.exclude,
     out: Annotated[Optional[Path], typer.Option(help="write metrics JSON here")] = None,
 ) -> None:
-    """Evaluate a checkpoint (leave-one-out, full ranking, history excluded)."""
+    """Evaluate a checkpoint (leave-one-out, full ranking over every item)."""
     from persrec.models import experiment
     from persrec.models.checkpoint import load_checkpoint
     from persrec.models.data import IdMap, default_dataset_path
     from persrec.models.device import pick_device
+    from persrec.models.evaluate import Seen, SeenRule
     from persrec.models.evaluate import evaluate as run_eval
 
     device = pick_device(Settings().device)
     ck = load_checkpoint(checkpoint)
     dataset = experiment.load_dataset(data if data is not None else default_dataset_path(), fmt, id_map=IdMap.from_json(ck.id_map_json))
     model = ck.build_model(device)
-    rows = dataset.split.test if split == "test" else dataset.split.valid
-    metrics = run_eval(model, rows, device=device)
-    console.print(_metrics_table(f"{split} ({dataset.name}), model {ck.model_version}", {ck.config.architecture.value: metrics}))
+    rows = dataset.split.test if split is Split.test else dataset.split.valid
+    metrics = run_eval(model, rows, device=device, seen=SeenRule(Seen(seen.value)))
+    console.print(_metrics_table(f"{split.value} ({dataset.name}, seen items: {seen.value}), model {ck.model_version}", {ck.config.architecture.value: metrics}))
     if out is not None:
-        experiment.write_json({"model_version": ck.model_version, "split": split, "metrics": metrics}, out)
+        experiment.write_json({"model_version": ck.model_version, "split": split.value, "seen": seen.value, "metrics": metrics}, out)
 
 
 @app.command()
@@ -265,7 +300,7 @@ def replay(
     file: Path,
     rate: Annotated[Optional[float], typer.Option(help="events per second (default: as fast as possible)")] = None,
     limit: Optional[int] = None,
-    fmt: Annotated[str, typer.Option("--format")] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help=FORMATS_HELP)] = "auto",
 ) -> None:
     """Publish a dataset's interactions as events, in time order, keyed by user id."""
     from rich.progress import Progress
@@ -313,10 +348,10 @@ def demo(
         data = str(path)
     if checkpoint is None:
         out = settings.work_dir / "demo-model"
-        train(data=data, out=out, memory_tokens=8, recent_len=50, epochs=1000, max_minutes=train_minutes,
-              patience=5, fmt="auto", arch=Arch.hstu, policy=Policy.recompress, segment_len=50, max_len=200,
-              dim=50, layers=2, heads=1, head_dim=50, dropout=0.2, time_bias=False, batch_size=128, lr=1e-3,
-              eval_every=1, seed=42, resume=None, threads=None, verbose=False)
+        train(data=data, out=out, recipe="best", recipe_set=None, memory_tokens=8, recent_len=50, epochs=1000,
+              max_minutes=train_minutes, patience=5, fmt="auto", arch=Arch.hstu, policy=Policy.recompress,
+              segment_len=50, max_len=200, dim=50, layers=2, heads=1, head_dim=50, dropout=0.2, eval_every=1,
+              seed=42, seen=SeenOpt.exclude, protocol=Protocol.heldout, resume=None, threads=None, verbose=False)
         checkpoint = out / "best.pt"
     result = run_demo(settings, Path(data), checkpoint, rate=rate, duration=duration, console=console)
     console.print_json(data={k: result.get(k) for k in ("events_published", "events_in", "recs_out", "dlq", "folds", "first_recommendation_s")})

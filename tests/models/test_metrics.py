@@ -133,3 +133,12 @@ def test_paired_ratio_interval_brackets_the_ratio_and_shrinks_with_users():
     assert lo < ratio < hi and hi - lo < small[2] - small[1]
     with pytest.raises(ValueError):
         paired_ratio_interval(base, base[:10])
+
+
+def test_a_repeated_target_is_a_miss_when_seen_items_are_excluded():
+    history = torch.tensor([[4, 2, 0], [5, 5, 1]])
+    # Row 0's target 4 was seen: excluded with the rest of the history, it ranks last (I = 6).
+    # Row 1's target 3 was not: 5 and 1 are excluded, 2 ties it and 4 is below: rank 0.
+    got = rank_of_target(SCORES, torch.tensor([4, 3]), history, exclude_target=True)
+    assert got.tolist() == [SCORES.shape[1], 0]
+    assert metrics_from_ranks(got, ks=(5,))["hr@5"] == 0.5
