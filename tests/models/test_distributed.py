@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 TINY = ["--dim", "16", "--head-dim", "8", "--max-len", "30", "--recent-len", "10",
-        "--memory-tokens", "2", "--batch-size", "64"]
+        "--memory-tokens", "2", "--set", "batch_size=64"]
 
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
