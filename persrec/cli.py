@@ -317,14 +317,16 @@ def replay(
 
 @app.command()
 def demo(
-    data: DataArg = None,
-    train_minutes: Annotated[float, typer.Option(help="training budget for the demo model")] = 1.0,
+    data: Annotated[Optional[str], typer.Argument(help="dataset file (default: ml-latest-small ratings.csv from the data dir; 'synthetic' when it is missing)")] = None,
+    train_minutes: Annotated[float, typer.Option(help="training budget for the demo model (a trained model is cached under $PERSREC_WORK_DIR/demo-model)")] = 2.0,
     checkpoint: Annotated[Optional[Path], typer.Option(help="serve this checkpoint instead of training")] = None,
+    retrain: Annotated[bool, typer.Option(help="train again even if a cached demo model fits")] = False,
     rate: Annotated[float, typer.Option(help="events per second replayed")] = 300.0,
     duration: Annotated[Optional[float], typer.Option(help="stop after this many seconds (default: Ctrl-C)")] = None,
 ) -> None:
-    """The main job on embedded defaults: train a small PerSRec, then stream the dataset through a
-    local broker, Triton and a worker, showing live recommendations. Ctrl-C stops everything."""
+    """The main job on embedded defaults: train a small PerSRec (or reuse the cached one), then
+    stream the dataset through a local broker, Triton and a worker, showing live
+    recommendations. Ctrl-C stops everything."""
     from persrec.demo import run_demo
     from persrec.models.data import data_dir
 
@@ -347,14 +349,34 @@ def demo(
         pacsv.write_csv(pa.table({"user_id": inter.users, "item_id": inter.items, "timestamp": inter.timestamps}), path)
         data = str(path)
     if checkpoint is None:
-        out = settings.work_dir / "demo-model"
-        train(data=data, out=out, recipe="best", recipe_set=None, memory_tokens=8, recent_len=50, epochs=1000,
-              max_minutes=train_minutes, patience=5, fmt="auto", arch=Arch.hstu, policy=Policy.recompress,
-              segment_len=50, max_len=200, dim=50, layers=2, heads=1, head_dim=50, dropout=0.2, eval_every=1,
-              seed=42, seen=SeenOpt.exclude, protocol=Protocol.heldout, resume=None, threads=None, verbose=False)
-        checkpoint = out / "best.pt"
+        checkpoint = _demo_model(settings, Path(data), train_minutes, retrain)
     result = run_demo(settings, Path(data), checkpoint, rate=rate, duration=duration, console=console)
     console.print_json(data={k: result.get(k) for k in ("events_published", "events_in", "recs_out", "dlq", "folds", "first_recommendation_s")})
+
+
+def _demo_model(settings: Settings, data: Path, train_minutes: float, retrain: bool) -> Path:
+    """The demo's model: trained once per dataset file and budget, then reused from
+    ``work_dir/demo-model`` (its ``cache-key.json`` says what it was trained on)."""
+    import json
+
+    out = settings.work_dir / "demo-model"
+    stat = data.stat()
+    key = {"data": str(data.resolve()), "bytes": stat.st_size, "mtime": int(stat.st_mtime),
+           "train_minutes": train_minutes, "recipe": "best", "memory_tokens": 8}
+    key_file = out / "cache-key.json"
+    if not retrain and (out / "best.pt").is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
+        metrics = json.loads((out / "metrics.json").read_text())
+        console.print(f"[green]using the cached demo model {out / 'best.pt'}[/] (test NDCG@10 "
+                      f"{metrics['test']['ndcg@10']:.4f}, most popular {metrics['popularity_test']['ndcg@10']:.4f}; "
+                      "--retrain trains it again)")
+        return out / "best.pt"
+    key_file.unlink(missing_ok=True)
+    train(data=str(data), out=out, recipe="best", recipe_set=None, memory_tokens=8, recent_len=50, epochs=1000,
+          max_minutes=train_minutes, patience=5, fmt="auto", arch=Arch.hstu, policy=Policy.recompress,
+          segment_len=50, max_len=200, dim=50, layers=2, heads=1, head_dim=50, dropout=0.2, eval_every=1,
+          seed=42, seen=SeenOpt.exclude, protocol=Protocol.heldout, resume=None, threads=None, verbose=False)
+    key_file.write_text(json.dumps(key))
+    return out / "best.pt"
 
 
 if __name__ == "__main__":
