@@ -295,12 +295,47 @@ def cmd_report(args) -> int:
                 f"{_fmt(g, 'last/exclude/ndcg@10')} | {_fmt(g, 'last/exclude-200/ndcg@10')} | "
                 f"{', '.join(map(str, g['best_epoch']))} | {g['train_seconds']:.0f} | {'; '.join(g['machines'])} |")
         lines.append("")
+    lines += comparison_lines(groups)
     md = args.out.with_name("recipe_bench.md")
     md.write_text("\n".join(lines))
     args.out.with_name("recipe_bench.json").write_text(json.dumps(groups, indent=1))
     print("\n".join(lines))
     print(f"-> {md}")
     return 0
+
+
+# (what is compared, row A, row B): model/recipe/protocol of one dataset
+COMPARISONS = [
+    ("official vs ours (HSTU)", "hstu/official/heldout", "hstu/ours/heldout"),
+    ("full softmax vs 128 per-position negatives (HSTU)", f"hstu/{FULL}/heldout", "hstu/official/heldout"),
+    ("best vs official (HSTU)", "hstu/best/heldout", "hstu/official/heldout"),
+    ("time bias: official vs official without it (HSTU)", "hstu/official/heldout", "hstu/official+time_bias=false/heldout"),
+    ("HSTU vs SASRec, official recipe", "hstu/official/heldout", "sasrec/official/heldout"),
+    ("HSTU official vs SASRec with a full softmax", "hstu/official/heldout", f"sasrec/{FULL}/heldout"),
+    ("PerSRec K=8 recompress vs HSTU, best recipe", "persrec-recompress-k8/best/heldout", "hstu/best/heldout"),
+    ("PerSRec K=8 incremental vs HSTU, best recipe", "persrec-incremental-k8/best/heldout", "hstu/best/heldout"),
+]
+
+
+def comparison_lines(groups: list[dict], key: str = "selected/exclude/ndcg@10") -> list[str]:
+    """Each comparison whose two rows exist: the means and sds of ``key``, and "A > B", "A < B"
+    or "no difference" (the mean +- sd intervals overlap, or a row has one seed)."""
+    index = {(g["dataset"], f"{g['model']}/{g['recipe']}/{g['protocol']}"): g for g in groups}
+    out = ["## Comparisons", "", f"Test NDCG@10 at the validation-selected epoch; mean ± sd over seeds.", "",
+           "| data set | comparison | A | B | A / B | reading |", "|---|---|---|---|---|---|"]
+    for dataset in sorted({g["dataset"] for g in groups}):
+        for what, a_key, b_key in COMPARISONS:
+            a, b = index.get((dataset, a_key)), index.get((dataset, b_key))
+            if a is None or b is None:
+                continue
+            (ma, sa), (mb, sb) = (a[key]["mean"], a[key]["sd"]), (b[key]["mean"], b[key]["sd"])
+            if sa != sa or sb != sb or abs(ma - mb) <= sa + sb:
+                reading = "no difference"
+            else:
+                reading = "A > B" if ma > mb else "A < B"
+            out.append(f"| {dataset} | {what} | {_fmt(a, key)} ({len(a['seeds'])}) | {_fmt(b, key)} ({len(b['seeds'])}) "
+                       f"| {ma / mb:.3f} | {reading} |")
+    return out + [""]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,8 @@ training examples (batch 128, length 200, HSTU 2 x 50). Modes:
 - ``shared 128, collate each step``: the step as it was before issue 18, laying every batch out
   again (``collate``) instead of gathering rows of the examples laid out once.
 
-    .venv/bin/python benchmarks/train_step_bench.py --threads 1            # -> results/train_step.json
-    .venv/bin/python benchmarks/train_step_bench.py --device cuda --steps 50
+    .venv/bin/python benchmarks/train_step_bench.py --threads 1 --steps 10 --out benchmarks/results/train_step_cpu.json
+    .venv/bin/python benchmarks/train_step_bench.py --device cuda --out benchmarks/results/train_step_cuda.json
 
 Each mode runs ``--warmup`` steps, then ``--steps`` timed ones over the same batches; the
 median is reported. Modes run back to back in one process.
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=RESULTS / "train_step.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "train_step_cpu.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
