@@ -11,6 +11,7 @@ after an interruption and run on several machines.
     .venv/bin/python benchmarks/recipe_bench.py run --plan ml1m --device cuda --workers 6   # ~4 min a job on an H200
     .venv/bin/python benchmarks/recipe_bench.py run --plan cpu --workers 2 --threads 1      # everything else, 2 cores
     .venv/bin/python benchmarks/recipe_bench.py list --plan cpu          # the jobs and which are done
+    .venv/bin/python benchmarks/recipe_bench.py merge --source other.jsonl   # runs made elsewhere
     .venv/bin/python benchmarks/recipe_bench.py report                   # -> results/recipe_bench.{md,json}
 
 Datasets (read from ``$PERSREC_DATA_DIR``, default ``../shared/data``): ``ml1m`` (the sequence
@@ -95,7 +96,8 @@ def plan(name: str) -> list[Job]:
         "quick": [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")],
     }
     if name == "cpu":  # this order on a 2-core machine: cheapest claims first
-        return plans["timed-mlsmall"] + plans["ml1m-persrec"] + plans["timed-ml1m-ts"] + plans["ml1m-screening"]
+        return (plans["timed-mlsmall"] + plans["ml1m-persrec"] + plans["timed-ml1m-ts"] + plans["ml1m-published"]
+                + plans["ml1m-screening"])
     if name not in plans:
         raise SystemExit(f"unknown plan {name!r}; known: {sorted(plans) + ['cpu']}")
     return plans[name]
@@ -115,7 +117,14 @@ def load(dataset: str):
     return _DATA_CACHE[dataset]
 
 
-def run_job(job: Job, device: str, threads: int | None, epochs: int | None = None) -> dict[str, Any]:
+def checkpoint_path(save_dir: Path, key: str) -> Path:
+    """Where a job's selected weights are kept (``runs/`` is not committed: weights trained on
+    the data sets never are)."""
+    return save_dir / (key.replace("/", "__") + ".pt")
+
+
+def run_job(job: Job, device: str, threads: int | None, epochs: int | None = None,
+            save_dir: Path | None = None) -> dict[str, Any]:
     import torch
 
     from persrec.models import experiment
@@ -153,6 +162,10 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
     last = fit.history[-1].test
     selected = evaluate_rules(model, data.split.test, rules, device=device) if job.protocol == "heldout" else last
     ranks = target_ranks(model, data.split.test, device=device, rules={"exclude": rules["exclude"]})["exclude"]
+    if save_dir is not None:  # for later evaluations of the same models (e.g. long histories)
+        from persrec.models.checkpoint import make_checkpoint, save_checkpoint
+
+        save_checkpoint(make_checkpoint(model, data.id_map.to_json(), {"job": job.key}), checkpoint_path(save_dir, job.key))
     round4 = lambda m: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}  # noqa: E731
     return dict(
         key=job.key, dataset=job.dataset, model=job.model, recipe=job.recipe, protocol=job.protocol,
@@ -183,10 +196,10 @@ def _commit() -> str:
 
 
 def _worker(args):
-    job, device, threads, epochs = args
+    job, device, threads, epochs, save_dir = args
     logging.basicConfig(level=logging.WARNING)
     try:
-        return run_job(job, device, threads, epochs), None
+        return run_job(job, device, threads, epochs, save_dir), None
     except Exception as e:  # a failed job is reported and skipped, the others go on
         import traceback
 
@@ -211,7 +224,7 @@ def cmd_run(args) -> int:
     ctx = mp.get_context("spawn")
     failed = 0
     with ctx.Pool(args.workers, maxtasksperchild=None) as pool:
-        pending = pool.imap_unordered(_worker, [(j, args.device, args.threads, args.epochs) for j in todo])
+        pending = pool.imap_unordered(_worker, [(j, args.device, args.threads, args.epochs, args.save_dir) for j in todo])
         for _ in todo:
             left = None if args.deadline_s is None else args.deadline_s - (time.monotonic() - t0)
             if left is not None and left <= 0:
@@ -236,6 +249,16 @@ def cmd_run(args) -> int:
                   f"{result['best_epoch']}), last {result['test_last']['exclude']['ndcg@10']:.4f}, "
                   f"{result['train_seconds']:.0f}s", flush=True)
     return 1 if failed else 0
+
+
+def cmd_merge(args) -> int:
+    """Append the jobs of ``--source`` that ``--out`` lacks (runs made elsewhere)."""
+    done = done_keys(args.out)
+    new = [line for line in args.source.read_text().splitlines() if line.strip() and json.loads(line)["key"] not in done]
+    with args.out.open("a") as f:
+        f.writelines(line + "\n" for line in new)
+    print(f"{len(new)} jobs added to {args.out}")
+    return 0
 
 
 def cmd_list(args) -> int:
@@ -341,11 +364,13 @@ def comparison_lines(groups: list[dict], key: str = "selected/exclude/ndcg@10") 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "list", "report"):
+    for name in ("run", "list", "report", "merge"):
         p = sub.add_parser(name)
         p.add_argument("--out", type=Path, default=RUNS, help="the runs file (JSON lines)")
-        if name != "report":
+        if name in ("run", "list"):
             p.add_argument("--plan", default="ml1m")
+        if name == "merge":
+            p.add_argument("--source", type=Path, required=True, help="another runs file")
         if name == "run":
             p.add_argument("--only", default="", help="comma-separated substrings of job keys to keep")
             p.add_argument("--device", default="cpu")
@@ -353,8 +378,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
             p.add_argument("--deadline-s", type=float, default=None, help="stop after this long (jobs in flight are lost)")
             p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (smoke tests)")
+            p.add_argument("--save-dir", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "recipe_bench",
+                           help="keep each job's selected weights here (never committed)")
     args = ap.parse_args(argv)
-    return {"run": cmd_run, "list": cmd_list, "report": cmd_report}[args.cmd](args)
+    return {"run": cmd_run, "list": cmd_list, "report": cmd_report, "merge": cmd_merge}[args.cmd](args)
 
 
 if __name__ == "__main__":
