@@ -238,3 +238,34 @@ def test_vectors_at_positions_equal_recommend_of_each_prefix(mode: str) -> None:
         assert (at[q] - alone[0]).abs().max().item() <= TOL, p
     with pytest.raises(ValueError):
         model.recommend(memory, items, lengths, t, at=(torch.tensor([0]), torch.tensor([40])))
+
+
+@pytest.mark.parametrize("mode", ["none", "request"])
+@torch.no_grad()
+def test_a_lifelong_chain_of_folds_equals_the_multi_block_pass(mode: str) -> None:
+    """A user of 235 events: 46 folds of 5, each reading the previous memory only, give the
+    answer of one masked pass over the 46-block layout (what the stream does over a lifetime)."""
+    model = make("incremental", mode, 7, m=3)
+    rng = np.random.default_rng(7)
+    seqs, ts = random_users(rng, [235, 57])
+    request = requests_after(rng, ts) if mode == "request" else None
+    cfg = model.cfg
+    reference = full_pass_vectors(model, seqs, ts, request)  # layout longer than max_len: fine
+    memory, has = model.empty_memory(2), torch.zeros(2, dtype=torch.bool)
+    starts = [0, 0]
+    seg_lens = [segment_lengths(len(s), cfg) for s in seqs]  # the last one is the recent part
+    assert len(seg_lens[0]) - 1 >= 40
+    for step in range(max(len(x) for x in seg_lens) - 1):
+        active = [i for i in range(2) if step < len(seg_lens[i]) - 1]
+        seg = [seqs[i][starts[i]:starts[i] + seg_lens[i][step]] for i in active]
+        seg_ts = [ts[i][starts[i]:starts[i] + seg_lens[i][step]] for i in active]
+        idx = torch.tensor(active)
+        memory[idx] = model.fold(memory[idx], has[idx], *pad(seg), pad(seg_ts)[0])
+        has[idx] = True
+        for i, s in zip(active, seg):
+            starts[i] += len(s)
+    recent = [s[st:] for s, st in zip(seqs, starts)]
+    recent_ts = [t[st:] for t, st in zip(ts, starts)]
+    served = model.recommend(memory, *pad(recent), pad(recent_ts)[0],
+                             request_ts=None if request is None else torch.from_numpy(request))
+    assert (served - reference).abs().max().item() <= TOL
