@@ -105,11 +105,12 @@ def load_workload(n_events: int) -> Workload:
 
 def model_repository(work: Path, wl: Workload, *, memory: bool, max_len: int) -> tuple[Path, object]:
     cfg = ModelConfig(num_items=wl.id_map.num_items, dim=50, num_layers=2, num_heads=1, head_dim=50,
-                      max_len=max_len, recent_len=50, num_memory_tokens=8 if memory else 0, dropout=0.0)
+                      max_len=max_len, recent_len=50, segment_len=25, num_memory_tokens=8 if memory else 0,
+                      dropout=0.0)  # folds of 25: windows of 50-74 items
     torch.manual_seed(0)
     ck = make_checkpoint(build_model(cfg), wl.id_map.to_json())
     repo = work / f"repo-{'persrec' if memory else f'full{max_len}'}"
-    manifest = export_repository(ck, repo, top_k=10, fold_every=25)
+    manifest = export_repository(ck, repo, top_k=10)
     return repo, (ck, manifest)
 
 

@@ -46,7 +46,9 @@ class ModelConfig:
     num_memory_tokens: int = 0  # M: learnable memory tokens; 0 = plain full-sequence model
     recent_len: int = 50  # items served from the raw recent window (the rest goes to memory)
     policy: MemoryPolicy = MemoryPolicy.RECOMPRESS
-    segment_len: int = 50  # INCREMENTAL: history items folded per token block in training
+    # The fold cadence: history items per token block in training, and per fold in the stream
+    # (a window folds whole segments of this length; export and worker take it from here)
+    segment_len: int = 50
     time_bias: bool = False  # add a relative time bias (needs timestamps)
     num_time_buckets: int = 64  # buckets ln(|t_q - t_k|) / 0.301 (clamped), i.e. factors of ~1.35 s
     request_time: bool = False  # t_q = time of the event the query predicts (official), not its own

@@ -126,17 +126,20 @@ class UserLayout:
 
 
 def segment_lengths(n: int, cfg: ModelConfig) -> list[int]:
-    """Split ``n`` items into the item segments of the training layout (last = recent part)."""
+    """Split ``n`` items into the item segments of the training layout (last = recent part).
+
+    INCREMENTAL, as the stream folds: whole segments of ``segment_len`` from the oldest item,
+    leaving at least ``recent_len`` recent items; the recent part keeps the rest (``recent_len``
+    to ``recent_len + segment_len - 1`` items). With no whole segment, an empty one keeps the
+    layout's token block (a memory of nothing, as a new user's)."""
     if not cfg.has_memory:
         return [n]
     recent = min(n, cfg.recent_len)
     history = n - recent
     if cfg.policy is MemoryPolicy.RECOMPRESS:
         return [history, recent]
-    chunks = [cfg.segment_len] * (history // cfg.segment_len)
-    if history % cfg.segment_len or not chunks:
-        chunks.append(history % cfg.segment_len)
-    return chunks + [recent]
+    folds = history // cfg.segment_len
+    return [cfg.segment_len] * folds + [0] * (folds == 0) + [n - folds * cfg.segment_len]
 
 
 @functools.lru_cache(maxsize=4096)

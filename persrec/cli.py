@@ -209,7 +209,6 @@ def export(
     checkpoint: Path,
     out: Annotated[Optional[Path], typer.Option(help="model repository (default: PERSREC_MODEL_REPOSITORY)")] = None,
     top_k: int = 10,
-    fold_every: Annotated[Optional[int], typer.Option(help="default: PERSREC_FOLD_EVERY")] = None,
     version: int = 1,
     kind: Annotated[str, typer.Option(help="auto (GPU when CUDA is present), KIND_CPU, KIND_GPU")] = "auto",
 ) -> None:
@@ -218,7 +217,7 @@ def export(
 
     settings = Settings()
     out = out or settings.model_repository
-    m = export_repository(checkpoint, out, top_k=top_k, fold_every=fold_every or settings.fold_every,
+    m = export_repository(checkpoint, out, top_k=top_k,
                           version=version, kind=kind)
     console.print(f"model {m.model_version} -> {out} (version {m.triton_version}, window {m.window_len}, top {m.top_k})")
 

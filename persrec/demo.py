@@ -56,7 +56,7 @@ def run_demo(settings: Settings, data: Path, checkpoint: Path, *, rate: float, d
     if work.exists():  # every demo starts from an empty broker, table and memory store
         shutil.rmtree(work)
     repo = work / "model_repository"
-    manifest = export_repository(checkpoint, repo, top_k=settings.top_k, fold_every=settings.fold_every)
+    manifest = export_repository(checkpoint, repo, top_k=settings.top_k)
     console.print(f"model {manifest.model_version} exported to {repo}")
     result: dict = {}
     with EmbeddedKafka(work / "kafka") as kafka, \

@@ -35,7 +35,6 @@ class Settings(BaseSettings):
     app_id: str = Field("persrec", description="Faust app id = Kafka consumer group")
     model_repository: Path = Field(Path("var/model_repository"), description="from `persrec export`")
     top_k: int = Field(10, ge=1, le=1000)
-    fold_every: int = Field(25, ge=1, description="fold when a window exceeds recent_len + this")
     fold_interval_s: float = Field(
         0.1, gt=0, description="pause between fold passes (a busy user's window grows meanwhile)")
     max_batch: int = Field(256, ge=1, description="events per Triton recommend call")

@@ -26,7 +26,7 @@ MANIFEST = "manifest.json"
 class Manifest:
     model_version: str  # hash of config, id map and weights (persrec.models.checkpoint)
     triton_version: int  # version directory number in the repository
-    window_len: int  # W: recent items sent per request (recent_len + fold_every)
+    window_len: int  # W: the most recent items a request sends (recent_len + segment_len - 1)
     recent_len: int  # items that stay in the window after a fold
     top_k: int
     memory_shape: tuple[int, ...]
@@ -35,6 +35,13 @@ class Manifest:
     history_len: int  # RECOMPRESS: aged-out items kept and compressed (max_len - recent_len)
     # the model asks its last query at the request's time: ``recommend`` takes REQUEST_TS
     request_time: bool = False
+    # the fold cadence (the model's segment_len): a window folds whole segments of this length;
+    # 0 (a repository written before the field): window_len - recent_len, its fold interval then
+    segment_len: int = 0
+
+    def __post_init__(self) -> None:
+        if self.segment_len < 1:
+            object.__setattr__(self, "segment_len", max(self.window_len - self.recent_len, 1))
 
     @classmethod
     def read(cls, repository: Path) -> "Manifest":
@@ -75,8 +82,7 @@ instance_group [ {{ count: {instances} kind: {kind} }} ]
 
 
 def export_repository(
-    checkpoint: Path | Checkpoint, out: Path, *, top_k: int = 10, fold_every: int = 25,
-    version: int = 1, kind: str = "auto", max_batch_size: int = 1024, instances: int = 1,
+    checkpoint: Path | Checkpoint, out: Path, *, top_k: int = 10, version: int = 1, kind: str = "auto", max_batch_size: int = 1024, instances: int = 1,
     exclude_seen: bool = True, cpu_threads: int = 1,
 ) -> Manifest:
     """Write (or add a version to) the repository at ``out``; return its manifest."""
@@ -84,12 +90,14 @@ def export_repository(
     cfg = ck.config
     if kind == "auto":
         kind = "KIND_GPU" if torch.cuda.is_available() else "KIND_CPU"
-    window = cfg.recent_len + fold_every if cfg.has_memory else cfg.max_len
+    # the window folds whole segments, so it holds at most recent_len + segment_len - 1 items
+    window = cfg.recent_len + cfg.segment_len - 1 if cfg.has_memory else cfg.max_len
     manifest = Manifest(
         model_version=ck.model_version, triton_version=version, window_len=window,
         recent_len=cfg.recent_len, top_k=top_k,
         memory_shape=tuple(cfg.memory_shape), has_memory=cfg.has_memory, policy=cfg.policy.value,
         history_len=max(cfg.max_len - cfg.recent_len, 0), request_time=cfg.request_time,
+        segment_len=cfg.segment_len,
     )
     params = {"model_version": ck.model_version, "cpu_threads": str(cpu_threads)}
     mem = list(cfg.memory_shape)

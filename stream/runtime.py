@@ -7,8 +7,9 @@ Recommendation path for a batch of requests (each: a user's window snapshot + it
   2. one Triton ``recommend`` call for the batch;
   4. one message per request (see ``recommendation_message``).
 
-Fold path (``fold_once``), for users whose window outgrew ``recent_len + fold_every``:
-  1. segment = the oldest window items after the watermark, leaving ``recent_len``. A queued
+Fold path (``fold_once``), for users with ``recent_len + segment_len`` items after the watermark:
+  1. segment = the oldest ``segment_len`` window items after the watermark (the model's fold
+     cadence: INCREMENTAL folds one such segment per call, RECOMPRESS every whole one). A queued
      request keeps the memory its window snapshot was trimmed against, and reads the newest
      memory that folded none of its future events (``memory_for``), so folds need not wait for
      a user's queued requests. Only requests queued before the user's memory was loaded hold
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StreamConfig:
     top_k: int = 10
-    fold_every: int = 25  # fold when the window exceeds recent_len + fold_every
     fold_batch: int = 256  # users per compress call
     storage_dtype: str = "float16"  # memory tensors in the DB
     cache_size: int = 100_000  # memories kept decoded in the worker
@@ -291,7 +291,7 @@ class Runtime:
             top_ids, top_scores = await self.models.recommend(items, ts, lengths, memory, has, request_ts)
         now = time.time()
         messages, row_of = [], {i: row for row, i in enumerate(live)}
-        threshold = self.manifest.recent_len + self.cfg.fold_every
+        threshold = self.manifest.recent_len + self.manifest.segment_len
         if live:  # the whole batch at once: per-row decoding was a tenth of the worker's time
             k = top_ids.shape[1]
             names = self.id_map.decode(top_ids)
@@ -309,7 +309,7 @@ class Runtime:
             self.last_recs.move_to_end(r.user_id)
             if len(self.last_recs) > self.cfg.cache_size:
                 self.last_recs.popitem(last=False)
-            if self.manifest.has_memory and r.window.seq - current[r.user_id].watermark > threshold:
+            if self.manifest.has_memory and r.window.seq - current[r.user_id].watermark >= threshold:
                 self.fold_pending.add(r.user_id)
         return messages
 
@@ -320,19 +320,21 @@ class Runtime:
         if not users:
             return 0
         mems = await self.memories(users)
+        recompress = self.manifest.policy == "recompress"
         plan = []  # (user, memory, segment items (dense), segment ts, new watermark, folded count)
         for u in users:
             w, m = self.read_window(u), mems[u]
             oldest = self.oldest_in_flight(u)
             limit = None if oldest is None else oldest - 1
-            seg, seg_ts, new_wm = win.fold_segment(w, m.watermark, self.manifest.recent_len, limit)
+            # INCREMENTAL folds one segment per call, as training does; RECOMPRESS all at once
+            seg, seg_ts, new_wm = win.fold_segment(w, m.watermark, self.manifest.recent_len,
+                                                   self.manifest.segment_len, limit, None if recompress else 1)
             if not seg:
                 self.fold_pending.discard(u)
                 continue
             plan.append((u, m, *self.known(seg, seg_ts), new_wm, len(seg)))
         if not plan:
             return 0
-        recompress = self.manifest.policy == "recompress"
         rows = []  # (items, times, fold into the stored memory, history kept, its times)
         for u, m, seg, seg_ts, _, _ in plan:
             seg, seg_ts = np.asarray(seg, np.int64), np.asarray(seg_ts, np.int64)
@@ -373,7 +375,8 @@ class Runtime:
         for rec in records + fresh:
             self._remember(rec.user_id, CachedMemory(rec.tensor, rec.events_folded, rec.watermark, rec.history,
                                                      written[rec.user_id], rec.history_ts))
-            self.fold_pending.discard(rec.user_id)
+            if self.read_window(rec.user_id).seq - rec.watermark < self.manifest.recent_len + self.manifest.segment_len:
+                self.fold_pending.discard(rec.user_id)  # else: another whole segment waits
         self.counters.folds += len(written)
         return len(written)
 

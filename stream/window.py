@@ -119,13 +119,18 @@ def read_start(n: int, cap: int) -> int:
 
 
 def fold_segment(
-    w: Window, watermark: int, recent_len: int, max_watermark: int | None = None,
+    w: Window, watermark: int, recent_len: int, segment_len: int, max_watermark: int | None = None,
+    max_segments: int | None = None,
 ) -> tuple[list[str], list[int], int]:
-    """The oldest items to fold so that ``recent_len`` stay (and the watermark does not pass
-    ``max_watermark``), and the watermark after folding."""
+    """The oldest items to fold, and the watermark after folding them: whole segments of
+    ``segment_len`` (the model's fold cadence; at most ``max_segments``), so that at least
+    ``recent_len`` stay and the watermark does not pass ``max_watermark``. Whole segments make
+    a user's folds depend on their events only, never on when the folds ran."""
     items, ts = effective(w, watermark)
     start = max(watermark, w.base)  # a memory may lag the window (e.g. lost in a model change)
     n = max(len(items) - recent_len, 0)
     if max_watermark is not None:
         n = max(min(n, max_watermark - start), 0)
+    segments = n // segment_len if max_segments is None else min(n // segment_len, max_segments)
+    n = segments * segment_len
     return items[:n], ts[:n], start + n

@@ -39,8 +39,7 @@ def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.Ap
     })
     db_url = settings.resolved_database_url
     migrate(db_url)
-    cfg = StreamConfig(top_k=settings.top_k, fold_every=settings.fold_every,
-                       storage_dtype=settings.storage_dtype)
+    cfg = StreamConfig(top_k=settings.top_k, storage_dtype=settings.storage_dtype)
 
     async def make_runtime(read_window):
         store = SqlMemoryStore(db_url, storage_dtype=settings.storage_dtype)

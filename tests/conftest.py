@@ -50,14 +50,14 @@ def served_model(tmp_path_factory) -> ServedModel:
     inter = load_interactions(RATINGS)
     _, id_map = build_sequences(inter)
     cfg = ModelConfig(num_items=id_map.num_items, dim=32, head_dim=16, num_heads=2, num_memory_tokens=4,
-                      recent_len=20, max_len=60, dropout=0.0)
+                      recent_len=20, max_len=60, segment_len=10, dropout=0.0)  # a fold every 10 events
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():  # random but non-trivial biases, so parity covers them
         model.backbone.bias.pos_w.normal_(0, 0.5)
     ck = make_checkpoint(model, id_map.to_json())
     repo = tmp_path_factory.mktemp("model_repository")
-    manifest = export_repository(ck, repo, top_k=10, fold_every=10)
+    manifest = export_repository(ck, repo, top_k=10)
     return ServedModel(repo, ck, manifest, id_map, inter)
 
 
@@ -78,7 +78,7 @@ def worker_settings(tmp_path, kafka_bootstrap, triton, served_model):
             topic_interactions=f"interactions-{tag}", topic_recommendations=f"recommendations-{tag}",
             topic_dlq=f"interactions-{tag}.dlq", partitions=4, triton_grpc_url=triton.grpc_url,
             model_repository=served_model.repository, work_dir=tmp_path / tag, api_port=api_port,
-            worker_web_port=web_port, fold_every=10, storage_dtype="float32",
+            worker_web_port=web_port, storage_dtype="float32",
         )
         return Settings(**(base | overrides))
 

@@ -67,28 +67,46 @@ def events_by_user(events: list[dict]) -> dict[str, list[dict]]:
     return by_user
 
 
-def offline_top10(checkpoint, id_map, user_events: list[dict], watermark: int, seq: int):
-    """The model's answer, computed offline, for a user whose memory holds their first
-    ``watermark`` events and whose window holds events ``watermark..seq`` (recompress policy),
-    asked at the time of event ``seq`` (what a request-time model reads)."""
-    model = checkpoint.build_model("cpu")
+def offline_memory(model, id_map, events: list[dict]) -> torch.Tensor:
+    """The memory ``[1, L, 2, M, H, Dh]`` a user's ``events`` (all aged out) make, offline, as
+    the stream folds them: RECOMPRESS compresses the last ``max_len - recent_len`` known items;
+    INCREMENTAL folds whole segments of ``segment_len`` events in order (unknown items skipped
+    inside a segment)."""
     cfg = model.cfg
 
     def known(evs):
         evs = [e for e in evs if e["item_id"] in id_map]
         return [int(id_map.encode([e["item_id"]])[0]) for e in evs], [int(e["ts"]) for e in evs]
 
-    history, history_ts = (x[-(cfg.max_len - cfg.recent_len):] for x in known(user_events[:watermark]))
-    recent, recent_ts = known(user_events[watermark:seq])
-    start = read_start(len(recent), cfg.max_len)  # the worker's cap (Runtime.model_inputs)
-    recent, recent_ts = recent[start:], recent_ts[start:]
     as_row = lambda x: torch.tensor([x or [0]], dtype=torch.long)  # noqa: E731
     with torch.no_grad():
-        memory = model.compress(as_row(history), torch.tensor([len(history)]), as_row(history_ts))
-        vec = model.recommend(memory, as_row(recent), torch.tensor([len(recent)]), as_row(recent_ts),
+        if cfg.policy.value == "recompress":
+            items, ts = (x[-(cfg.max_len - cfg.recent_len):] for x in known(events))
+            return model.compress(as_row(items), torch.tensor([len(items)]), as_row(ts))
+        memory, has = model.empty_memory(1), torch.tensor([False])
+        for start in range(0, len(events) - cfg.segment_len + 1, cfg.segment_len):
+            items, ts = known(events[start:start + cfg.segment_len])
+            memory, has = model.fold(memory, has, as_row(items), torch.tensor([len(items)]), as_row(ts)), torch.tensor([True])
+        return memory
+
+
+def offline_top10(checkpoint, id_map, user_events: list[dict], watermark: int, seq: int):
+    """The model's answer, computed offline, for a user whose memory holds their first
+    ``watermark`` events (``offline_memory``) and whose window holds events
+    ``watermark..seq``, asked at the time of event ``seq`` (what a request-time model reads)."""
+    model = checkpoint.build_model("cpu")
+    cfg = model.cfg
+    recent = [e for e in user_events[watermark:seq] if e["item_id"] in id_map]
+    recent = recent[read_start(len(recent), cfg.max_len):]  # the worker's cap (Runtime.model_inputs)
+    items = [int(id_map.encode([e["item_id"]])[0]) for e in recent]
+    as_row = lambda x: torch.tensor([x or [0]], dtype=torch.long)  # noqa: E731
+    with torch.no_grad():
+        memory = offline_memory(model, id_map, user_events[:watermark])
+        vec = model.recommend(memory, as_row(items), torch.tensor([len(items)]),
+                              as_row([int(e["ts"]) for e in recent]),
                               request_ts=torch.tensor([int(user_events[seq - 1]["ts"])]))
         scores = model.score(vec)[0]
-        scores[torch.tensor(recent)] = float("-inf")
+        scores[torch.tensor(items)] = float("-inf")
         top = torch.topk(scores, 10)
     return id_map.decode(top.indices.tolist()), top.values.numpy()
 

@@ -50,7 +50,7 @@ def container_settings(tmp_path, kafka_container, served_triton, served_model):
             topic_recommendations=f"recommendations-{tag}", topic_dlq=f"interactions-{tag}.dlq",
             partitions=4, triton_grpc_url=served_triton.grpc_url,
             model_repository=served_model.repository, work_dir=tmp_path / tag, api_port=api_port,
-            worker_web_port=web_port, fold_every=10, storage_dtype="float32",
+            worker_web_port=web_port, storage_dtype="float32",
         )
         return Settings(**(base | overrides))
 

@@ -174,8 +174,9 @@ def test_services_reach_each_other_where_they_listen(spec):
                        f"{pg_env['POSTGRES_PASSWORD']}@postgres:5432/{pg_env['POSTGRES_DB']}")
         assert str(s.model_repository) == "/models"
         assert ("models", "/models", name != "model-export") in volumes_of(services[name])
-    assert env_of(services["worker"])["PERSREC_FOLD_EVERY"] == env_of(
-        services["model-export"])["PERSREC_FOLD_EVERY"]  # the exported window length
+    # the fold cadence is the model's (its segment_len, in the exported manifest): no knob of
+    # the workers' can disagree with the exporter's
+    assert not any("FOLD_EVERY" in k for name in services for k in env_of(services[name]))
 
 
 def test_kafka_runs_kraft_with_a_host_listener(spec):
@@ -289,7 +290,7 @@ def test_compose_up_on_standin_images(tmp_path, container_images, served_model, 
     api_port, kafka_port = free_ports(2, "0.0.0.0")
     env = os.environ | ENV | {
         # float32 memories, as in tests/stream: the parity check compares exact rankings.
-        "PERSREC_CHECKPOINT": str(checkpoint), "PERSREC_FOLD_EVERY": "10",
+        "PERSREC_CHECKPOINT": str(checkpoint),
         "PERSREC_STORAGE_DTYPE": "float32",
         "PERSREC_PARTITIONS": "4", "PERSREC_KAFKA_IMAGE": container_images.kafka,
         "PERSREC_POSTGRES_IMAGE": container_images.postgres,

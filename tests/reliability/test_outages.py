@@ -163,7 +163,7 @@ def pipeline(tmp_path, served_model) -> Iterator[Callable[..., Pipeline]]:
             topic_interactions=f"interactions-{tag}", topic_recommendations=f"recommendations-{tag}",
             topic_dlq=f"interactions-{tag}.dlq", partitions=4, triton_grpc_url=triton_grpc_url,
             model_repository=served_model.repository, work_dir=tmp_path / tag, api_port=api_port,
-            worker_web_port=web_port, fold_every=10, storage_dtype="float32",
+            worker_web_port=web_port, storage_dtype="float32",
         ) | overrides))
         create_topics(kafka_bootstrap, {settings.topic_interactions: settings.partitions,
                                         settings.topic_recommendations: settings.partitions,

@@ -78,7 +78,7 @@ def checkpoint_b(served_model) -> Checkpoint:
 def repository(tmp_path, served_model, triton_factory):
     """Model A as version 1 of a repository of its own, served by a Triton of its own."""
     repo = tmp_path / "model_repository"
-    export_repository(served_model.checkpoint, repo, top_k=10, fold_every=10, version=1)
+    export_repository(served_model.checkpoint, repo, top_k=10, version=1)
     server = triton_factory(repo, ["recommend", "compress"])
     yield repo, server
     server.stop()
@@ -93,7 +93,7 @@ def rollout_settings(tmp_path, kafka_bootstrap, repository) -> Settings:
         app_id=tag, kafka_bootstrap=kafka_bootstrap, topic_interactions=f"interactions-{tag}",
         topic_recommendations=f"recommendations-{tag}", topic_dlq=f"interactions-{tag}.dlq", partitions=4,
         triton_grpc_url=server.grpc_url, model_repository=repo, work_dir=tmp_path / tag,
-        api_port=api_port, worker_web_port=web_port, fold_every=10, storage_dtype="float32",
+        api_port=api_port, worker_web_port=web_port, storage_dtype="float32",
     )
 
 
@@ -156,7 +156,7 @@ def test_rollout_while_events_flow(served_model, repository, rollout_settings, w
         wait_alive(lambda: producer.sent >= switch_at, {"old worker": old.pid}, 600, "traffic before the switch")
 
         # 1. model B as Triton version 2; Triton serves only version 2 from now on
-        export_repository(ck_b, repo, top_k=10, fold_every=10, version=2)
+        export_repository(ck_b, repo, top_k=10, version=2)
         server.load_model("recommend")
         server.load_model("compress")
         loaded_b_at = time.time()

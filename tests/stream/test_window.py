@@ -19,18 +19,21 @@ def test_append_counts_and_remembers_event_ids() -> None:
     assert len(fill(win.RECENT_IDS + 10).recent) == win.RECENT_IDS
 
 
-def test_fold_segment_leaves_recent_items_and_respects_in_flight_limit() -> None:
-    w = fill(30)
-    seg, ts, wm = win.fold_segment(w, 0, recent_len=20)
-    assert seg == [f"i{i}" for i in range(1, 11)] and ts[0] == 1001 and wm == 10
-    seg, _, wm = win.fold_segment(w, 0, recent_len=20, max_watermark=4)
-    assert len(seg) == 4 and wm == 4
-    assert win.fold_segment(w, 0, recent_len=20, max_watermark=0)[0] == []
+def test_fold_segment_takes_whole_segments_leaves_recent_items_and_respects_in_flight_limit() -> None:
+    w = fill(47)
+    seg, ts, wm = win.fold_segment(w, 0, recent_len=20, segment_len=10)  # 27 beyond recent: 2 segments
+    assert seg == [f"i{i}" for i in range(1, 21)] and ts[0] == 1001 and wm == 20
+    seg, _, wm = win.fold_segment(w, 0, recent_len=20, segment_len=10, max_segments=1)
+    assert seg == [f"i{i}" for i in range(1, 11)] and wm == 10
+    seg, _, wm = win.fold_segment(w, 0, recent_len=20, segment_len=10, max_watermark=14)
+    assert len(seg) == 10 and wm == 10  # a whole segment below the limit, never part of one
+    assert win.fold_segment(w, 0, recent_len=20, segment_len=10, max_watermark=9)[0] == []
+    assert win.fold_segment(fill(29), 0, recent_len=20, segment_len=10)[0] == []  # not a whole one yet
 
 
 def test_trim_after_fold_and_crash_between_memory_write_and_trim() -> None:
     w = fill(30)
-    _, _, wm = win.fold_segment(w, 0, recent_len=20)
+    _, _, wm = win.fold_segment(w, 0, recent_len=20, segment_len=10)
     # The memory (watermark 10) is written; the worker dies before trimming the window.
     # On restart the untrimmed window + watermark still give each event exactly once.
     items, _ = win.effective(w, wm)
@@ -56,7 +59,7 @@ def test_encoding_round_trip_and_windows_of_earlier_releases() -> None:
 
 def test_fold_after_the_memory_was_lost_continues_the_window_numbering() -> None:
     w = win.trim(fill(40), 10)  # events 1..10 were in a memory that is gone (model change)
-    seg, _, wm = win.fold_segment(w, 0, recent_len=20)
+    seg, _, wm = win.fold_segment(w, 0, recent_len=20, segment_len=10)
     assert seg == [f"i{i}" for i in range(11, 21)] and wm == 20
 
 

@@ -64,7 +64,7 @@ def incremental_triton(triton_factory, served_model, tmp_path_factory):
     torch.manual_seed(1)
     ck = make_checkpoint(build_model(cfg), served_model.id_map.to_json())
     repo = tmp_path_factory.mktemp("incremental_repository")
-    manifest = export_repository(ck, repo, fold_every=10)
+    manifest = export_repository(ck, repo)
     return triton_factory(repo, ["recommend", "compress"]), repo, manifest
 
 
