@@ -33,7 +33,7 @@ from persrec.models.data import default_dataset_path
 from persrec.models.layout import collate
 from persrec.models.loss import Negatives, build_model, next_item_loss
 from persrec.models.recipe import OFFICIAL
-from persrec.models.train import Examples, TrainConfig, make_optimizer, training_examples
+from persrec.models.train import Examples, draw_batches, make_optimizer, training_examples
 from persrec.testing.machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,7 +56,7 @@ def time_mode(data, negatives: Negatives, k: int, device, steps: int, warmup: in
     examples = Examples(seqs, None, cfg, device)
     inputs, targets, _, _ = training_examples(seqs, None, cfg.max_len)
     rng = np.random.default_rng(0)
-    batches = examples.batches(tcfg, rng)
+    batches = draw_batches(examples.lengths, tcfg, rng)
     gen = torch.Generator(device=device).manual_seed(0)
     times = []
     for i in range(warmup + steps):

@@ -82,12 +82,17 @@ def user_vectors(
 
 class Evaluator:
     """``EvalRows`` laid out once, with the items each seen rule excludes, on ``device``:
-    evaluating a model again (every epoch of a training run) lays nothing out again."""
+    evaluating a model again (every epoch of a training run) lays nothing out again.
+
+    ``lifelong``: the model reads each user's whole history as the stream serves it (every
+    whole segment folded, the rest raw: ``lifelong.lifelong_vectors``), not its last
+    ``max_len`` items in one pass."""
 
     def __init__(self, rows, model_cfg, rules: dict[str, SeenRule] | None = None, *,
-                 device: torch.device | str = "cpu", batch_size: int = 256) -> None:
+                 device: torch.device | str = "cpu", batch_size: int = 256, lifelong: bool = False) -> None:
         self.rules = rules or {"exclude": SeenRule()}
         self.count = len(rows.target)
+        self.rows, self.device, self.lifelong = rows, device, lifelong
         order = np.argsort([len(h) for h in rows.history], kind="stable")  # similar lengths batch well
         self.batches = []
         for start in range(0, len(order), batch_size):
@@ -106,9 +111,19 @@ class Evaluator:
         was_training = model.training
         model.eval()
         ranks = {name: torch.zeros(self.count, dtype=torch.long) for name in self.rules}
+        vectors = None
+        if self.lifelong:
+            from .lifelong import lifelong_vectors
+
+            r = self.rows
+            vectors = lifelong_vectors(model, r.history, r.history_ts, r.target_ts, device=self.device)
         for idx, batch, targets, exclude in self.batches:
-            hidden = model(batch)
-            scores = model.score(hidden[torch.arange(len(idx), device=hidden.device), batch.last])
+            if vectors is None:
+                hidden = model(batch)
+                users = hidden[torch.arange(len(idx), device=hidden.device), batch.last]
+            else:
+                users = vectors[idx.to(vectors.device)]
+            scores = model.score(users)
             for name, rule in self.rules.items():
                 ranks[name][idx] = rank_of_target(
                     scores, targets, exclude[name], exclude_target=rule.seen is Seen.EXCLUDE).cpu()

@@ -184,12 +184,18 @@ class LayoutBatch:
     last: torch.Tensor
     ts: torch.Tensor | None = None
     qts: torch.Tensor | None = None
+    # A memory carried in from folds before the layout (block 0): ``[B, L, 2, M, H, Dh]``, and
+    # ``has_memory`` ``[B]`` (rows without one read the new-user memory, as in serving).
+    memory: torch.Tensor | None = None
+    has_memory: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor, width: int | None = None) -> "LayoutBatch":
         """Rows ``index`` of the batch, cut to their first ``width`` columns."""
         cut = lambda t: None if t is None else t[index, :width]  # noqa: E731
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
         return LayoutBatch(cut(self.item_ids), cut(self.kind), cut(self.seg), cut(self.pos),
-                           cut(self.tok), cut(self.targets), self.last[index], cut(self.ts), cut(self.qts))
+                           cut(self.tok), cut(self.targets), self.last[index], cut(self.ts), cut(self.qts),
+                           pick(self.memory), pick(self.has_memory))
 
     def to(self, device: torch.device | str) -> "LayoutBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731

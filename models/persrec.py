@@ -59,12 +59,30 @@ class PerSRec(ItemScoring, nn.Module):
         return self.dropout(x)
 
     def forward(self, batch: LayoutBatch) -> torch.Tensor:
-        """One masked pass over the full layout -> L2-normalised outputs ``[B, N, D]``."""
+        """One masked pass over the full layout -> L2-normalised outputs ``[B, N, D]``. With
+        ``batch.memory``, the layout continues a user's earlier folds: the memory is block 0,
+        which the layout's first segment reads, as ``fold`` reads a stored memory."""
         x = self._embed(batch.item_ids, batch.kind, batch.tok)
         ts, q_ts = self._times(batch.ts, batch.qts)
-        # collate lays a model without memory tokens out as plain causal rows
-        h, _ = self.backbone(x, batch.kind, batch.seg, batch.pos, ts, q_ts=q_ts, plain=self.tokens is None)
+        if batch.memory is None:
+            # collate lays a model without memory tokens out as plain causal rows
+            h, _ = self.backbone(x, batch.kind, batch.seg, batch.pos, ts, q_ts=q_ts, plain=self.tokens is None)
+        else:
+            prefix = self._prefix(batch.memory, batch.has_memory)
+            h, _ = self.backbone(x, batch.kind, batch.seg, batch.pos + self.cfg.num_memory_tokens, ts,
+                                 q_ts=q_ts, **prefix)
         return F.normalize(h, dim=-1)
+
+    def _prefix(self, memory: torch.Tensor, has_memory: torch.Tensor | None) -> dict:
+        """A stored memory as the backbone's prefix: block 0's tokens at positions 0..M-1 (a row
+        without one: padding, which nothing attends to)."""
+        B, M = memory.shape[0], self.cfg.num_memory_tokens
+        if has_memory is None:
+            has_memory = torch.ones(B, dtype=torch.bool, device=memory.device)
+        pm = torch.arange(M, device=memory.device).expand(B, M)
+        return dict(prefix=memory.to(self.item_emb.weight.dtype),
+                    prefix_kind=torch.where(has_memory[:, None], TOKEN, PAD).expand(B, M),
+                    prefix_seg=torch.zeros_like(pm), prefix_pos=pm)
 
     def _times(self, ts: torch.Tensor | None, q_ts: torch.Tensor | None):
         """(key times, query times) as the backbone reads them: none without a time bias, the
@@ -103,17 +121,7 @@ class PerSRec(ItemScoring, nn.Module):
             pad = lambda t: torch.cat([t, torch.zeros(B, M, dtype=t.dtype, device=t.device)], 1)  # noqa: E731
             ts = pad(ts)
             q_ts = None if q_ts is None else pad(q_ts)
-        prefix = {}
-        if memory is not None:
-            if has_memory is None:
-                has_memory = torch.ones(B, dtype=torch.bool, device=items.device)
-            pm = torch.arange(M, device=items.device).expand(B, M)
-            prefix = dict(
-                prefix=memory.to(self.item_emb.weight.dtype),
-                prefix_kind=torch.where(has_memory[:, None], TOKEN, PAD).expand(B, M),
-                prefix_seg=torch.zeros_like(pm),
-                prefix_pos=pm,
-            )
+        prefix = {} if memory is None else self._prefix(memory, has_memory)
         x = self._embed(ids, kind, tok)
         keep = slice(N, N + M) if with_tokens else None
         ts, q_ts = self._times(ts, q_ts)

@@ -17,7 +17,7 @@ from typing import Any
 
 from .evaluate import SeenRule
 from .loss import Negatives
-from .train import Batching, Optimizer, TrainConfig
+from .train import Batching, History, Optimizer, TrainConfig
 
 
 class Selection(str, enum.Enum):
@@ -43,6 +43,9 @@ class Recipe:
     batch_size: int = 128
     epochs: int = 100
     patience: int | None = 10  # validations without improvement before stopping; None: never
+    # INCREMENTAL: windows anywhere in a history with the memory of what precedes them carried
+    # in, read as served (``lifelong``), or each user's last max_len events (``window``)
+    history: History = History.WINDOW
     # model details
     time_bias: bool = False  # used where the data has timestamps
     request_time: bool = False  # with time_bias: its query is the predicted event's time
@@ -60,7 +63,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for name, kind in (("negatives", Negatives), ("optimizer", Optimizer),
-                           ("batching", Batching), ("selection", Selection)):
+                           ("batching", Batching), ("selection", Selection), ("history", History)):
             object.__setattr__(self, name, kind(getattr(self, name)))
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
@@ -87,7 +90,8 @@ class Recipe:
         """The ``TrainConfig`` of this recipe; ``overrides`` (seed, eval_every, ...) win."""
         base = dict(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                     weight_decay=self.weight_decay, optimizer=self.optimizer, betas=self.betas,
-                    batching=self.batching, negatives=self.negatives, patience=self.patience)
+                    batching=self.batching, negatives=self.negatives, patience=self.patience,
+                    history=self.history)
         return TrainConfig(**(base | overrides))
 
     def seen_rule(self, max_len: int) -> SeenRule:

@@ -38,6 +38,13 @@ class Batching(str, enum.Enum):
     SHUFFLE = "shuffle"  # users in random order (the official setup)
 
 
+class History(str, enum.Enum):
+    """Which part of a user's history a training example covers, and how it is read."""
+
+    WINDOW = "window"  # each user's last max_len events, laid out from their start
+    LIFELONG = "lifelong"  # INCREMENTAL: a window anywhere, with the memory of what precedes it
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 100  # upper bound on passes over the users
@@ -48,6 +55,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     batching: Batching = Batching.BY_LENGTH
     negatives: Negatives = Negatives.SHARED
+    history: History = History.WINDOW
     eval_every: int = 1  # epochs between validations and last.pt checkpoints
     patience: int | None = 10  # validations without a better NDCG@10 before stopping; None: never
     max_minutes: float | None = None  # wall-clock budget; stops after the epoch that passes it
@@ -60,6 +68,7 @@ class TrainConfig:
         object.__setattr__(self, "optimizer", Optimizer(self.optimizer))
         object.__setattr__(self, "batching", Batching(self.batching))
         object.__setattr__(self, "negatives", Negatives(self.negatives))
+        object.__setattr__(self, "history", History(self.history))
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
 
@@ -125,11 +134,16 @@ class Examples:
         index = torch.from_numpy(np.asarray(idx)).to(self.all.kind.device)
         return self.all.rows(index, int(self.width[idx].max()))
 
-    def batches(self, cfg: TrainConfig, rng: np.random.Generator) -> list[np.ndarray]:
-        if cfg.batching is Batching.SHUFFLE:
-            order = rng.permutation(len(self))
-            return [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        return length_batches(self.lengths, cfg.batch_size, rng)
+    def refresh(self, model, rng: np.random.Generator) -> None:
+        """Examples that change every epoch draw them here (``lifelong.LifelongExamples``)."""
+
+
+def draw_batches(lengths: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's batches of example indices, by ``cfg.batching``."""
+    if cfg.batching is Batching.SHUFFLE:
+        order = rng.permutation(len(lengths))
+        return [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    return length_batches(lengths, cfg.batch_size, rng)
 
 
 def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -188,7 +202,13 @@ def fit(
     rank, world = _world()
     mcfg = model.cfg
     model.to(device)
-    examples = Examples(train_seqs, train_ts if mcfg.time_bias else None, mcfg, device)
+    times = train_ts if mcfg.time_bias else None
+    if cfg.history is History.LIFELONG:
+        from .lifelong import LifelongExamples
+
+        examples = LifelongExamples(train_seqs, times, mcfg, device)
+    else:
+        examples = Examples(train_seqs, times, mcfg, device)
     opt = make_optimizer(model.parameters(), cfg)
     start_epoch, best, best_epoch = 1, -math.inf, 0
     best_state = copy.deepcopy(model.state_dict())
@@ -203,10 +223,13 @@ def fit(
         best_state = copy.deepcopy(model.state_dict())
         log.info("resumed from %s at epoch %d", resume, start_epoch)
     validator = tester = None
-    if rank == 0:
-        validator = None if valid_rows is None else Evaluator(valid_rows, mcfg, device=device, batch_size=cfg.eval_batch_size)
+    if rank == 0:  # a lifelong model is read as served: every fold of the whole history
+        lifelong = cfg.history is History.LIFELONG
+        validator = None if valid_rows is None else Evaluator(
+            valid_rows, mcfg, device=device, batch_size=cfg.eval_batch_size, lifelong=lifelong)
         if cfg.test_every and test_rows is not None:
-            tester = Evaluator(test_rows, mcfg, test_rules, device=device, batch_size=cfg.eval_batch_size)
+            tester = Evaluator(test_rows, mcfg, test_rules, device=device, batch_size=cfg.eval_batch_size,
+                               lifelong=lifelong)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     history: list[EpochReport] = []
@@ -214,7 +237,8 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.monotonic()
         rng = np.random.default_rng(cfg.seed + epoch)
-        batches = examples.batches(cfg, rng)
+        examples.refresh(model, rng)
+        batches = draw_batches(examples.lengths, cfg, rng)
         batches = batches[: len(batches) // world * world][rank::world] if world > 1 else batches
         model.train()
         total, steps = torch.zeros((), device=device), 0

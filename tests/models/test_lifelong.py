@@ -1,0 +1,103 @@
+"""Whole histories as the stream serves them (models/lifelong.py): the batched fold chains and
+the training windows with a carried memory give exactly the one-pass answer."""
+
+import numpy as np
+import pytest
+import torch
+
+from persrec.models.config import ModelConfig
+from persrec.models.layout import ITEM, collate, segment_lengths
+from persrec.models.lifelong import LifelongExamples, fold_chains, lifelong_vectors, whole_segments
+from persrec.models.persrec import PerSRec
+from persrec.models.train import History, TrainConfig, fit
+
+from .test_persrec_exactness import TOL, irregular_times
+
+
+def model_of(mode: str, seed: int = 0) -> PerSRec:
+    torch.manual_seed(seed)
+    timed = dict(time_bias=True, request_time=True, num_time_buckets=129, bias_init_std=0.5) if mode == "request" else {}
+    cfg = ModelConfig(num_items=90, dim=16, num_layers=2, num_heads=2, head_dim=8, max_len=22, num_memory_tokens=3,
+                      recent_len=4, segment_len=6, policy="incremental", dropout=0.0, **timed)
+    model = PerSRec(cfg).eval()
+    with torch.no_grad():
+        model.backbone.bias.pos_w.normal_()
+    return model
+
+
+def users(rng, lengths):
+    return [rng.integers(1, 91, size=n) for n in lengths], [irregular_times(rng, n) for n in lengths]
+
+
+def full_pass_items(model, seqs, ts, request=None) -> list[torch.Tensor]:
+    """Each user's outputs at their item positions, in order, from one masked pass over the
+    whole history's multi-block layout."""
+    qts = None if ts is None or request is None else [np.append(t[1:], r) for t, r in zip(ts, request)]
+    batch = collate(seqs, model.cfg, timestamps=ts, query_timestamps=qts)
+    h = model(batch)
+    return [h[b][batch.kind[b] == ITEM] for b in range(len(seqs))]
+
+
+@pytest.mark.parametrize("mode", ["none", "request"])
+@torch.no_grad()
+def test_lifelong_vectors_equal_one_pass_over_the_whole_history(mode: str) -> None:
+    model = model_of(mode)
+    rng = np.random.default_rng(0)
+    seqs, ts = users(rng, [3, 9, 10, 40, 161, 77])  # below, at and far beyond one whole segment
+    assert [whole_segments(len(s), model.cfg) for s in seqs] == [0, 0, 1, 6, 26, 12]
+    request = np.array([t[-1] + 45 for t in ts]) if mode == "request" else None
+    got = lifelong_vectors(model, seqs, ts if mode == "request" else None, request, batch_size=4)
+    for i, items in enumerate(full_pass_items(model, seqs, ts, request)):
+        assert (got[i] - items[-1]).abs().max().item() <= TOL, i
+
+
+@torch.no_grad()
+def test_fold_chains_in_batches_equal_one_user_at_a_time() -> None:
+    model = model_of("request", 1)
+    rng = np.random.default_rng(1)
+    seqs, ts = users(rng, [70, 13, 0, 55])
+    folds = [whole_segments(len(s), model.cfg) for s in seqs]
+    together, has = fold_chains(model, seqs, ts, folds, batch_size=3)
+    assert has.tolist() == [f > 0 for f in folds]
+    for i in range(len(seqs)):
+        alone, _ = fold_chains(model, [seqs[i]], [ts[i]], [folds[i]])
+        assert torch.allclose(alone[0], together[i], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["none", "request"])
+@torch.no_grad()
+def test_a_window_with_its_carried_memory_is_the_whole_prefix_pass(mode: str) -> None:
+    """A lifelong training example: the window's outputs equal the same positions of one pass
+    over everything before its end, so training sees exactly what serving computes."""
+    model = model_of(mode, 2)
+    rng = np.random.default_rng(2)
+    seqs, ts = users(rng, [120, 60, 8])
+    examples = LifelongExamples(seqs, ts if mode == "request" else None, model.cfg, "cpu")
+    examples.refresh(model, np.random.default_rng(5))
+    batch = examples.all
+    assert bool(batch.has_memory[0]) and batch.memory is not None
+    h = model(batch)
+    ends = [int(x) for x in np.random.default_rng(5).integers(1, [len(s) for s in seqs])]
+    for u, (s, t, e) in enumerate(zip(seqs, ts, ends)):
+        qts = [t[1:e + 1]] if mode == "request" else None
+        full = collate([s[:e]], model.cfg, timestamps=[t[:e]] if mode == "request" else None, query_timestamps=qts)
+        items_full = model(full)[0][full.kind[0] == ITEM]
+        items_window = h[u][batch.kind[u] == ITEM]
+        n = len(items_window)
+        assert n == examples.lengths[u] and n <= model.cfg.max_len + model.cfg.segment_len
+        assert (items_full[-n:] - items_window).abs().max().item() <= TOL, u
+        assert torch.equal(batch.targets[u][batch.kind[u] == ITEM], torch.from_numpy(s[e - n + 1:e + 1]))
+
+
+def test_lifelong_training_runs_and_is_read_as_served() -> None:
+    model = model_of("none", 3)
+    rng = np.random.default_rng(3)
+    seqs, _ = users(rng, [int(n) for n in rng.integers(3, 90, size=40)])
+    from persrec.models.data import SequenceData, leave_one_out
+
+    split = leave_one_out(SequenceData([str(i) for i in range(40)], seqs))
+    model.train()
+    result = fit(model, split.train.items, None, split.valid, TrainConfig(epochs=2, batch_size=16, history=History.LIFELONG))
+    assert result.epochs_run == 2 and np.isfinite(result.history[-1].loss)
+    assert 0.0 <= result.best_metrics["ndcg@10"] <= 1.0
+    assert segment_lengths(23, model.cfg) == [6, 6, 6, 5]  # whole segments, the rest recent
