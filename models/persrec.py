@@ -184,6 +184,33 @@ class PerSRec(ItemScoring, nn.Module):
         h, _ = self._run(items, lengths, ts, memory, None, with_tokens=False, after=request_ts)
         return F.normalize(h[rows, positions], dim=-1)
 
+    def extend_cache(
+        self, cache: torch.Tensor | None, cached: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full history with a per-user key/value cache (how NVIDIA recsys-examples serves HSTU):
+        ``cache`` ``[B, L, 2, P, H, Dh]`` holds every layer's keys and values of each user's
+        ``cached`` ``[B]`` earlier items (right-padded; None when P = 0); the new ``items``
+        ``[B, N]`` (``lengths``) attend to them and to each other. Returns the user vectors after
+        each row's last new item ``[B, D]`` and the new items' keys/values ``[B, L, 2, N, H, Dh]``
+        to append. Equals one pass over the whole history (a model without memory tokens or
+        time bias: a cached key must not depend on anything after it)."""
+        if self.cfg.has_memory or self.cfg.time_bias:
+            raise ValueError("the key/value cache is for plain HSTU without a time bias")
+        B, N = items.shape
+        dev = items.device
+        P = 0 if cache is None else cache.shape[3]
+        ar = torch.arange(N, device=dev)
+        kind = torch.where(ar[None] < lengths[:, None], ITEM, PAD)
+        pos = cached[:, None] + ar[None]  # each row's new items follow its own cached ones
+        x = self._embed(items, kind, torch.zeros_like(items))
+        prefix = {}
+        if P:
+            pp = torch.arange(P, device=dev).expand(B, P)
+            prefix = dict(prefix=cache.to(x.dtype), prefix_kind=torch.where(pp < cached[:, None], ITEM, PAD),
+                          prefix_seg=torch.ones_like(pp), prefix_pos=pp)
+        h, kv = self.backbone(x, kind, torch.ones_like(kind), pos, keep=slice(0, N), **prefix)
+        return F.normalize(h[torch.arange(B, device=dev), lengths - 1], dim=-1), kv
+
     def _need_memory(self) -> None:
         if not self.cfg.has_memory:
             raise ValueError("this model has no memory tokens (num_memory_tokens=0)")

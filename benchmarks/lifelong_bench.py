@@ -1,0 +1,283 @@
+"""Lifelong memory (issue 20): what PerSRec gives a user's whole history, and what it costs
+per request, against the full-history models a streaming engineer would otherwise serve.
+
+``cost`` (random weights; timing and FLOPs only), for histories of 50 to 2,698 events taken from
+ml-latest-small's users (the table says how many users each length was timed on), one request
+at a time on one thread:
+
+- ``full-200``: HSTU re-run over the last 200 events for every event (today's baseline);
+- ``full-whole``: HSTU re-run over the whole history for every event;
+- ``kv-cache``: HSTU over the whole history with a per-user key/value cache: the new event
+  attends to every earlier item's cached keys and values (exact; NVIDIA recsys-examples' way);
+- ``persrec-incremental``: ``recommend(memory, recent)`` plus the amortised fold: one
+  ``fold(memory, segment)`` every ``segment_len`` events, its cost divided by them;
+- ``persrec-recompress``: the same with ``compress`` of the last 150 aged-out items.
+
+FLOPs are analytic (``models/flops.py``: matrix products, causal pairs only); times are medians.
+State per user: raw ids as int32, keys/values and memories as float16.
+
+``accuracy`` (trained weights from ``recipe_bench.py``, kept in ``runs/recipe_bench``): test
+NDCG@10/HR@10 on ML-1M overall and by history length (< 200, 200-499, >= 500 events), 3 seeds,
+for HSTU over the last 200 / the whole history / the last 50, PerSRec INCREMENTAL folded over
+the entire history, and PerSRec RECOMPRESS with 150 and 1,000 aged-out items; paired bootstrap
+intervals against HSTU over the last 200.
+
+    .venv/bin/python benchmarks/lifelong_bench.py cost --threads 1          # -> results/lifelong_cost.{json,md,png}
+    .venv/bin/python benchmarks/lifelong_bench.py accuracy --threads 2      # -> results/lifelong_ml1m.{json,md,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from persrec.models import experiment, flops
+from persrec.models.config import ModelConfig
+from persrec.models.data import data_dir
+from persrec.models.evaluate import pad_ids
+from persrec.models.lifelong import fold_chains, lifelong_vectors, whole_segments
+from persrec.models.loss import build_model
+from persrec.testing.machine import cpu_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = Path(__file__).resolve().parents[1] / "runs" / "recipe_bench"
+LENGTHS = (50, 100, 200, 400, 800, 1600, 2400, 2698)
+ID_BYTES, HALF = 4, 2
+BUDGET = 1000  # RECOMPRESS's longer history budget
+
+
+def config(num_items: int, **over) -> ModelConfig:
+    """The ML-1M benchmark model: 2 blocks, dim 50, one head, K = 8, recent 50, segments of 50."""
+    return ModelConfig(num_items=num_items, dim=50, num_layers=2, num_heads=1, head_dim=50, max_len=200,
+                       recent_len=50, segment_len=50, dropout=0.0, **over)
+
+
+def _median_s(fn, repeats: int) -> float:
+    fn()  # warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def cost(args) -> dict:
+    data = experiment.load_dataset(data_dir() / "ml-latest-small" / "ratings.csv")
+    seqs = data.sequences.items
+    torch.manual_seed(0)
+    full = build_model(config(data.id_map.num_items)).eval()
+    inc = build_model(config(data.id_map.num_items, num_memory_tokens=8, policy="incremental")).eval()
+    rec = build_model(config(data.id_map.num_items, num_memory_tokens=8, policy="recompress")).eval()
+    table = full.item_vectors()
+    cfg, M = inc.cfg, inc.cfg.num_memory_tokens
+    kv_per_item = cfg.num_layers * 2 * cfg.num_heads * cfg.head_dim * HALF
+    memory_bytes = int(np.prod(cfg.memory_shape)) * HALF
+    rows = []
+    for n in LENGTHS:
+        users = [s[:n] for s in seqs if len(s) >= n][: args.users]
+        if not users:
+            continue
+        t = {k: [] for k in ("full-200", "full-whole", "kv-cache", "persrec-incremental", "persrec-recompress")}
+        for h in users:
+            row = lambda x: torch.from_numpy(np.asarray(x))[None]  # noqa: E731
+            last200 = h[-200:]
+            t["full-200"].append(_median_s(lambda: full.recommend(None, row(last200), torch.tensor([len(last200)])) @ table.T, args.repeats))
+            t["full-whole"].append(_median_s(lambda: full.recommend(None, row(h), torch.tensor([n])) @ table.T, args.repeats))
+            _, cache = full.extend_cache(None, torch.tensor([0]), row(h[:-1]), torch.tensor([n - 1])) if n > 1 else (None, None)
+            t["kv-cache"].append(_median_s(lambda: full.extend_cache(cache, torch.tensor([n - 1]), row(h[-1:]), torch.tensor([1]))[0] @ table.T, args.repeats))
+            folds = whole_segments(n, cfg)
+            recent = h[folds * cfg.segment_len:]
+            memory, _ = fold_chains(inc, [h], None, [folds])
+            seg = row(h[: cfg.segment_len])
+            fold_s = _median_s(lambda: inc.fold(memory, torch.tensor([True]), seg, torch.tensor([cfg.segment_len])), args.repeats)
+            serve_s = _median_s(lambda: inc.recommend(memory, row(recent), torch.tensor([len(recent)])) @ table.T, args.repeats)
+            t["persrec-incremental"].append(serve_s + fold_s / cfg.segment_len)
+            aged = h[: folds * cfg.segment_len][-(cfg.max_len - cfg.recent_len):] if folds else h[:1]
+            comp_s = _median_s(lambda: rec.compress(row(aged), torch.tensor([len(aged)])), args.repeats)
+            t["persrec-recompress"].append(serve_s + comp_s / cfg.segment_len)
+        recent_n = n - whole_segments(n, cfg) * cfg.segment_len
+        hist_n = min(whole_segments(n, cfg) * cfg.segment_len, cfg.max_len - cfg.recent_len)
+        mflops = {
+            "full-200": flops.full_request_flops(full.cfg, min(n, 200)),
+            "full-whole": flops.encoder_flops(full.cfg, n) + flops.score_flops(full.cfg),
+            "kv-cache": flops.encoder_flops(full.cfg, 1, prefix=n - 1) + flops.score_flops(full.cfg),
+            "persrec-incremental": flops.memory_request_flops(cfg, recent_n) + flops.fold_flops(cfg, cfg.segment_len) / cfg.segment_len,
+            "persrec-recompress": flops.memory_request_flops(cfg, recent_n) + flops.compress_flops(cfg, hist_n) / cfg.segment_len,
+        }
+        state = {
+            "full-200": min(n, 200) * ID_BYTES, "full-whole": n * ID_BYTES, "kv-cache": n * kv_per_item,
+            "persrec-incremental": memory_bytes + (cfg.recent_len + cfg.segment_len - 1) * ID_BYTES,
+            "persrec-recompress": memory_bytes + (cfg.recent_len + cfg.segment_len - 1 + cfg.max_len - cfg.recent_len) * ID_BYTES,
+        }
+        rows.append(dict(history=n, users_timed=len(users), ms={k: 1000 * statistics.median(v) for k, v in t.items()},
+                         mflops={k: v / 1e6 for k, v in mflops.items()}, state_bytes=state))
+        print(f"{n:5d} ({len(users)} users): " + "  ".join(f"{k} {1000 * statistics.median(v):.2f} ms" for k, v in t.items()), flush=True)
+    return dict(mode="cost", rows=rows, model=cfg.to_dict() | {"num_memory_tokens": 8},
+                machine=dict(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__),
+                command=f"benchmarks/lifelong_bench.py cost --threads {args.threads} --users {args.users} --repeats {args.repeats}",
+                notes="times: median per request at batch 1, each PerSRec row with its amortised update "
+                      "(fold or compress time / segment_len); FLOPs analytic, causal pairs only")
+
+
+def cost_report(res: dict, out: Path) -> None:
+    names = ["full-200", "full-whole", "kv-cache", "persrec-incremental", "persrec-recompress"]
+    lines = ["| history | users timed | " + " | ".join(f"{n} ms / MFLOPs / state B" for n in names) + " |",
+             "|---" * (len(names) + 2) + "|"]
+    for r in res["rows"]:
+        cells = [f"{r['ms'][n]:.2f} / {r['mflops'][n]:.1f} / {r['state_bytes'][n]:,}" for n in names]
+        lines.append(f"| {r['history']:,} | {r['users_timed']} | " + " | ".join(cells) + " |")
+    (out / "lifelong_cost.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [r["history"] for r in res["rows"]]
+    for n in names:
+        axes[0].plot(xs, [r["ms"][n] for r in res["rows"]], marker="o", label=n)
+        axes[1].plot(xs, [r["mflops"][n] for r in res["rows"]], marker="o", label=n)
+    for ax, what in zip(axes, ("ms per request (batch 1, 1 thread)", "MFLOPs per request")):
+        ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("history length (events)"), ax.set_ylabel(what)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Cost per request vs history length (incl. the amortised memory update)")
+    fig.tight_layout()
+    fig.savefig(out / "lifelong_cost.png", dpi=110)
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------- accuracy
+BUCKETS = ((0, 200, "< 200"), (200, 500, "200-499"), (500, 10**9, ">= 500"))
+
+
+@torch.no_grad()
+def whole_history_vectors(model, histories, device, max_tokens: int = 400_000) -> torch.Tensor:
+    """A model without memory tokens over each user's entire history in one pass (batches of
+    similar length, at most ``max_tokens`` attention pairs per batch)."""
+    from persrec.models.layout import collate
+
+    out = torch.empty(len(histories), model.cfg.dim)
+    order = np.argsort([len(h) for h in histories], kind="stable")
+    start = 0
+    while start < len(order):
+        n = len(histories[order[start]])
+        size = max(1, max_tokens // max(n * n, 1))
+        idx = order[start : start + size]
+        batch = collate([histories[u] for u in idx], model.cfg).to(device)
+        h = model(batch)
+        out[torch.from_numpy(idx)] = h[torch.arange(len(idx)), batch.last].cpu()
+        start += size
+    return out
+
+
+def accuracy(args) -> dict:
+    from persrec.models.checkpoint import load_checkpoint
+    from persrec.models.evaluate import Evaluator, SeenRule
+    from persrec.models.metrics import metrics_from_ranks, ndcg_at, paired_ratio_interval, rank_of_target
+
+    data = experiment.load_dataset(data_dir() / "ml-1m" / "ml-1m_sequences_original_ids.txt.gz")
+    rows_ = data.split.test
+    lengths = np.array([len(h) for h in rows_.history])
+    exclude = pad_ids(rows_.history)
+    targets = torch.as_tensor(rows_.target)
+    per_row: dict[str, list[torch.Tensor]] = {}
+
+    def add(name: str, vectors: torch.Tensor, model) -> None:
+        scores = model.score(vectors)
+        per_row.setdefault(name, []).append(rank_of_target(scores, targets, exclude, exclude_target=True))
+
+    for seed in args.seeds:
+        ck = lambda model, recipe: load_checkpoint(RUNS / f"ml1m__{model}__{recipe}__heldout__s{seed}.pt")  # noqa: E731
+        found = {}
+        for label, (model_name, recipe) in {
+            "hstu": ("hstu", "best"), "incremental": ("persrec-incremental-k8", "best"),
+            "incremental-lifelong": ("persrec-incremental-k8", "best+history=lifelong"),
+            "recompress": ("persrec-recompress-k8", "best"),
+        }.items():
+            try:
+                found[label] = ck(model_name, recipe).build_model("cpu")
+            except FileNotFoundError:
+                print(f"seed {seed}: no {model_name}/{recipe} weights in {RUNS}; row skipped")
+        if "hstu" in found:
+            m = found["hstu"]
+            for name, window in (("HSTU, last 200", 200), ("HSTU, last 50", 50)):
+                cut = [h[-window:] for h in rows_.history]
+                add(name, whole_history_vectors(m, cut, "cpu"), m)
+            add("HSTU, whole history", whole_history_vectors(m, rows_.history, "cpu"), m)
+        for label, name in (("incremental", "PerSRec INCREMENTAL, whole history"),
+                            ("incremental-lifelong", "PerSRec INCREMENTAL trained as served, whole history")):
+            if label in found:
+                add(name, lifelong_vectors(found[label], rows_.history, None, None), found[label])
+        if "recompress" in found:
+            m = found["recompress"]
+            add("PerSRec RECOMPRESS, last 150 aged out", lifelong_vectors(m, rows_.history, None, None), m)
+            add(f"PerSRec RECOMPRESS, last {BUDGET:,} aged out",
+                lifelong_vectors(m, rows_.history, None, None, recompress_budget=BUDGET), m)
+        print(f"seed {seed}: {sorted(per_row)}", flush=True)
+    base = per_row.get("HSTU, last 200")
+    table = []
+    for name, ranks in per_row.items():
+        entry = dict(row=name, seeds=len(ranks))
+        for lo, hi, label in ((0, 10**9, "all"),) + BUCKETS:
+            sel = torch.from_numpy((lengths >= lo) & (lengths < hi))
+            vals = [metrics_from_ranks(r[sel], ks=(10,)) for r in ranks]
+            for metric in ("ndcg@10", "hr@10"):
+                xs = [v[metric] for v in vals]
+                entry[f"{label}/{metric}"] = dict(mean=statistics.fmean(xs), sd=statistics.stdev(xs) if len(xs) > 1 else None)
+            entry[f"{label}/users"] = int(sel.sum())
+            if base is not None and len(base) == len(ranks):
+                a = torch.stack([ndcg_at(r[sel], 10) for r in ranks]).mean(0)
+                b = torch.stack([ndcg_at(r[sel], 10) for r in base]).mean(0)
+                entry[f"{label}/vs_hstu200"] = paired_ratio_interval(a, b) if float(b.mean()) > 0 else None
+        table.append(entry)
+    return dict(mode="accuracy", rows=table, seeds=list(args.seeds),
+                machine=dict(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__),
+                command=f"benchmarks/lifelong_bench.py accuracy --seeds {' '.join(map(str, args.seeds))}")
+
+
+def accuracy_report(res: dict, out: Path) -> None:
+    fmt = lambda d: "-" if d["sd"] is None and d["mean"] is None else (  # noqa: E731
+        f"{d['mean']:.4f}" if d["sd"] is None else f"{d['mean']:.4f} ± {d['sd']:.4f}")
+    head = "| row | seeds | " + " | ".join(f"NDCG@10 {b[2]} ({res['rows'][0][b[2] + '/users']:,} users)" for b in ((0, 0, "all"),) + BUCKETS) + " | vs HSTU-200, >= 500 |"
+    lines = [head, "|---" * 7 + "|"]
+    for e in res["rows"]:
+        ratio = e.get(">= 500/vs_hstu200")
+        cells = [fmt(e[f"{label}/ndcg@10"]) for label in ("all",) + tuple(b[2] for b in BUCKETS)]
+        lines.append(f"| {e['row']} | {e['seeds']} | " + " | ".join(cells) + " | "
+                     + ("-" if not ratio else f"{ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}]") + " |")
+    (out / "lifelong_ml1m.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["cost", "accuracy"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--users", type=int, default=8, help="cost: users timed per length (at most)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.mode == "cost":
+        res = cost(args)
+        (args.out / "lifelong_cost.json").write_text(json.dumps(res, indent=1))
+        cost_report(res, args.out)
+    else:
+        res = accuracy(args)
+        (args.out / "lifelong_ml1m.json").write_text(json.dumps(res, indent=1))
+        accuracy_report(res, args.out)
+
+
+if __name__ == "__main__":
+    main()
