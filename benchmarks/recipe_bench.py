@@ -85,6 +85,8 @@ def plan(name: str) -> list[Job]:
                  + _jobs(["ml1m"], ["sasrec"], ["official", FULL])),
         # PerSRec against HSTU with the same recipe
         "ml1m-persrec": _jobs(["ml1m"], ["hstu"] + PERSREC, ["best"]),
+        # INCREMENTAL trained as served: windows anywhere in a history, the memory carried in
+        "ml1m-lifelong": _jobs(["ml1m"], ["persrec-incremental-k8"], ["best+history=lifelong"]),
         "ml1m-published": _jobs(["ml1m"], ["hstu"], ["official", "best"], ["published"]),
         "ml1m-screening": _jobs(["ml1m"], ["hstu"], SINGLE + ["official+num_negatives=512"], seeds=(1,)),
         # the time bias on the timestamped sets: the official recipe with and without it
@@ -96,8 +98,8 @@ def plan(name: str) -> list[Job]:
         "quick": [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")],
     }
     if name == "cpu":  # this order on a 2-core machine: cheapest claims first
-        return (plans["timed-mlsmall"] + plans["ml1m-persrec"] + plans["timed-ml1m-ts"] + plans["ml1m-published"]
-                + plans["ml1m-screening"])
+        return (plans["timed-mlsmall"] + plans["ml1m-persrec"] + plans["ml1m-lifelong"] + plans["timed-ml1m-ts"]
+                + plans["ml1m-published"] + plans["ml1m-screening"])
     if name not in plans:
         raise SystemExit(f"unknown plan {name!r}; known: {sorted(plans) + ['cpu']}")
     return plans[name]
