@@ -120,7 +120,14 @@ def cost(args) -> dict:
         rows.append(dict(history=n, users_timed=len(users), ms={k: 1000 * statistics.median(v) for k, v in t.items()},
                          mflops={k: v / 1e6 for k, v in mflops.items()}, state_bytes=state))
         print(f"{n:5d} ({len(users)} users): " + "  ".join(f"{k} {1000 * statistics.median(v):.2f} ms" for k, v in t.items()), flush=True)
+    # Over a user's life the recent part cycles through recent_len .. recent_len + segment_len - 1
+    # items between folds: the mean request of that cycle, against HSTU over 200 events.
+    cycle = range(cfg.recent_len, cfg.recent_len + cfg.segment_len)
+    mean_mflops = statistics.fmean(flops.memory_request_flops(cfg, r) for r in cycle) / 1e6 \
+        + flops.fold_flops(cfg, cfg.segment_len) / cfg.segment_len / 1e6
     return dict(mode="cost", rows=rows, model=cfg.to_dict() | {"num_memory_tokens": 8},
+                persrec_incremental_cycle_mean_mflops=mean_mflops,
+                full_200_mflops=flops.full_request_flops(full.cfg, 200) / 1e6,
                 machine=dict(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__),
                 command=f"benchmarks/lifelong_bench.py cost --threads {args.threads} --users {args.users} --repeats {args.repeats}",
                 notes="times: median per request at batch 1, each PerSRec row with its amortised update "
@@ -134,6 +141,11 @@ def cost_report(res: dict, out: Path) -> None:
     for r in res["rows"]:
         cells = [f"{r['ms'][n]:.2f} / {r['mflops'][n]:.1f} / {r['state_bytes'][n]:,}" for n in names]
         lines.append(f"| {r['history']:,} | {r['users_timed']} | " + " | ".join(cells) + " |")
+    lines += ["", f"PerSRec INCREMENTAL over a whole fold cycle (recent part {res['model']['recent_len']} to "
+                  f"{res['model']['recent_len'] + res['model']['segment_len'] - 1} items, plus the amortised fold): "
+                  f"{res['persrec_incremental_cycle_mean_mflops']:.2f} MFLOPs per request on average, "
+                  f"{res['persrec_incremental_cycle_mean_mflops'] / res['full_200_mflops']:.0%} of HSTU over 200 events "
+                  f"({res['full_200_mflops']:.1f})."]
     (out / "lifelong_cost.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
