@@ -32,6 +32,7 @@ from faust.sensors.monitor import Monitor
 
 from persrec.settings import Settings
 
+from . import members
 from . import window as win
 from .acks import AckGate, OrderedAcks
 from .events import InvalidEvent, UserDeletion, parse_event
@@ -153,6 +154,12 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
     async def rebalanced(app, *args, **kwargs) -> None:  # noqa: ARG001 - Faust's signals
         rewinder.reset()
 
+    async def assigned(app, *args, **kwargs) -> None:
+        await rebalanced(app)
+        # the member id this process holds now, for a later worker to remove if we die
+        member_id = app.consumer._thread._consumer._coordinator.member_id
+        members.record(members.registry(settings.work_dir, settings.app_id), member_id)
+
     async def revoked(app, *args, **kwargs) -> None:
         # The next owner restores windows from the changelog: it must hold every window this
         # worker changed, before the rebalance goes on (Faust's own flush came before this).
@@ -161,7 +168,7 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
         await rebalanced(app)
 
     app.on_partitions_revoked.connect(revoked)
-    app.on_partitions_assigned.connect(rebalanced)
+    app.on_partitions_assigned.connect(assigned)
 
     def admit(msg):
         """OffsetGuard's verdict on ``msg`` ("process" unless an earlier offset never came)."""

@@ -15,6 +15,7 @@ from persrec.serving.export import Manifest
 from persrec.serving.triton_client import TritonModels
 from persrec.settings import Settings
 
+from . import members
 from .app import create_app, wire
 from .kafka_compat import install_idle_fetch_backoff
 from .runtime import Runtime, StreamConfig
@@ -37,6 +38,9 @@ def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.Ap
         settings.topic_recommendations: settings.partitions,
         settings.topic_dlq: settings.partitions,
     })
+    # A worker killed on this host left its group membership behind: the embedded broker never
+    # expires it and this worker would wait forever for partitions (stream/members.py).
+    members.evict_dead(settings.kafka_bootstrap, settings.app_id, members.registry(settings.work_dir, settings.app_id))
     db_url = settings.resolved_database_url
     migrate(db_url)
     cfg = StreamConfig(top_k=settings.top_k, storage_dtype=settings.storage_dtype)

@@ -32,8 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pytest
 import torch
-from kafka import KafkaAdminClient, KafkaConsumer
-from kafka.admin import MemberToRemove
+from kafka import KafkaConsumer
 
 from persrec.embedded.kafka import create_topics
 from persrec.memory import SqlMemoryStore
@@ -84,24 +83,6 @@ class Recommendations(threading.Thread):
     def count(self) -> int:
         with self.lock:
             return len(self.answered)
-
-
-def evict_members(bootstrap: str, group: str) -> int:
-    """Remove every member of ``group`` (the killed worker's) with the admin API.
-
-    A workaround for noida-db 0.2.2, the test broker: it never expires a member that died
-    without leaving, and when a new member joins it still names the dead one leader, so the
-    group never stabilises and the restarted worker waits forever. Apache Kafka expires the dead
-    member after the session timeout (Faust's default: 60 s) instead; that wait is not part of
-    the recovery times measured here."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        members = admin.describe_groups([group])[group]["members"]
-        if members:
-            admin.remove_group_members(group, [MemberToRemove(member_id=m["member_id"]) for m in members])
-        return len(members)
-    finally:
-        admin.close()
 
 
 @pytest.fixture
@@ -189,8 +170,7 @@ def test_kill_9_during_replay_loses_nothing(served_model, crash_settings, worker
             wait_for(lambda: recs.count() >= point, patience, f"{point} events answered")
             time.sleep(rng.uniform(0, 0.5))  # a random moment, not right after a batch
             answered, producing = recs.count(), producer.is_alive()
-            worker.kill()
-            assert evict_members(bootstrap, settings.app_id) == 1
+            worker.kill()  # its group membership stays behind: the restarted worker removes it
             time.sleep(rng.uniform(0, 1.0))
             restart = time.monotonic()
             worker.start()
@@ -251,7 +231,7 @@ def test_kill_9_during_replay_loses_nothing(served_model, crash_settings, worker
         restarts=[asdict(k) for k in kills], recover_s_max=max(k.recover_s for k in kills),
         wall_s=round(wall, 1), throughput_eps=round(n_events / (t_answered - t0), 1),
         events_folded=total_folded, memories_checked=checked, memory_max_abs_diff=worst,
-        session_timeout_note="noida-db workaround: the dead member is evicted at once; on Kafka "
-                             "add the consumer session timeout (Faust default 60 s) to recover_s",
+        session_timeout_note="the restarted worker removes the killed one's membership (stream/members.py); "
+                             "on Kafka the consumer session timeout (Faust default 60 s) does it too",
         seed=SEED,
     )
