@@ -350,7 +350,8 @@ def demo(
     if checkpoint is None:
         checkpoint = _demo_model(settings, Path(data), train_minutes, retrain)
     result = run_demo(settings, Path(data), checkpoint, rate=rate, duration=duration, console=console)
-    console.print_json(data={k: result.get(k) for k in ("events_published", "events_in", "recs_out", "dlq", "folds", "first_recommendation_s")})
+    console.print_json(data={k: result.get(k) for k in ("events_published", "events_answered", "events_in", "recs_out", "dlq",
+                                                        "folds", "worker_restarts", "first_recommendation_s")})
 
 
 def _demo_model(settings: Settings, data: Path, train_minutes: float, retrain: bool) -> Path:

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -39,6 +39,7 @@ def _summary(status: dict, samples: list[dict], sent: int, started: float) -> Ta
         ("memories folded", status.get("folds", 0)), ("fold backlog", status.get("fold_backlog", 0)),
         ("lag", sum((status.get("lag") or {}).values())),
         ("latency p50 / p99 ms", f"{lat.get('p50_ms') or 0:.0f} / {lat.get('p99_ms') or 0:.0f}"),
+        ("events answered (all workers)", status.get("answered", 0)), ("worker restarts", status.get("restarts", 0)),
     ]
     for k, v in rows:
         t.add_row(k, str(v))
@@ -70,11 +71,17 @@ def run_demo(settings: Settings, data: Path, checkpoint: Path, *, rate: float, d
             target=lambda: replay(data, s.kafka_bootstrap, s.topic_interactions, rate=rate, stop=stop,
                                   on_progress=lambda n: sent.__setitem__(0, n)), daemon=True)
         replayer.start()
-        consumer = KafkaConsumer(s.topic_recommendations, bootstrap_servers=s.kafka_bootstrap,
-                                 auto_offset_reset="earliest", consumer_timeout_ms=200)
+        # every partition from its first offset: every answer is counted, whichever worker sent it
+        consumer = KafkaConsumer(bootstrap_servers=s.kafka_bootstrap, consumer_timeout_ms=200)
+        consumer.assign([TopicPartition(s.topic_recommendations, p) for p in range(s.partitions)])
+        consumer.seek_to_beginning()
         samples: list[dict] = []
         started = time.monotonic()
         first_rec = None
+        answered: set[str] = set()  # event ids with a recommendation, whatever worker sent it
+        status: dict = {}
+        restarts = 0
+        interrupted = False
         try:
             with Live(console=console, refresh_per_second=2) as live:
                 def running() -> bool:
@@ -82,22 +89,44 @@ def run_demo(settings: Settings, data: Path, checkpoint: Path, *, rate: float, d
 
                 while running():
                     for m in consumer:  # ends after 200 ms without a message, or when time is up
-                        if not running():
-                            break
                         rec = json.loads(m.value)
+                        answered.add(rec["event_id"])
                         if first_rec is None:
                             first_rec = time.monotonic() - started
                         if rec["items"] and (not samples or rec["memory_version"] > 0):
                             samples.append(rec)
                             samples = samples[-10:]
-                    live.update(_summary(worker.status(), samples, sent[0], started))
+                        if not running():  # after counting it: the consumer has moved past it
+                            break
+                    if not worker.running:  # supervise: a dead worker is restarted, nothing lost
+                        restarts += 1
+                        live.console.print(f"[yellow]the worker exited (code {worker.returncode}); "
+                                           f"restarting it (restart {restarts}, log {work / 'worker.log'})[/]")
+                        worker.start()
+                    status = _status(worker) or status
+                    live.update(_summary(status | {"restarts": restarts, "answered": len(answered)},
+                                         samples, sent[0], started))
         except KeyboardInterrupt:
             console.print("stopping...")
+            interrupted = True
         finally:
-            result = worker.status() | {"events_published": sent[0], "first_recommendation_s": first_rec}
             stop.set()
             replayer.join(timeout=10)
+            deadline = time.monotonic() + 30
+            while not interrupted and len(answered) < sent[0] and time.monotonic() < deadline:
+                answered.update(json.loads(m.value)["event_id"] for m in consumer)  # what is still in flight
+            result = (_status(worker) or status) | {
+                "events_published": sent[0], "first_recommendation_s": first_rec, "worker_restarts": restarts,
+                "events_answered": len(answered)}
             consumer.close()
             worker.stop()
     console.print("stopped broker, Triton and worker")
     return result
+
+
+def _status(worker: WorkerProcess) -> dict | None:
+    """The worker's status, or None while it does not answer (restarting)."""
+    try:
+        return worker.status()
+    except OSError:  # urllib's URLError too: the API is down with its worker
+        return None

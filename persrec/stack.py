@@ -59,6 +59,14 @@ class WorkerProcess:
     def pid(self) -> int | None:
         return self._proc.pid
 
+    @property
+    def running(self) -> bool:
+        return self._proc.running
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
     def start(self, timeout: float = 120.0) -> "WorkerProcess":
         self._proc.start()
         self._proc.wait_until(lambda: worker_ready(self.api), timeout, "worker status API")

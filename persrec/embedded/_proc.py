@@ -119,6 +119,10 @@ class ManagedProcess:
     def running(self) -> bool:
         return self._popen is not None and self._popen.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        return None if self._popen is None else self._popen.poll()
+
     def start(self) -> None:
         if self.running:
             raise ServiceError(f"{self.name} is already running (pid {self.pid})")
