@@ -28,7 +28,18 @@ CHANNEL_ARGS = [
 
 
 class TritonUnavailable(RuntimeError):
-    """Triton did not answer after the allowed attempts."""
+    """Triton did not answer after the allowed attempts (an outage)."""
+
+
+class TritonRejected(RuntimeError):
+    """Triton answered with an error about this request: the model raised on its inputs
+    (``INTERNAL: Failed to process the request(s)``), or they were invalid. Retrying the same
+    inputs gives the same answer; see ``stream.poison``."""
+
+
+def _rejected(exc: InferenceServerException) -> bool:
+    status, text = (exc.status() or "").upper(), str(exc)
+    return "INVALID_ARG" in status or ("INTERNAL" in status and "Failed to process the request" in text)
 
 
 def _retryable(exc: InferenceServerException) -> bool:
@@ -86,6 +97,8 @@ class TritonModels:
                 self.healthy = True
                 return {o: result.as_numpy(o) for o in outputs}
             except InferenceServerException as exc:
+                if _rejected(exc):
+                    raise TritonRejected(f"{model} at {self.url}: {exc}") from exc
                 if not _retryable(exc) or (self.max_attempts is not None and attempt >= self.max_attempts):
                     self.healthy = False
                     raise TritonUnavailable(f"{model} at {self.url}: {exc}") from exc

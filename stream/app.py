@@ -28,8 +28,12 @@ from dataclasses import dataclass
 
 import faust
 import orjson
+from aiokafka.errors import KafkaError as AIOKafkaError
 from faust.sensors.monitor import Monitor
+from kafka.errors import KafkaError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from persrec.serving.triton_client import TritonUnavailable
 from persrec.settings import Settings
 
 from . import members
@@ -37,6 +41,7 @@ from . import window as win
 from .acks import AckGate, OrderedAcks
 from .events import InvalidEvent, UserDeletion, parse_event
 from .offsets import BarrierScheduler, OffsetGuard, Rewinder
+from .poison import Failure, Health, isolate
 from .runtime import RecRequest, Runtime
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,17 @@ class EventlessMonitor(Monitor):
 
     def on_message_out(self, tp, offset, message) -> None:
         pass
+
+
+def failure_kind(exc: BaseException) -> Failure:
+    """An outage of a service the worker waits for (Triton unreachable, the database or the
+    broker down), or an error about this input, which ``stream.poison`` may set aside."""
+    if isinstance(exc, (TritonUnavailable, KafkaError, AIOKafkaError, OSError, asyncio.TimeoutError,
+                        OperationalError, InterfaceError)):
+        return Failure.OUTAGE
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return Failure.OUTAGE
+    return Failure.ERROR
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -236,7 +252,7 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
                 w = rt.trimmed(ev.user_id, win.append(w, event_id, ev.item_id, int(ev.ts), where))
                 set_window(key, msg.partition, w)
             request = RecRequest(ev.user_id, w, event_id, ev.ts, source, time.monotonic(),
-                                 duplicate, ack=functools.partial(acks.finish, handle))
+                                 duplicate, ack=functools.partial(acks.finish, handle), value=event.value)
             rt.request_queued(request)
             await queue.put(request)
 
@@ -301,6 +317,8 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
             task.add_done_callback(lambda t: (running.discard(t), slots.release()))
             previous = sent
 
+    health = Health()  # when a batch was last answered: proof that a failing event is the cause
+
     async def retrying(what: str, size: int, step):
         delay = 0.1
         while True:  # a batch is never dropped: its events stay unacknowledged until it succeeds
@@ -311,13 +329,30 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    async def dead_letter(r: RecRequest, exc: BaseException) -> None:
+        """An event whose processing fails on its own (stream.poison): to the DLQ, then acknowledged."""
+        rt = await runtime()
+        headers = {"reason": b"processing_error", "detail": f"{type(exc).__name__}: {exc}".encode()[:500],
+                   "source": json.dumps(r.source).encode()}
+
+        async def deliver() -> None:
+            await (await topics.dlq.send(key=r.user_id.encode(), value=r.value, headers=headers))
+
+        await retrying("dead-lettering", 1, deliver)
+        rt.counters.dlq += 1
+        await r.ack()
+
     async def handle_batch(rt: Runtime, batch: list[RecRequest], previous: asyncio.Future | None,
                            sent: asyncio.Future) -> None:
         try:
             t0 = time.perf_counter()
-            messages = await retrying("recommending", len(batch), lambda: rt.recommend_batch(batch))
+            messages, failed = await isolate(batch, rt.recommend_batch, failure_kind, health, what="recommending")
             for r in batch:  # their window snapshots are read: folds may pass them now
                 rt.request_done(r)
+            for i, exc in failed:
+                await dead_letter(batch[i], exc)
+            done = set(range(len(batch))) - {i for i, _ in failed}
+            batch, messages = [batch[i] for i in sorted(done)], [messages[i] for i in sorted(done)]
             t1 = time.perf_counter()
             if previous is not None:
                 await previous

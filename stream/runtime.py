@@ -72,6 +72,7 @@ class RecRequest:
     ack: Callable[[], Any] | None = None
     # the user's memory when the request was queued (None: not loaded yet); see memory_for
     memory: CachedMemory | None = None
+    value: bytes = b""  # the event as it came, for the dead-letter topic if it cannot be processed
 
 
 @dataclass

@@ -1,0 +1,87 @@
+"""Poison isolation: a batch whose processing fails is retried, then bisected, so that only the
+event(s) that fail on their own are set aside; everything else proceeds.
+
+Two kinds of failure are told apart (``classify``):
+
+- an **outage** (Triton unreachable or timing out, the database or the broker down) is waited
+  out: the same part is retried, with backoff, for as long as it takes, and nothing is set aside;
+- an **error** (the model or the message builder raised on this input) is retried a few times
+  (``attempts``), then the part is split in halves, each solved the same way. A single event
+  that still fails is set aside only if processing is known to work: something succeeded since
+  this batch first failed (another half, another batch). If nothing has (a broken model fails
+  every event), it is waited on like an outage instead of dead-lettering the whole stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Failure(enum.Enum):
+    OUTAGE = "outage"
+    ERROR = "error"
+
+
+class Health:
+    """When processing last succeeded (monotonic seconds): the evidence that an input, not the
+    model, is at fault."""
+
+    def __init__(self) -> None:
+        self.last_success = 0.0
+
+    def succeeded(self) -> None:
+        self.last_success = time.monotonic()
+
+
+async def isolate(
+    items: Sequence[T], run: Callable[[Sequence[T]], Awaitable[list[Any]]],
+    classify: Callable[[BaseException], Failure], health: Health, *, what: str = "processing",
+    attempts: int = 3, delay: float = 0.1, max_delay: float = 2.0,
+) -> tuple[list[Any], list[tuple[int, BaseException]]]:
+    """``run(items)`` -> results aligned with ``items``; returns the results (None where an item
+    was set aside) and the set-aside ``(index, exception)`` pairs, in item order."""
+    first_error: list[float] = []
+
+    async def attempt(part: Sequence[T]) -> list[Any]:
+        wait, errors = delay, 0
+        while True:
+            try:
+                out = await run(part)
+                health.succeeded()
+                return out
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if classify(exc) is Failure.ERROR:
+                    if not first_error:
+                        first_error.append(time.monotonic())
+                    errors += 1
+                    if errors >= attempts:
+                        raise
+                log.warning("%s of %d failed (%s: %s); retrying in %.1fs", what, len(part), type(exc).__name__, exc, wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, max_delay)
+
+    async def solve(part: Sequence[T], offset: int) -> tuple[list[Any], list[tuple[int, BaseException]]]:
+        while True:
+            try:
+                return await attempt(part), []
+            except Exception as exc:  # noqa: BLE001 - an ERROR after ``attempts`` tries
+                if len(part) > 1:
+                    mid = len(part) // 2
+                    (a, fa), (b, fb) = await solve(part[:mid], offset), await solve(part[mid:], offset + mid)
+                    return a + b, fa + fb
+                if health.last_success > first_error[0]:
+                    log.error("%s fails on item %d alone (%s: %s); setting it aside", what, offset, type(exc).__name__, exc)
+                    return [None], [(offset, exc)]
+                log.error("%s fails on everything since %.0fs ago (%s: %s); waiting for it to work again",
+                          what, time.monotonic() - first_error[0], type(exc).__name__, exc)
+                await asyncio.sleep(max_delay)
+
+    return await solve(items, 0)

@@ -1,0 +1,95 @@
+"""stream/poison.py: a batch that fails is retried, then bisected; only an event that fails on
+its own is set aside, and outages are waited out."""
+
+import asyncio
+
+import pytest
+
+from persrec.stream.poison import Failure, Health, isolate
+
+
+def classify(exc: BaseException) -> Failure:
+    return Failure.OUTAGE if isinstance(exc, ConnectionError) else Failure.ERROR
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_a_poison_item_is_found_by_bisection_and_the_rest_proceeds() -> None:
+    calls = []
+
+    async def model(part):
+        calls.append(list(part))
+        if 13 in part or 5 in part:
+            raise ValueError("bad input")
+        return [x * 10 for x in part]
+
+    items = list(range(16))
+    results, failed = run(isolate(items, model, classify, Health(), attempts=2, delay=0.001))
+    assert [i for i, _ in failed] == [5, 13] and all(isinstance(e, ValueError) for _, e in failed)
+    assert results == [None if i in (5, 13) else i * 10 for i in items]
+    assert calls.count(items) == 2  # the whole batch was tried `attempts` times before bisecting
+    assert len(calls) < 40  # bisection, not one call per item
+
+
+def test_an_outage_is_waited_out_and_sets_nothing_aside() -> None:
+    down = {"calls": 0}
+
+    async def model(part):
+        down["calls"] += 1
+        if down["calls"] <= 6:
+            raise ConnectionError("triton unreachable")
+        return list(part)
+
+    results, failed = run(isolate([1, 2, 3], model, classify, Health(), attempts=2, delay=0.001, max_delay=0.002))
+    assert failed == [] and results == [1, 2, 3] and down["calls"] == 7
+
+
+def test_when_everything_fails_nothing_is_set_aside_until_something_works() -> None:
+    """A broken model (every input fails) must not dead-letter the stream: the batch waits."""
+    state = {"broken": True, "calls": 0}
+
+    async def model(part):
+        state["calls"] += 1
+        if state["calls"] == 12:
+            state["broken"] = False  # repaired
+        if state["broken"]:
+            raise RuntimeError("model broken")
+        return list(part)
+
+    results, failed = run(isolate([1, 2], model, classify, Health(), attempts=2, delay=0.001, max_delay=0.002))
+    assert failed == [] and results == [1, 2]
+
+
+def test_a_lone_poison_event_is_set_aside_once_another_batch_succeeds() -> None:
+    health = Health()
+
+    async def model(part):
+        if part == ["poison"]:
+            raise ValueError("bad input")
+        return list(part)
+
+    async def both():
+        stuck = asyncio.create_task(isolate(["poison"], model, classify, health, attempts=2, delay=0.001, max_delay=0.01))
+        await asyncio.sleep(0.05)
+        assert not stuck.done()  # no evidence yet that the model works: it waits
+        await isolate(["fine"], model, classify, health)  # another batch is answered
+        return await stuck
+
+    results, failed = run(both())
+    assert results == [None] and [i for i, _ in failed] == [0]
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+def test_a_transient_error_is_retried_before_bisecting(attempts: int) -> None:
+    state = {"calls": 0}
+
+    async def model(part):
+        state["calls"] += 1
+        if state["calls"] < attempts:
+            raise RuntimeError("blip")
+        return list(part)
+
+    results, failed = run(isolate([1, 2, 3, 4], model, classify, Health(), attempts=attempts, delay=0.001))
+    assert failed == [] and results == [1, 2, 3, 4] and state["calls"] == attempts
