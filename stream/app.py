@@ -237,7 +237,8 @@ def wire(app: faust.App, settings: Settings, make_runtime) -> dict:
                 unwritten.pop(key, None)
                 if windows.get(key) is not None:
                     del windows[key]
-                await asyncio.to_thread(rt.store.delete_many, [ev.user_id])
+                # A database outage is waited out: the erasure happens, late, never skipped.
+                await retrying("erasing a user", 1, lambda: asyncio.to_thread(rt.store.delete_many, [ev.user_id]))
                 rt.forget([ev.user_id])
                 log.info("erased user %r", ev.user_id)
                 await acks.finish(handle)

@@ -48,6 +48,7 @@ from persrec.embedded._proc import ManagedProcess, free_ports, group_members, ht
 from persrec.embedded.kafka import EmbeddedKafka, create_topics
 from persrec.embedded.postgres import EmbeddedPostgres
 from persrec.embedded.triton import EmbeddedTriton
+from persrec.memory import SqlMemoryStore
 from persrec.replay import events_in_time_order
 from persrec.settings import Settings
 from persrec.stack import WorkerProcess, get_json, settings_env, wait_for
@@ -376,3 +377,31 @@ def test_database_outage(own_postgres, served_model, triton, kafka_bootstrap, pi
                                      database_url=own_postgres.url)
     run_outage(served_model, settings, worker, api,
                Dependency("database", own_postgres.stop, own_postgres.start), scale, figures)
+
+
+@pytest.mark.postgres
+def test_user_erasure_during_a_database_outage_is_done_when_it_returns(own_postgres, served_model, triton,
+                                                                      kafka_bootstrap, pipeline) -> None:
+    """A ``delete_user`` that arrives while the database is down waits for it (it is not skipped
+    and does not stop the worker); once the database is back the user's memory is gone and the
+    events after the erasure are answered from scratch."""
+    settings, worker, api = pipeline(kafka_bootstrap, triton.grpc_url, database_url=own_postgres.url)
+    events = list(events_in_time_order(served_model.interactions, 3000))
+    boot, topic = settings.kafka_bootstrap, settings.topic_interactions
+    victim = collections.Counter(e["user_id"] for e in events).most_common(1)[0][0]
+    publish(boot, topic, messages(events))
+    wait_for(lambda: worker.status().get("recs_out", 0) >= len(events), 300, "answers before")
+    store = SqlMemoryStore(own_postgres.url)
+    wait_for(lambda: victim in store.get_many([victim], served_model.manifest.model_version), 60, "a memory to erase")
+    own_postgres.stop()
+    later = [dict(e, event_id=f"after-{i}") for i, e in enumerate(e for e in events if e["user_id"] == victim)][:5]
+    publish(boot, topic, [(victim.encode(), json.dumps({"op": "delete_user", "user_id": victim}).encode())]
+            + messages(later))
+    time.sleep(5)
+    assert alive(worker.pid), worker.log_tail()
+    own_postgres.start()
+    got = answers(boot, settings.topic_recommendations, {e["event_id"] for e in later}, timeout=120)
+    after = [b for b in got if b["event_id"].startswith("after-")]
+    assert sorted(b["seq"] for b in after) == [1, 2, 3, 4, 5]  # the window started again
+    assert all(b["memory_version"] == 0 for b in after)
+    assert victim not in SqlMemoryStore(own_postgres.url).get_many([victim], served_model.manifest.model_version)
