@@ -7,7 +7,7 @@ tritonserver, SQLite, real ``persrec worker`` processes).
     .venv/bin/python benchmarks/stream_bench.py --profile        # + py-spy of the worker
 
 Phases, each on its own topics and consumer group:
-1. pass-through: a Faust app configured like the worker (``stream.app.create_app``) whose agent
+1. pass-through: a Faust app configured like the worker (``stream.pipeline.create_app``) whose agent
    reads ``interactions`` and writes one message per event;
 2. PerSRec pipeline (memory K=8 + recent window 50, recompress policy): max events/s, then
    event -> recommendation latency at 25/50/90% of that max, fold throughput and backlog;
@@ -603,8 +603,8 @@ def passthrough_worker() -> None:
     """The pass-through Faust app (run in its own process by phase 1)."""
     import faust
 
-    from persrec.stream.app import create_app
-    from persrec.stream.kafka_compat import install_idle_fetch_backoff
+    from persrec.stream.pipeline import create_app
+    from persrec.stream.faust_adapter import install_idle_fetch_backoff
     from persrec.stream.worker import freeze_startup_objects
 
     s = Settings()

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     kafka_linger_ms: int = Field(
         5, ge=0, description="producer wait to fill a batch: fewer, larger produce requests")
     kafka_idle_fetch_backoff_ms: float = Field(
-        20.0, ge=0, description="pause after an empty fetch that returned at once (stream/kafka_compat.py)")
+        20.0, ge=0, description="pause after an empty fetch that returned at once (stream/faust_adapter.py)")
     offset_guard: bool = Field(
         True, description="hold back an input event whose partition skipped an offset and read the partition "
                           "again from it (stream/offsets.py); off for topics written by transactional "

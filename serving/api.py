@@ -13,6 +13,7 @@ Runs inside a worker (``persrec worker``: it sees that worker's windows and coun
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -29,11 +30,12 @@ from persrec.memory import SqlMemoryStore
 from persrec.serving.export import Manifest
 from persrec.serving.triton_client import TritonModels
 from persrec.settings import Settings
+from persrec.stream.view import WorkerView
 
 log = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
-WORKER = web.AppKey("worker", dict)  # the worker's state (runtime, table, topics); {} standalone
+WORKER = web.AppKey("worker", object)  # the worker's WorkerView, or None standalone
 STORE = web.AppKey("store", SqlMemoryStore)
 TRITON = web.AppKey("triton", TritonModels)
 KAFKA = web.AppKey("kafka", dict)
@@ -138,17 +140,8 @@ async def status(request: web.Request) -> web.Response:
     except Exception as exc:  # noqa: BLE001
         body["lag"] = None
         body["lag_error"] = f"{type(exc).__name__}: {exc}"[:200]
-    rt = app[WORKER].get("runtime")
-    if rt is not None:
-        c = rt.counters
-        body |= {
-            "events_in": c.events_in, "recs_out": c.recs_out, "dlq": c.dlq,
-            "duplicates": c.duplicates, "rerouted": c.rerouted, "cold_start": c.cold_start,
-            "offset_rewinds": c.offset_rewinds,
-            "folds": c.folds, "fold_backlog": len(rt.fold_pending), "batches": c.batches,
-            "seconds_model": round(c.seconds_model, 3), "seconds_publish": round(c.seconds_publish, 3),
-            "latency": c.latency_quantiles(), "model_version": rt.manifest.model_version,
-        }
+    if app[WORKER] is not None:
+        body |= app[WORKER].counters()
     return web.json_response(body)
 
 
@@ -176,14 +169,10 @@ async def user(request: web.Request) -> web.Response:
                 "row_version": r.row_version,
             }
     worker = app[WORKER]
-    if "runtime" in worker:
-        rt = worker["runtime"]
-        w = rt.read_window(user_id)
-        wm = body["memory"]["watermark"] if body["memory"] else 0
-        items, _ = rt.model_inputs(w, wm)
-        body["window"] = {"events": w.seq, "items_after_watermark": w.seq - wm,
-                          "known_items": len(items), "items": w.items[max(wm - w.base, 0):]}
-        body["last_recommendation"] = rt.last_recs.get(user_id)
+    window = None if worker is None else worker.window(user_id, body["memory"]["watermark"] if body["memory"] else 0)
+    if window is not None:
+        body["window"] = dataclasses.asdict(window)
+        body["last_recommendation"] = worker.last_recommendation(user_id)
     if body["memory"] is None and body.get("window", {}).get("events", 0) == 0:
         raise _error(web.HTTPNotFound, f"no state for user {user_id!r}")
     return web.json_response(body)
@@ -223,24 +212,24 @@ class _WorkerCollector:
         self.app = app
 
     def collect(self):
-        rt = self.app[WORKER].get("runtime")
-        if rt is None:
+        worker = self.app[WORKER]
+        c = {} if worker is None else worker.counters()
+        if not c:
             return
-        c = rt.counters
-        for name, value, help_ in [
-            ("persrec_events_in", c.events_in, "events read"),
-            ("persrec_recommendations_out", c.recs_out, "recommendation messages published"),
-            ("persrec_dlq", c.dlq, "events sent to the dead-letter topic"),
-            ("persrec_duplicates", c.duplicates, "replayed event ids"),
-            ("persrec_folds", c.folds, "memories written by folds"),
+        for name, key, help_ in [
+            ("persrec_events_in", "events_in", "events read"),
+            ("persrec_recommendations_out", "recs_out", "recommendation messages published"),
+            ("persrec_dlq", "dlq", "events sent to the dead-letter topic"),
+            ("persrec_duplicates", "duplicates", "replayed event ids"),
+            ("persrec_folds", "folds", "memories written by folds"),
         ]:
             m = CounterMetricFamily(name, help_)
-            m.add_metric([], value)
+            m.add_metric([], c[key])
             yield m
         g = GaugeMetricFamily("persrec_fold_backlog", "users waiting for a fold")
-        g.add_metric([], len(rt.fold_pending))
+        g.add_metric([], c["fold_backlog"])
         yield g
-        q = c.latency_quantiles()
+        q = c["latency"]
         for k in ("p50_ms", "p99_ms"):
             if q[k] is not None:
                 g = GaugeMetricFamily(f"persrec_latency_{k}", "event read -> recommendation published")
@@ -341,10 +330,10 @@ async def errors(request: web.Request, handler):
         raise _error(web.HTTPInternalServerError, "internal error") from None
 
 
-def create_app(settings: Settings, worker_state: dict | None = None) -> web.Application:
+def create_app(settings: Settings, worker: WorkerView | None = None) -> web.Application:
     app = web.Application(middlewares=[errors])
     app[SETTINGS] = settings
-    app[WORKER] = worker_state if worker_state is not None else {}
+    app[WORKER] = worker
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -356,12 +345,12 @@ def create_app(settings: Settings, worker_state: dict | None = None) -> web.Appl
     return app
 
 
-def serve_in_worker(faust_app, settings: Settings, worker_state: dict) -> None:
+def serve_in_worker(faust_app, settings: Settings, worker: WorkerView) -> None:
     """Run the API inside a Faust worker's event loop."""
 
     @faust_app.task
     async def status_api() -> None:
-        runner = web.AppRunner(create_app(settings, worker_state))
+        runner = web.AppRunner(create_app(settings, worker))
         await runner.setup()
         await web.TCPSite(runner, settings.api_host, settings.api_port).start()
         log.info("status API on http://%s:%d", settings.api_host, settings.api_port)

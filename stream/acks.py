@@ -73,6 +73,7 @@ class AckGate:
         self._released.add((message.tp, message.offset))
 
     def allows(self, message: Any) -> bool:
+        """Whether the consumer may acknowledge ``message`` (``faust_adapter.wrap_ack``)."""
         if message.topic not in self._topics:
             return True
         key = (message.tp, message.offset)
@@ -80,14 +81,3 @@ class AckGate:
             self._released.discard(key)
             return True
         return False
-
-    def install(self, consumer: Any) -> None:
-        """Wrap ``consumer.ack`` (idempotent)."""
-        if getattr(consumer.ack, "__self__", None) is self:
-            return
-        original = consumer.ack
-        self._original = original
-        consumer.ack = self._ack
-
-    def _ack(self, message: Any) -> bool:
-        return self._original(message) if self.allows(message) else False

@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 from faust.transport.utils import DefaultSchedulingStrategy
 
+from . import faust_adapter
+
 Verdict = Literal["process", "drop"] | int  # an int: drop the event, seek the partition to it
 
 
@@ -146,7 +148,7 @@ class ReadBarrier:
     offset, and Faust then drops every record the seek brings back below that offset
     (``Consumer._drain_messages``); it also marks the offsets between the sought one and the
     stale one as a gap, which it counts as done when it commits (``Consumer._add_gap``; see
-    ``_forget_gaps``). Measured before this barrier (a real broker, a rewind of 1,000 offsets
+    ``faust_adapter.forget_gaps``). Measured before this barrier (a real broker, a rewind of 1,000 offsets
     under load): 38 seeks over 9.3 s, 15,001 events passed to the agent only to be dropped, and
     a gap [4001, 5002); with it, one seek (tests/stream/test_rewind.py).
 
@@ -230,7 +232,7 @@ class Rewinder:
         barrier.on_reread = self._reread
         for tp, offset in offsets.items():
             barrier.hold(tp, offset)
-            _forget_gaps(consumer, tp, offset)
+            faust_adapter.forget_gaps(consumer, tp, offset)
         try:
             await consumer.seek_wait(offsets)
         except BaseException:  # let the records through again; the guard seeks again (due)
@@ -245,17 +247,5 @@ class Rewinder:
         # it would drop the re-read. Faust's own seek_wait sets it the same way. (Faust's read
         # offset cannot tell the guard where the records queued before the re-read end: Faust's
         # own seeks set it back while stale records are still queued; the barrier's can.)
-        self._consumer()._read_offset[tp] = offset
+        faust_adapter.set_read_offset(self._consumer(), tp, offset)
         self.guard.reread(tp, offset, self.barrier.passed.get(tp))
-
-
-def _forget_gaps(consumer: Any, tp: Hashable, offset: int) -> None:
-    """Drop Faust's gaps of ``tp`` from ``offset`` on: offsets it skipped as missing, which its
-    commits count as done (``Consumer._add_gap``). Those past a rewind's offset are Faust's
-    mistake (records fetched before a seek, such as its own after a rebalance, passed after it),
-    and the re-read records the broker's real holes again as it passes them."""
-    gaps = consumer._gap.get(tp)
-    if gaps:
-        end = max(g.end for g in gaps)
-        if end > offset:
-            gaps.chop(offset, end)

@@ -16,9 +16,10 @@ from persrec.serving.triton_client import TritonModels
 from persrec.settings import Settings
 
 from . import members
-from .app import create_app, wire
-from .kafka_compat import install_idle_fetch_backoff
+from .faust_adapter import install_idle_fetch_backoff
+from .pipeline import Pipeline, create_app
 from .runtime import Runtime, StreamConfig
+from .view import WorkerView
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def load_serving_model(repository) -> tuple[Manifest, IdMap]:
     return manifest, IdMap.from_json(ck.id_map_json)
 
 
-def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.App, dict]:
+def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.App, Pipeline]:
     install_idle_fetch_backoff(settings.kafka_idle_fetch_backoff_ms / 1000)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     manifest, id_map = load_serving_model(settings.model_repository)
@@ -52,13 +53,14 @@ def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.Ap
         return Runtime(store, models, id_map, manifest, cfg, read_window)
 
     app = create_app(settings)
-    state = wire(app, settings, make_runtime)
+    pipeline = Pipeline(app, settings, make_runtime)
+    pipeline.attach()
     if with_api:
         from persrec.serving.api import serve_in_worker
 
-        serve_in_worker(app, settings, state)
+        serve_in_worker(app, settings, WorkerView(pipeline))
     log.info("worker for model %s (%s policy), DB %s", manifest.model_version, manifest.policy, db_url)
-    return app, state
+    return app, pipeline
 
 
 def freeze_startup_objects() -> None:

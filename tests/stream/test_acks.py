@@ -7,6 +7,7 @@ import random
 import types
 
 from persrec.stream.acks import AckGate, OrderedAcks
+from persrec.stream.faust_adapter import wrap_ack
 
 
 def test_acks_follow_read_order_per_partition():
@@ -59,8 +60,8 @@ def message(topic: str, offset: int):
 def test_gate_holds_back_input_messages_the_agent_did_not_finish() -> None:
     consumer = FakeConsumer()
     gate = AckGate({"interactions"})
-    gate.install(consumer)
-    gate.install(consumer)  # idempotent: one wrapper
+    wrap_ack(consumer, gate.allows)
+    wrap_ack(consumer, gate.allows)  # idempotent: one wrapper
     done, skipped = message("interactions", 5), message("interactions", 6)
     gate.release(done)
     assert consumer.ack(done) is True
@@ -70,3 +71,19 @@ def test_gate_holds_back_input_messages_the_agent_did_not_finish() -> None:
     assert consumer.ack(done) is False  # a release lets one acknowledgement through
     gate.release(skipped)  # delivered again after the seek, finished by the agent
     assert consumer.ack(skipped) is True and consumer.acked == [5, 6, 6]
+
+
+def test_the_faust_adapter_refuses_untested_library_versions(monkeypatch) -> None:
+    import importlib
+    import importlib.metadata
+
+    import pytest
+
+    import persrec.stream.faust_adapter as fa
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9" if name == "aiokafka" else real(name))
+    with pytest.raises(ImportError, match="tested with exactly"):
+        importlib.reload(fa)
+    monkeypatch.undo()
+    importlib.reload(fa)  # the installed, pinned versions pass

@@ -176,13 +176,13 @@ def test_reset_starts_each_partition_from_its_committed_offset() -> None:
 def test_a_rewind_forgets_faust_gaps_from_its_offset_on() -> None:
     from intervaltree import IntervalTree
 
-    from persrec.stream.offsets import _forget_gaps
+    from persrec.stream.faust_adapter import forget_gaps
 
     class Consumer:
         _gap = {"p0": IntervalTree.from_tuples([(3, 5), (10, 20)]), "p1": IntervalTree.from_tuples([(4, 9)])}
 
-    _forget_gaps(Consumer, "p0", 12)  # records fetched before a seek passed after it: 12-19 unread
+    forget_gaps(Consumer, "p0", 12)  # records fetched before a seek passed after it: 12-19 unread
     assert sorted((g.begin, g.end) for g in Consumer._gap["p0"]) == [(3, 5), (10, 12)]
-    _forget_gaps(Consumer, "p1", 9)
+    forget_gaps(Consumer, "p1", 9)
     assert sorted((g.begin, g.end) for g in Consumer._gap["p1"]) == [(4, 9)]
-    _forget_gaps(Consumer, "p2", 0)  # no gaps at all
+    forget_gaps(Consumer, "p2", 0)  # no gaps at all

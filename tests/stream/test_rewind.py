@@ -31,8 +31,8 @@ def worker() -> None:
     import faust
 
     from persrec.settings import Settings
-    from persrec.stream.app import create_app
-    from persrec.stream.kafka_compat import install_idle_fetch_backoff
+    from persrec.stream.pipeline import create_app
+    from persrec.stream.faust_adapter import install_idle_fetch_backoff
     from persrec.stream.offsets import OffsetGuard, Rewinder
 
     s = Settings()

@@ -1,0 +1,205 @@
+"""Everything the worker does to faust-streaming and aiokafka beyond their public API, in one
+place, checked at import against the versions it was written and tested for.
+
+The worker relies on behaviour of faust-streaming 0.15.3 and aiokafka 0.14.0 that no public API
+offers (each function says why it is needed):
+
+- ``create_app``: the Faust app, with a monitor that skips per-event bookkeeping and a record
+  scheduler with a read barrier in front (``offsets.BarrierScheduler``);
+- ``install_idle_fetch_backoff``: aiokafka's per-node fetch, paced against brokers that answer
+  an empty fetch at once;
+- ``wrap_ack``: the consumer's ``ack``, gated (``acks.AckGate``);
+- ``committed_offset``, ``set_read_offset``, ``forget_gaps``: the consumer's record of committed
+  offsets, read offsets and skipped gaps (``offsets``);
+- ``member_id``: the consumer group member id this process holds (``members``);
+- ``WindowStore``: the window table's local store and changelog, written separately.
+
+Another version of either library fails here, at import, with what to do, rather than
+misbehaving at run time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable, Hashable
+from importlib.metadata import version
+from typing import Any
+
+TESTED = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0"}
+_found = {name: version(name) for name in TESTED}
+if _found != TESTED:
+    raise ImportError(
+        f"persrec's stream worker patches private parts of {TESTED} and was tested with exactly "
+        f"those versions; found {_found}. Install the pinned versions (pyproject.toml), or review "
+        "persrec/stream/faust_adapter.py against the new ones before changing the pins.")
+
+import faust  # noqa: E402 - after the version check
+from aiokafka.consumer import fetcher  # noqa: E402
+from faust.sensors.monitor import Monitor  # noqa: E402
+
+
+class EventlessMonitor(Monitor):
+    """Faust's Monitor without its per-event bookkeeping (times and counts of every message and
+    stream event, for Faust's own web views, which nothing here reads: the status API keeps
+    its own counters). Commits, rebalances and sends are still recorded, and so is the time
+    each partition last reached the stream: Faust's consumer reads it to tell a stalled stream
+    from a working one (without it, it logs "Stream has not started processing" every minute)."""
+
+    def on_message_in(self, tp, offset, message) -> None:
+        pass
+
+    def on_stream_event_in(self, tp, offset, stream, event) -> None:
+        self.stream_inbound_time[tp] = time.monotonic()
+        return None
+
+    def on_stream_event_out(self, tp, offset, stream, event, state=None) -> None:
+        pass
+
+    def on_message_out(self, tp, offset, message) -> None:
+        pass
+
+
+def create_app(settings, scheduler: type) -> faust.App:
+    """The worker's Faust app. ``scheduler``: the consumer's record scheduler class."""
+    return faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        datadir=str(settings.work_dir / "faust"),
+        store="memory://",
+        topic_partitions=settings.partitions,
+        processing_guarantee="at_least_once",
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        web_port=settings.worker_web_port,
+        web_host="127.0.0.1",
+        table_standby_replicas=0,
+        producer_linger_ms=settings.kafka_linger_ms,
+        # On shutdown do not wait for queued events to be acknowledged: they are not committed,
+        # so the next owner of the partition processes them again (at-least-once).
+        stream_wait_empty=False,
+        monitor=EventlessMonitor(),
+        ConsumerScheduler=scheduler,
+    )
+
+
+# ---------------------------------------------------------------------------------- aiokafka
+# aiokafka's own (``__wrapped__`` if this module was loaded again after installing the backoff)
+_ORIGINAL_FETCH = getattr(fetcher.Fetcher._proc_fetch_request, "__wrapped__", fetcher.Fetcher._proc_fetch_request)
+
+
+def install_idle_fetch_backoff(backoff_s: float) -> None:
+    """Kafka holds a fetch with no data for up to ``fetch.max.wait.ms``; some Kafka-protocol
+    brokers (noida-db 0.2.2, used for local runs and CI) answer immediately, and aiokafka then
+    re-fetches in a tight loop: an idle worker burns a whole core. This wraps aiokafka's
+    per-node fetch so that a fetch which brought nothing and came back faster than
+    ``backoff_s`` waits out the rest before that node is asked again. Against a real Kafka
+    broker an empty fetch already took ``fetch.max.wait.ms``, so the guard never sleeps.
+    Idempotent; 0 restores aiokafka's own."""
+    if backoff_s <= 0:
+        fetcher.Fetcher._proc_fetch_request = _ORIGINAL_FETCH
+        return
+
+    @functools.wraps(_ORIGINAL_FETCH)
+    async def proc_fetch_request(self, assignment, node_id, request):
+        started = time.monotonic()
+        has_data = await _ORIGINAL_FETCH(self, assignment, node_id, request)
+        if not has_data:
+            rest = backoff_s - (time.monotonic() - started)
+            if rest > 0:
+                try:
+                    await asyncio.sleep(rest)
+                except asyncio.CancelledError:  # the fetcher is closing: end quietly, as aiokafka does
+                    pass
+        return has_data
+
+    fetcher.Fetcher._proc_fetch_request = proc_fetch_request
+
+
+def member_id(app: faust.App) -> str:
+    """The group member id the app's consumer holds now (aiokafka's coordinator)."""
+    return app.consumer._thread._consumer._coordinator.member_id
+
+
+# ------------------------------------------------------------------------ Faust's consumer
+def wrap_ack(consumer: Any, allows: Callable[[Any], bool]) -> None:
+    """Make ``consumer.ack(message)`` a no-op for messages ``allows`` refuses (idempotent).
+    faust-streaming acknowledges messages its stream skips around a rebalance (``acks.AckGate``
+    says why that loses events)."""
+    if getattr(consumer.ack, "_persrec_gate", None) == allows:  # bound methods: equal, not identical
+        return
+    original = consumer.ack
+
+    def ack(message: Any) -> bool:
+        return original(message) if allows(message) else False
+
+    ack._persrec_gate = allows  # type: ignore[attr-defined]
+    consumer.ack = ack
+
+
+def committed_offset(app: faust.App, tp: Hashable) -> int | None:
+    """Faust's record of ``tp``'s committed offset: set by the seek after each rebalance, then
+    by its commits."""
+    return app.consumer._committed_offset.get(tp)
+
+
+def set_read_offset(consumer: Any, tp: Hashable, offset: int) -> None:
+    """Faust drops records below its read offset; records fetched before a seek may have raised
+    it past ``offset`` (Faust's own ``seek_wait`` sets it the same way)."""
+    consumer._read_offset[tp] = offset
+
+
+def forget_gaps(consumer: Any, tp: Hashable, offset: int) -> None:
+    """Drop Faust's gaps of ``tp`` from ``offset`` on: offsets it skipped as missing, which its
+    commits count as done (``Consumer._add_gap``). Those past a rewind's offset are Faust's
+    mistake (records fetched before a seek passed after it), and the re-read records the
+    broker's real holes again as it passes them."""
+    gaps = consumer._gap.get(tp)
+    if gaps:
+        end = max(g.end for g in gaps)
+        if end > offset:
+            gaps.chop(offset, end)
+
+
+class WindowStore:
+    """The window table's local store and its changelog, written separately: a window is set in
+    the store at once (``set``) and its changelog record is sent later, once per user per batch
+    (``write``), by the code that then acknowledges the events it holds.
+
+    Keys are raw user-id bytes (``key_type=bytes``: without it Faust restores changelog keys
+    with the JSON codec, b"42" -> 42, and non-numeric ids fail, so a restarted worker found no
+    window at all). The store holds a value as restored from the changelog (bytes) or as last
+    set (any object); ``decode`` turns the first into the second."""
+
+    def __init__(self, app: faust.App, partitions: int, decode: Callable[[Any], Any],
+                 encode: Callable[[Any], bytes]) -> None:
+        self.table = app.Table("windows", default=None, partitions=partitions, key_type=bytes, value_type=bytes)
+        self._decode, self._encode = decode, encode
+        self._unwritten: dict[bytes, tuple[int, Any]] = {}  # key -> (partition, value) not in the changelog
+
+    def get(self, key: bytes) -> Any:
+        return self._decode(self.table.data.get(key))
+
+    def set(self, key: bytes, partition: int, value: Any) -> None:
+        self.table.data[key] = value  # the store only: ``table[key] = value`` would write the changelog too
+        self._unwritten[key] = (partition, value)
+
+    def write(self, keys) -> None:
+        """Send the changelog record of each of ``keys`` whose value changed since its last one."""
+        for key in keys:
+            if (entry := self._unwritten.pop(key, None)) is not None:
+                self.table.send_changelog(entry[0], key, self._encode(entry[1]))
+
+    def delete(self, key: bytes) -> None:
+        """Remove ``key``, in the store and the changelog (a tombstone)."""
+        self._unwritten.pop(key, None)
+        if self.table.get(key) is not None:
+            del self.table[key]
+
+    def items(self):
+        """(key, value) of every window in the store (decoded)."""
+        return ((k, self._decode(v)) for k, v in list(self.table.data.items()))
+
+    def pending(self) -> list[bytes]:
+        return list(self._unwritten)

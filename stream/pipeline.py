@@ -1,0 +1,376 @@
+"""The worker's pipeline: ``interactions`` -> per-user window table -> Triton ->
+``recommendations``, and the commit protocol that loses no acknowledged event.
+
+Per event, in the agent, in partition order (``Pipeline.process``):
+
+  1. admit: no earlier offset of its partition went missing (``stream.offsets``; if one did, the
+     partition is read again from it);
+  2. parse: a bad event goes to the dead-letter topic with its reason, then is acknowledged;
+  3. route: an event keyed by something else than its user id is re-published keyed by the user
+     id (so each user's window lives in one partition), then acknowledged;
+  4. window: the user's window is updated in the table's local store (a replayed event id
+     changes nothing; ``delete_user`` erases the user);
+  5. request: a recommendation request carrying a snapshot of the window (and the memory it was
+     trimmed against, ``Runtime.memory_for``) is queued.
+
+Per batch of requests, in the batcher (``Pipeline.handle_batch``):
+
+  6. recommend: one Triton call for the batch; an event the model fails on alone goes to the
+     dead-letter topic (``stream.poison``); outages are waited out;
+  7. publish: one message per event, sent after the previous batch's, and waited for until the
+     broker has them;
+  8. changelog: the latest window of each of the batch's users goes to the table's changelog
+     (once per user: a burst of one user's events costs one write, not one per event);
+  9. acknowledge: the events are acknowledged, in offset order per partition (``acks``).
+
+Offsets are committed after that (and after the changelog is flushed), so a crash can repeat a
+recommendation (same event id) but never loses an acknowledged event, and a restored window
+holds every acknowledged event. Folds run beside this, in their own task (``Pipeline.folder``).
+Faust itself is reached only through ``stream.faust_adapter``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import faust
+import orjson
+from aiokafka.errors import KafkaError as AIOKafkaError
+from kafka.errors import KafkaError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from persrec.settings import Settings
+
+from . import faust_adapter as fa
+from . import members
+from . import window as win
+from .acks import AckGate, OrderedAcks
+from .events import Event, InvalidEvent, UserDeletion, parse_event
+from .offsets import BarrierScheduler, OffsetGuard, Rewinder
+from .poison import Failure, Health, isolate
+from .runtime import RecRequest, Runtime
+from persrec.serving.triton_client import TritonUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Topics:
+    interactions: faust.TopicT
+    recommendations: faust.TopicT
+    dlq: faust.TopicT
+
+
+def failure_kind(exc: BaseException) -> Failure:
+    """An outage of a service the worker waits for (Triton unreachable, the database or the
+    broker down), or an error about this input, which ``stream.poison`` may set aside."""
+    if isinstance(exc, (TritonUnavailable, KafkaError, AIOKafkaError, OSError, asyncio.TimeoutError,
+                        OperationalError, InterfaceError)):
+        return Failure.OUTAGE
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return Failure.OUTAGE
+    return Failure.ERROR
+
+
+def create_app(settings: Settings) -> faust.App:
+    return fa.create_app(settings, BarrierScheduler)
+
+
+class Pipeline:
+    """The agent, batcher and fold loop of one worker, and what they share."""
+
+    def __init__(self, app: faust.App, settings: Settings,
+                 make_runtime: Callable[[Callable[[str], win.Window]], Awaitable[Runtime]]) -> None:
+        self.app, self.settings, self._make_runtime = app, settings, make_runtime
+        raw = dict(key_serializer="raw", value_serializer="raw")
+        self.topics = Topics(
+            app.topic(settings.topic_interactions, partitions=settings.partitions, **raw),
+            app.topic(settings.topic_recommendations, **raw),
+            app.topic(settings.topic_dlq, **raw),
+        )
+        decode = lambda v: v if isinstance(v, win.Window) else win.decode(v)  # noqa: E731
+        self.windows = fa.WindowStore(app, settings.partitions, decode, win.encode)
+        self.runtime: Runtime | None = None  # built in the worker's event loop (``ready``)
+        self.queue: asyncio.Queue[RecRequest] = asyncio.Queue(maxsize=4 * settings.max_batch)
+        # Only events this agent finished are acknowledged (AckGate), in read order per
+        # partition (OrderedAcks), and none is missing from what the agent reads (OffsetGuard).
+        self.gate, self.guard = AckGate({settings.topic_interactions}), OffsetGuard()
+        self.rewinder = Rewinder(self.guard, lambda: app.consumer)
+        self.acks = OrderedAcks(self._release)
+        self.stream: faust.StreamT | None = None
+        self.health = Health()  # when a batch was last answered: proof a failing event is at fault
+        self.forwarding = asyncio.Semaphore(1024)  # messages being forwarded at once (backpressure)
+        self.background: set[asyncio.Task] = set()
+
+    def attach(self) -> None:
+        """Register the agent, the tasks and the rebalance handlers on the app."""
+        app = self.app
+        app.agent(self.topics.interactions, name="persrec.process")(self.process)
+        app.task(self.batcher)
+        app.task(self.folder)
+        app.timer(interval=self.guard.due_every_s)(self.rewind_due)
+        app.on_partitions_revoked.connect(self._revoked)
+        app.on_partitions_assigned.connect(self._assigned)
+
+    async def ready(self) -> Runtime:
+        if self.runtime is None:
+            self.runtime = await self._make_runtime(lambda user_id: self.windows.get(user_id.encode()))
+        return self.runtime
+
+    # ---------------------------------------------------------------- per event (the agent)
+    async def process(self, stream) -> None:
+        rt = await self.ready()
+        self.stream = stream
+        fa.wrap_ack(self.app.consumer, self.gate.allows)
+        async for event in stream.noack().events():
+            msg = event.message
+            if not await self.admit(msg):  # 1
+                continue
+            handle = self.acks.track(msg.tp, event)
+            source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+            rt.counters.events_in += 1
+            ev = await self.parse(event, handle, source)  # 2
+            if ev is None or not await self.route(event, ev, handle):  # 3
+                continue
+            request = await self.apply(rt, event, ev, handle, source)  # 4
+            if request is not None:
+                rt.request_queued(request)  # 5
+                await self.queue.put(request)
+
+    async def admit(self, msg) -> bool:
+        """1. OffsetGuard's verdict: process, drop (a repeat), or read the partition again."""
+        if not self.settings.offset_guard:
+            return True
+        # Faust's own record of the committed offsets (of acknowledged, i.e. finished, events
+        # only: AckGate). No await on the hot path: most events are "process".
+        verdict = self.guard.admit(msg.tp, msg.offset, fa.committed_offset(self.app, msg.tp))
+        if verdict == "process":
+            return True
+        if verdict != "drop":
+            log.warning("%s:%s: offset %s came before %s; reading the partition again from %s",
+                        msg.topic, msg.partition, msg.offset, verdict, verdict)
+            await self.rewind({msg.tp: verdict})
+        return False
+
+    async def parse(self, event, handle, source: dict) -> Event | UserDeletion | None:
+        """2. The event, or None once a bad one is on its way to the dead-letter topic."""
+        try:
+            return parse_event(event.value, now=time.time())
+        except InvalidEvent as exc:
+            headers = {"reason": exc.reason.encode(), "detail": exc.detail.encode()[:500],
+                       "source": json.dumps(source).encode()}
+            log.info("dead-lettering %s:%s@%s: %s", source["topic"], source["partition"], source["offset"], exc.reason)
+            await self.forward(self.topics.dlq, event.key, event.value or b"", headers, handle, "dlq")
+            return None
+
+    async def route(self, event, ev, handle) -> bool:
+        """3. False once an event keyed by another than its user is on its way back, re-keyed."""
+        key = ev.user_id.encode()
+        if event.key == key:
+            return True
+        await self.forward(self.topics.interactions, key, event.value, None, handle, "rerouted")
+        return False
+
+    async def apply(self, rt: Runtime, event, ev, handle, source: dict) -> RecRequest | None:
+        """4. The user's window updated in the store; the request for its recommendation (None
+        for an erasure, done here)."""
+        key, msg = ev.user_id.encode(), event.message
+        if isinstance(ev, UserDeletion):
+            self.windows.delete(key)
+            # A database outage is waited out: the erasure happens, late, never skipped.
+            await self.retrying("erasing a user", 1, lambda: asyncio.to_thread(rt.store.delete_many, [ev.user_id]))
+            rt.forget([ev.user_id])
+            log.info("erased user %r", ev.user_id)
+            await self.acks.finish(handle)
+            return None
+        event_id = ev.event_id or f"{msg.topic}:{msg.partition}:{msg.offset}"
+        w = self.windows.get(key)
+        where = (msg.topic, msg.partition, msg.offset)
+        duplicate = win.seen(w, event_id, where)
+        if duplicate:
+            rt.counters.duplicates += 1
+        else:
+            w = rt.trimmed(ev.user_id, win.append(w, event_id, ev.item_id, int(ev.ts), where))
+            self.windows.set(key, msg.partition, w)
+        return RecRequest(ev.user_id, w, event_id, ev.ts, source, time.monotonic(), duplicate,
+                          ack=functools.partial(self.acks.finish, handle), value=event.value)
+
+    # ------------------------------------------------------------- per batch (the batcher)
+    async def batcher(self) -> None:
+        """Up to ``max_in_flight_batches`` batches at once: the model call of one overlaps the
+        publishing of another. Messages are still sent in event order (each batch sends after
+        the previous one has sent), so a user's recommendations arrive in the order of their
+        events."""
+        rt = await self.ready()
+        slots = asyncio.Semaphore(self.settings.max_in_flight_batches)
+        running: set[asyncio.Task] = set()
+        previous: asyncio.Future | None = None
+        while True:
+            batch = await self.next_batch()
+            await slots.acquire()
+            sent = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self.handle_batch(rt, batch, previous, sent))
+            running.add(task)
+            task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+            previous = sent
+
+    async def next_batch(self) -> list[RecRequest]:
+        """Up to ``max_batch`` requests, waiting at most ``batch_wait_ms`` for it to fill."""
+        loop = asyncio.get_running_loop()
+        batch = [await self.queue.get()]
+        deadline = loop.time() + self.settings.batch_wait_ms / 1000
+        while len(batch) < self.settings.max_batch:
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), timeout))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def handle_batch(self, rt: Runtime, batch: list[RecRequest], previous: asyncio.Future | None,
+                           sent: asyncio.Future) -> None:
+        try:
+            t0 = time.perf_counter()
+            batch, messages = await self.recommend(rt, batch)  # 6
+            t1 = time.perf_counter()
+            if previous is not None:
+                await previous
+            await self.publish(batch, messages, sent)  # 7
+            self.windows.write({r.user_id.encode() for r in batch})  # 8
+        finally:
+            if not sent.done():
+                sent.set_result(None)
+        c = rt.counters
+        c.seconds_model += t1 - t0
+        c.seconds_publish += time.perf_counter() - t1
+        c.batches += 1
+        now = time.monotonic()
+        for r in batch:  # 9
+            c.latencies_ms.append((now - r.received) * 1000)
+            await r.ack()
+        c.recs_out += len(batch)
+
+    async def recommend(self, rt: Runtime, batch: list[RecRequest]) -> tuple[list[RecRequest], list[dict]]:
+        """6. The batch's messages; an event the model fails on alone is dead-lettered and left
+        out (``stream.poison``). Returns the requests answered and their messages."""
+        messages, failed = await isolate(batch, rt.recommend_batch, failure_kind, self.health, what="recommending")
+        for r in batch:  # their window snapshots are read: folds may pass them now
+            rt.request_done(r)
+        for i, exc in failed:
+            await self.dead_letter(rt, batch[i], exc)
+        gone = {i for i, _ in failed}
+        return [r for i, r in enumerate(batch) if i not in gone], [m for i, m in enumerate(messages) if i not in gone]
+
+    async def publish(self, batch: list[RecRequest], messages: list[dict], sent: asyncio.Future) -> None:
+        """7. One message per request, straight to the producer (Faust's Topic.send adds a
+        channel, codecs and a FutureMessage per message, which cost more than the send itself),
+        appended in event order; waited for until the broker has every one. A retry sends the
+        whole batch again (same event ids)."""
+        payload = [(m["user_id"].encode(), orjson.dumps(m)) for m in messages]
+        out = self.settings.topic_recommendations
+
+        async def deliver() -> None:
+            futures = [await self.app.producer.send(out, k, v, None, None, None) for k, v in payload]
+            if not sent.done():
+                sent.set_result(None)
+            await asyncio.gather(*futures)
+
+        await self.retrying("publishing", len(batch), deliver)
+
+    async def dead_letter(self, rt: Runtime, r: RecRequest, exc: BaseException) -> None:
+        """An event whose processing fails on its own: to the DLQ, then acknowledged."""
+        headers = {"reason": b"processing_error", "detail": f"{type(exc).__name__}: {exc}".encode()[:500],
+                   "source": json.dumps(r.source).encode()}
+
+        async def deliver() -> None:
+            await (await self.topics.dlq.send(key=r.user_id.encode(), value=r.value, headers=headers))
+
+        await self.retrying("dead-lettering", 1, deliver)
+        rt.counters.dlq += 1
+        await r.ack()
+
+    # ----------------------------------------------------------------------------- helpers
+    def _release(self, event) -> bool:
+        self.gate.release(event.message)
+        return self.stream.ack(event)
+
+    async def forward(self, topic, key: bytes | None, value: bytes, headers: dict | None, handle,
+                      counter: str) -> None:
+        """Send one message (a dead letter, a re-keyed event) without waiting for the broker;
+        the input event is acknowledged once the broker has it (retried until then)."""
+        await self.forwarding.acquire()
+
+        async def run() -> None:
+            try:
+                async def deliver() -> None:
+                    await (await topic.send(key=key, value=value, headers=headers))
+
+                await self.retrying(f"forwarding to {topic.get_topic_name()}", 1, deliver)
+                rt = await self.ready()
+                setattr(rt.counters, counter, getattr(rt.counters, counter) + 1)
+                await self.acks.finish(handle)
+            finally:
+                self.forwarding.release()
+
+        task = asyncio.create_task(run())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def retrying(self, what: str, size: int, step):
+        """``step()`` until it succeeds: for outages of the broker or the database, which a
+        worker waits out (events stay unacknowledged meanwhile)."""
+        delay = 0.1
+        while True:
+            try:
+                return await step()
+            except Exception:  # noqa: BLE001 - broker/DB trouble: wait and retry
+                log.exception("%s of %d failed; retrying in %.1fs", what, size, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def rewind(self, offsets: dict) -> None:
+        (await self.ready()).counters.offset_rewinds += len(offsets)
+        await self.rewinder.seek(offsets)
+
+    async def rewind_due(self) -> None:
+        """Seek pending rewinds again whose re-read never came (see OffsetGuard)."""
+        if due := self.guard.due():
+            await self.rewind(due)
+
+    async def _assigned(self, app, *args, **kwargs) -> None:  # noqa: ARG002 - Faust's signal
+        self.rewinder.reset()
+        # the member id this process holds now, for a later worker to remove if we die
+        members.record(members.registry(self.settings.work_dir, self.settings.app_id), fa.member_id(app))
+
+    async def _revoked(self, app, *args, **kwargs) -> None:  # noqa: ARG002 - Faust's signal
+        # The next owner restores windows from the changelog: it must hold every window this
+        # worker changed, before the rebalance goes on (Faust's own flush came before this).
+        self.windows.write(self.windows.pending())
+        await app.producer.flush()
+        self.rewinder.reset()
+
+    # ------------------------------------------------------------------------------- folds
+    async def folder(self) -> None:
+        """Fold every pending user, pause ``fold_interval_s``, again (a pass may take longer
+        than the pause under load: a Faust timer would then warn on every tick)."""
+        rt = await self.ready()
+        while True:
+            await asyncio.sleep(self.settings.fold_interval_s)
+            try:
+                while rt.fold_pending:
+                    if not await rt.fold_once():
+                        break
+            except Exception:  # noqa: BLE001 - the users stay pending; the next pass retries
+                log.exception("fold failed; %d users pending", len(rt.fold_pending))
+

@@ -1,0 +1,55 @@
+"""What the status API may see of a running worker: a typed, read-only view of its pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+
+@dataclass(frozen=True)
+class WindowState:
+    events: int  # the user's events so far
+    items_after_watermark: int  # events after the memory's watermark
+    known_items: int  # of those, the items the model reads
+    items: list[str]  # the events' items after the watermark, oldest first
+
+
+class WorkerView:
+    """Counters, fold backlog and per-user state of one worker (nothing to change them)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    @property
+    def running(self) -> bool:
+        """The worker's runtime exists (its event loop runs and its models are known)."""
+        return self._pipeline.runtime is not None
+
+    def counters(self) -> dict[str, Any]:
+        rt = self._pipeline.runtime
+        if rt is None:
+            return {}
+        c = rt.counters
+        return {
+            "events_in": c.events_in, "recs_out": c.recs_out, "dlq": c.dlq,
+            "duplicates": c.duplicates, "rerouted": c.rerouted, "cold_start": c.cold_start,
+            "offset_rewinds": c.offset_rewinds,
+            "folds": c.folds, "fold_backlog": len(rt.fold_pending), "batches": c.batches,
+            "seconds_model": round(c.seconds_model, 3), "seconds_publish": round(c.seconds_publish, 3),
+            "latency": c.latency_quantiles(), "model_version": rt.manifest.model_version,
+        }
+
+    def window(self, user_id: str, watermark: int) -> WindowState | None:
+        rt = self._pipeline.runtime
+        if rt is None:
+            return None
+        w = rt.read_window(user_id)
+        items, _ = rt.model_inputs(w, watermark)
+        return WindowState(w.seq, w.seq - watermark, len(items), w.items[max(watermark - w.base, 0):])
+
+    def last_recommendation(self, user_id: str) -> dict | None:
+        rt = self._pipeline.runtime
+        return None if rt is None else rt.last_recs.get(user_id)
