@@ -55,6 +55,7 @@ from persrec.embedded._proc import free_ports, group_members
 from persrec.embedded.kafka import EmbeddedKafka, create_topics
 from persrec.embedded.triton import EmbeddedTriton
 from persrec.memory import MemoryRecord, SqlMemoryStore, migrate
+from persrec.models.inputs import ModelInputs
 from persrec.models.checkpoint import make_checkpoint
 from persrec.models.config import ModelConfig
 from persrec.models.data import build_sequences, data_dir, load_interactions
@@ -299,13 +300,8 @@ def seed_state(settings: Settings, wl: Workload, history_len: int, ck, manifest)
             continue
         folded = [items[: history_len - keep] for items, _ in hist]
         dense = [wl.id_map.encode(f[-manifest.history_len:]).astype(np.int64) for f in folded]
-        width = max(len(d) for d in dense)
-        items = np.zeros((len(dense), width), np.int64)
-        for i, d in enumerate(dense):
-            items[i, : len(d)] = d
-        lengths = np.array([len(d) for d in dense])
-        mem = runner.fold(np.zeros((len(dense), *manifest.memory_shape), np.float32),
-                          np.zeros(len(dense), bool), items, lengths, np.zeros_like(items))
+        mem = runner.fold(ModelInputs.of_rows(dense, memory=np.zeros((len(dense), *manifest.memory_shape), np.float32),
+                                              has_memory=np.zeros(len(dense), bool)))
         records += [MemoryRecord(u, manifest.model_version, mem[i], history_len - keep, history_len - keep, dense[i])
                     for i, u in enumerate(chunk)]
     producer.flush()
@@ -403,7 +399,7 @@ def phase_pipeline(work: Path, wl: Workload, *, memory: bool, max_len: int, hist
     ``fresh_broker``), all against one Triton."""
     repo, (ck, manifest) = model_repository(work, wl, memory=memory, max_len=max_len)
     name = "persrec" if memory else f"full{max_len}"
-    models = ["recommend", "compress"] if memory else ["recommend"]
+    models = ["recommend", "fold"] if memory else ["recommend"]
     # a batch holds at most ~51,200 items, so long histories do not blow up attention memory
     max_batch = max(8, min(256, 51_200 // manifest.window_len))
     row: dict = {"history": history_len, "max_batch": max_batch, "window_len": manifest.window_len}

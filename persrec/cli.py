@@ -228,11 +228,11 @@ def triton(
 ) -> None:
     """Run the local tritonserver binary on the model repository until Ctrl-C."""
     from persrec.embedded.triton import EmbeddedTriton
-    from persrec.serving.export import Manifest
+    from persrec.stream.manifest import Manifest
 
     s = Settings()
     repo = repository or s.model_repository
-    models = ["recommend"] + (["compress"] if Manifest.read(repo).has_memory else [])
+    models = Manifest.read(repo).triton_models
     http_port = int(s.triton_http_url.rsplit(":", 1)[1])
     grpc_port = int(s.triton_grpc_url.rsplit(":", 1)[1])
     with EmbeddedTriton(repo, models, s.work_dir / "triton", http_port=http_port, grpc_port=grpc_port) as server:
@@ -280,14 +280,14 @@ def rebuild_memories_cmd(
     Run it before starting workers on the new model."""
     from persrec.memory import SqlMemoryStore
     from persrec.models.checkpoint import load_checkpoint
-    from persrec.serving.export import Manifest
+    from persrec.stream.manifest import Manifest
     from persrec.serving.inference import ModelRunner
     from persrec.serving.rebuild import rebuild_memories
 
     s = Settings()
     repo = repository or s.model_repository
     manifest = Manifest.read(repo)
-    new = ModelRunner(repo / "compress" / str(manifest.triton_version) / "checkpoint.pt", s.device)
+    new = ModelRunner(repo / manifest.fold_model / str(manifest.triton_version) / "checkpoint.pt", s.device)
     with SqlMemoryStore(s.resolved_database_url, storage_dtype=s.storage_dtype) as store:
         report = rebuild_memories(store, load_checkpoint(old_checkpoint), new, storage_dtype=s.storage_dtype)
     console.print(f"rebuilt {report.rebuilt} memories for {new.model_version} in {report.seconds:.1f}s; "

@@ -61,7 +61,7 @@ def run_demo(settings: Settings, data: Path, checkpoint: Path, *, rate: float, d
     console.print(f"model {manifest.model_version} exported to {repo}")
     result: dict = {}
     with EmbeddedKafka(work / "kafka") as kafka, \
-            EmbeddedTriton(repo, ["recommend", "compress"], work / "triton") as triton:
+            EmbeddedTriton(repo, ["recommend", "fold"], work / "triton") as triton:
         s = settings.model_copy(update={"kafka_bootstrap": kafka.bootstrap_servers, "triton_grpc_url": triton.grpc_url,
                                         "model_repository": repo, "work_dir": work, "database_url": ""})
         worker = WorkerProcess(s, work / "worker.log").start()

@@ -27,8 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from persrec.memory import SqlMemoryStore
-from persrec.serving.export import Manifest
-from persrec.serving.triton_client import TritonModels
+from persrec.stream.manifest import Manifest
+from persrec.stream.triton import TritonModels
 from persrec.settings import Settings
 from persrec.stream.view import WorkerView
 

@@ -1,5 +1,5 @@
-"""``persrec export``: a checkpoint -> a Triton model repository with ``recommend`` and
-``compress`` python-backend models (versioned directories, dynamic batching, GPU when present).
+"""``persrec export``: a checkpoint -> a Triton model repository with ``recommend`` and ``fold``
+python-backend models (versioned directories, dynamic batching, GPU when present).
 
 The repository's code comes from ``triton_models/`` in this project; each version directory
 gets a copy of the checkpoint. ``manifest.json`` at the top tells the worker what it serves.
@@ -7,49 +7,17 @@ gets a copy of the checkpoint. ``manifest.json`` at the top tells the worker wha
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from persrec.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from persrec.stream.manifest import Manifest
 
 import persrec.triton_models
 
 TEMPLATES = Path(persrec.triton_models.__file__).resolve().parent
-MANIFEST = "manifest.json"
-
-
-@dataclass(frozen=True)
-class Manifest:
-    model_version: str  # hash of config, id map and weights (persrec.models.checkpoint)
-    triton_version: int  # version directory number in the repository
-    window_len: int  # W: the most recent items a request sends (recent_len + segment_len - 1)
-    recent_len: int  # items that stay in the window after a fold
-    top_k: int
-    memory_shape: tuple[int, ...]
-    has_memory: bool
-    policy: str
-    history_len: int  # RECOMPRESS: aged-out items kept and compressed (max_len - recent_len)
-    # the model asks its last query at the request's time: ``recommend`` takes REQUEST_TS
-    request_time: bool = False
-    # the fold cadence (the model's segment_len): a window folds whole segments of this length;
-    # 0 (a repository written before the field): window_len - recent_len, its fold interval then
-    segment_len: int = 0
-
-    def __post_init__(self) -> None:
-        if self.segment_len < 1:
-            object.__setattr__(self, "segment_len", max(self.window_len - self.recent_len, 1))
-
-    @classmethod
-    def read(cls, repository: Path) -> "Manifest":
-        """The manifest of ``repository``; fields added since a repository was written take
-        their defaults."""
-        d = json.loads((Path(repository) / MANIFEST).read_text())
-        d["memory_shape"] = tuple(d["memory_shape"])
-        return cls(**d)
 
 
 def _dims(shape) -> str:
@@ -82,8 +50,8 @@ instance_group [ {{ count: {instances} kind: {kind} }} ]
 
 
 def export_repository(
-    checkpoint: Path | Checkpoint, out: Path, *, top_k: int = 10, version: int = 1, kind: str = "auto", max_batch_size: int = 1024, instances: int = 1,
-    exclude_seen: bool = True, cpu_threads: int = 1,
+    checkpoint: Path | Checkpoint, out: Path, *, top_k: int = 10, version: int = 1, kind: str = "auto",
+    max_batch_size: int = 1024, instances: int = 1, exclude_seen: bool = True, cpu_threads: int = 1,
 ) -> Manifest:
     """Write (or add a version to) the repository at ``out``; return its manifest."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
@@ -95,9 +63,9 @@ def export_repository(
     manifest = Manifest(
         model_version=ck.model_version, triton_version=version, window_len=window,
         recent_len=cfg.recent_len, top_k=top_k,
-        memory_shape=tuple(cfg.memory_shape), has_memory=cfg.has_memory, policy=cfg.policy.value,
+        memory_shape=tuple(cfg.memory_shape), has_memory=cfg.has_memory, policy=cfg.policy,
         history_len=max(cfg.max_len - cfg.recent_len, 0), request_time=cfg.request_time,
-        segment_len=cfg.segment_len,
+        segment_len=cfg.segment_len, fold_model="fold",
     )
     params = {"model_version": ck.model_version, "cpu_threads": str(cpu_threads)}
     mem = list(cfg.memory_shape)
@@ -117,8 +85,8 @@ def export_repository(
         ),
     }
     if cfg.has_memory:
-        models["compress"] = model_config(
-            "compress", ck, kind, max_batch_size, params,
+        models["fold"] = model_config(
+            "fold", ck, kind, max_batch_size, params,
             [_io("MEMORY", "TYPE_FP32", mem), _io("HAS_MEMORY", "TYPE_BOOL", [1]),
              _io("ITEMS", "TYPE_INT64", [-1]), _io("TIMESTAMPS", "TYPE_INT64", [-1]),
              _io("LENGTHS", "TYPE_INT64", [1])],
@@ -132,5 +100,5 @@ def export_repository(
         shutil.copyfile(TEMPLATES / name / "model.py", vdir / "model.py")
         save_checkpoint(ck, vdir / "checkpoint.pt")
         (out / name / "config.pbtxt").write_text(config)
-    (out / MANIFEST).write_text(json.dumps(manifest.__dict__, indent=2))
+    manifest.write(out)
     return manifest

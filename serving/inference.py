@@ -1,8 +1,7 @@
 """Batched model calls on numpy arrays: what the Triton python models run.
 
 Kept free of Triton so the same code runs in-process (tests, offline checks) and inside
-``triton_models/*/model.py``. Shapes: memory ``[B, L, 2, M, H, Dh]`` float32, ``has_memory [B]``
-bool, items/timestamps ``[B, W]`` int64 right-padded, ``lengths [B]`` int64.
+``triton_models/*/model.py``. Inputs: ``models.inputs.ModelInputs``.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import torch
 
 from persrec.models.checkpoint import Checkpoint, load_checkpoint
 from persrec.models.device import pick_device
+from persrec.models.inputs import ModelInputs
 
 
 class ModelRunner:
@@ -42,53 +42,41 @@ class ModelRunner:
     def _memory(self, memory: np.ndarray, has_memory: np.ndarray) -> torch.Tensor:
         """Rows without a memory get the new-user memory (``compress`` of nothing)."""
         mem = self._tensor(memory, torch.float32)
-        has = self._tensor(has_memory.reshape(-1), torch.bool)
+        has = self._tensor(has_memory, torch.bool)
         return torch.where(has[:, None, None, None, None, None], mem, self._empty)
 
-    def recommend(
-        self, memory: np.ndarray | None, has_memory: np.ndarray | None, items: np.ndarray,
-        lengths: np.ndarray, timestamps: np.ndarray | None, top_k: int, exclude_seen: bool = True,
-        request_ts: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def recommend(self, x: ModelInputs, top_k: int, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """-> top-k dense item ids ``[B, k]`` int64 and cosine scores ``[B, k]`` float32.
 
-        ``request_ts`` ``[B]``: when each row's recommendation is asked for (a ``request_time``
-        model reads it; default: the row's last item's time). A row that is a prefix of another
-        row (same memory, its items and times the first ones of the other's: a user's earlier
-        event of a burst) is answered from that row's pass (``shared_prefixes``), except under
-        a ``request_time`` model, whose query at an item is asked at the next item's time. The
+        ``x.request_ts``: when each row's recommendation is asked for (a ``request_time`` model
+        reads it; default: the row's last item's time). A row that is a prefix of another row
+        (same memory, its items and times the first ones of the other's: a user's earlier event
+        of a burst) is answered from that row's pass (``shared_prefixes``), except under a
+        ``request_time`` model, whose query at an item is asked at the next item's time. The
         remaining rows run in groups of similar length (``width_groups``), each trimmed to its
         own longest row: a batch is padded to its longest row and attention is quadratic in
         it."""
-        lengths = lengths.reshape(-1)
         k = min(top_k, self.cfg.num_items)
-        ids, scores = np.zeros((len(lengths), k), np.int64), np.zeros((len(lengths), k), np.float32)
+        ids, scores = np.zeros((len(x), k), np.int64), np.zeros((len(x), k), np.float32)
         if self.cfg.request_time:
-            carrier = np.arange(len(lengths))
+            carrier = np.arange(len(x))
         else:
-            carrier = shared_prefixes(items, lengths, timestamps, memory, has_memory)
-            request_ts = None
+            carrier = shared_prefixes(x.items, x.lengths, x.timestamps, x.memory, x.has_memory)
         carriers = np.unique(carrier)
-        for group in width_groups(lengths[carriers]):
+        for group in width_groups(x.lengths[carriers]):
             rows = carriers[group]
             queries = np.flatnonzero(np.isin(carrier, rows))
-            w = max(1, int(lengths[rows].max()))
-            pick = lambda a: None if a is None else a[rows]  # noqa: E731
             ids[queries], scores[queries] = self._recommend(
-                pick(memory), pick(has_memory), items[rows, :w], lengths[rows],
-                None if timestamps is None else timestamps[rows, :w],
-                np.searchsorted(rows, carrier[queries]), lengths[queries] - 1, k, exclude_seen,
-                None if request_ts is None else request_ts.reshape(-1)[rows])
+                x.take(rows), np.searchsorted(rows, carrier[queries]), x.lengths[queries] - 1, k, exclude_seen)
         return ids, scores
 
     @torch.inference_mode()
-    def _recommend(self, memory, has_memory, items, lengths, timestamps, rows, positions, k, exclude_seen,
-                   request_ts=None):
-        ids = self._tensor(items, torch.long)
-        lens = self._tensor(lengths.reshape(-1), torch.long)
-        ts = None if timestamps is None else self._tensor(timestamps, torch.long)
-        request = None if request_ts is None else self._tensor(request_ts, torch.long)
-        mem = self._memory(memory, has_memory) if self.cfg.has_memory else None
+    def _recommend(self, x: ModelInputs, rows, positions, k, exclude_seen):
+        ids = self._tensor(x.items, torch.long)
+        lens = self._tensor(x.lengths, torch.long)
+        ts = self._tensor(x.timestamps, torch.long)
+        request = None if x.request_ts is None or not self.cfg.request_time else self._tensor(x.request_ts, torch.long)
+        mem = self._memory(x.memory, x.has_memory) if self.cfg.has_memory else None
         rows, positions = self._tensor(rows, torch.long), self._tensor(positions, torch.long)
         vectors = self.model.recommend(mem, ids, lens, ts, at=(rows, positions), request_ts=request)
         scores = self.model.score(vectors, self._table)
@@ -98,31 +86,21 @@ class ModelRunner:
         top = torch.topk(scores, k, dim=1)
         return top.indices.cpu().numpy().astype(np.int64), top.values.float().cpu().numpy()
 
-    def fold(
-        self, memory: np.ndarray, has_memory: np.ndarray, items: np.ndarray, lengths: np.ndarray,
-        timestamps: np.ndarray | None,
-    ) -> np.ndarray:
+    def fold(self, x: ModelInputs) -> np.ndarray:
         """New memory ``[B, L, 2, M, H, Dh]`` float32 (``has_memory`` False = compress), rows
         grouped by length as in ``recommend``."""
-        lengths = lengths.reshape(-1)
-        out = np.zeros((len(lengths), *self.cfg.memory_shape), np.float32)
-        for rows in width_groups(lengths):
-            w = int(lengths[rows].max())
-            out[rows] = self._fold(memory[rows], has_memory.reshape(-1)[rows], items[rows, :w], lengths[rows],
-                                   None if timestamps is None else timestamps[rows, :w])
+        out = np.zeros((len(x), *self.cfg.memory_shape), np.float32)
+        for rows in width_groups(x.lengths):
+            out[rows] = self._fold(x.take(rows))
         return out
 
     @torch.inference_mode()
-    def _fold(self, memory, has_memory, items, lengths, timestamps) -> np.ndarray:
-        mem = self._tensor(memory, torch.float32)
-        has = self._tensor(has_memory.reshape(-1), torch.bool)
-        ts = None if timestamps is None else self._tensor(timestamps, torch.long)
-        out = self.model.fold(mem, has, self._tensor(items, torch.long), self._tensor(lengths.reshape(-1), torch.long), ts)
+    def _fold(self, x: ModelInputs) -> np.ndarray:
+        mem = self._tensor(x.memory, torch.float32)
+        has = self._tensor(x.has_memory, torch.bool)
+        out = self.model.fold(mem, has, self._tensor(x.items, torch.long), self._tensor(x.lengths, torch.long),
+                              self._tensor(x.timestamps, torch.long))
         return out.float().cpu().numpy()
-
-    def empty_memory(self) -> np.ndarray:
-        """``[L, 2, M, H, Dh]`` float32."""
-        return self._empty[0].float().cpu().numpy()
 
 
 def shared_prefixes(items: np.ndarray, lengths: np.ndarray, timestamps: np.ndarray | None = None,

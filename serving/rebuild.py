@@ -19,7 +19,9 @@ import numpy as np
 
 from persrec.memory import MemoryRecord, MemoryStore
 from persrec.models.checkpoint import Checkpoint
+from persrec.models.config import MemoryPolicy
 from persrec.models.data import IdMap
+from persrec.models.inputs import ModelInputs
 
 from .inference import ModelRunner
 
@@ -35,7 +37,7 @@ class RebuildReport:
 
 def rebuild_memories(store: MemoryStore, old: Checkpoint, new: ModelRunner, *, batch_size: int = 256,
                      storage_dtype: str = "float16") -> RebuildReport:
-    if new.cfg.policy.value != "recompress":
+    if new.cfg.policy is not MemoryPolicy.RECOMPRESS:
         raise ValueError("only RECOMPRESS memories can be rebuilt from stored history; replay events instead")
     old_map, new_map = IdMap.from_json(old.id_map_json), IdMap.from_json(new.checkpoint.id_map_json)
     history_len = new.cfg.max_len - new.cfg.recent_len
@@ -57,14 +59,8 @@ def rebuild_memories(store: MemoryStore, old: Checkpoint, new: ModelRunner, *, b
             ts = r.history_ts if r.history_ts is not None else np.zeros(len(r.history), np.int64)
             histories.append(new_map.encode(original)[-history_len:])
             times.append(ts[known][-history_len:])
-        width = max(1, max(len(h) for h in histories))
-        items = np.zeros((len(usable), width), np.int64)
-        stamps = np.zeros_like(items)
-        for i, (h, t) in enumerate(zip(histories, times)):
-            items[i, : len(h)], stamps[i, : len(t)] = h, t
-        lengths = np.array([len(h) for h in histories], np.int64)
         memory = np.zeros((len(usable), *new.cfg.memory_shape), np.float32)
-        tensors = new.fold(memory, np.zeros(len(usable), bool), items, lengths, stamps)
+        tensors = new.fold(ModelInputs.of_rows(histories, times, memory=memory, has_memory=np.zeros(len(usable), bool)))
         store.put_many([
             MemoryRecord(r.user_id, new.model_version, tensors[i], r.events_folded, r.watermark, histories[i],
                          history_ts=times[i] if r.history_ts is not None else None)

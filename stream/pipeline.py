@@ -11,7 +11,7 @@ Per event, in the agent, in partition order (``Pipeline.process``):
   4. window: the user's window is updated in the table's local store (a replayed event id
      changes nothing; ``delete_user`` erases the user);
   5. request: a recommendation request carrying a snapshot of the window (and the memory it was
-     trimmed against, ``Runtime.memory_for``) is queued.
+     trimmed against, ``Memories.for_request``) is queued.
 
 Per batch of requests, in the batcher (``Pipeline.handle_batch``):
 
@@ -55,7 +55,7 @@ from .events import Event, InvalidEvent, UserDeletion, parse_event
 from .offsets import BarrierScheduler, OffsetGuard, Rewinder
 from .poison import Failure, Health, isolate
 from .runtime import RecRequest, Runtime
-from persrec.serving.triton_client import TritonUnavailable
+from .triton import TritonUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -368,9 +368,9 @@ class Pipeline:
         while True:
             await asyncio.sleep(self.settings.fold_interval_s)
             try:
-                while rt.fold_pending:
-                    if not await rt.fold_once():
+                while rt.folds.pending:
+                    if not await rt.folds.once():
                         break
             except Exception:  # noqa: BLE001 - the users stay pending; the next pass retries
-                log.exception("fold failed; %d users pending", len(rt.fold_pending))
+                log.exception("fold failed; %d users pending", len(rt.folds.pending))
 

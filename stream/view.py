@@ -37,7 +37,7 @@ class WorkerView:
             "events_in": c.events_in, "recs_out": c.recs_out, "dlq": c.dlq,
             "duplicates": c.duplicates, "rerouted": c.rerouted, "cold_start": c.cold_start,
             "offset_rewinds": c.offset_rewinds,
-            "folds": c.folds, "fold_backlog": len(rt.fold_pending), "batches": c.batches,
+            "folds": c.folds, "fold_backlog": len(rt.folds.pending), "batches": c.batches,
             "seconds_model": round(c.seconds_model, 3), "seconds_publish": round(c.seconds_publish, 3),
             "latency": c.latency_quantiles(), "model_version": rt.manifest.model_version,
         }
@@ -47,7 +47,7 @@ class WorkerView:
         if rt is None:
             return None
         w = rt.read_window(user_id)
-        items, _ = rt.model_inputs(w, watermark)
+        items, _ = rt.reader.read(w, watermark)
         return WindowState(w.seq, w.seq - watermark, len(items), w.items[max(watermark - w.base, 0):])
 
     def last_recommendation(self, user_id: str) -> dict | None:

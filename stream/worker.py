@@ -7,18 +7,18 @@ import logging
 
 import faust
 
-from persrec.embedded.kafka import create_topics
 from persrec.memory import SqlMemoryStore, migrate
 from persrec.models.checkpoint import load_checkpoint
 from persrec.models.data import IdMap
-from persrec.serving.export import Manifest
-from persrec.serving.triton_client import TritonModels
 from persrec.settings import Settings
 
 from . import members
 from .faust_adapter import install_idle_fetch_backoff
+from .manifest import Manifest
 from .pipeline import Pipeline, create_app
 from .runtime import Runtime, StreamConfig
+from .topics import create_topics
+from .triton import TritonModels
 from .view import WorkerView
 
 log = logging.getLogger(__name__)
@@ -44,12 +44,12 @@ def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.Ap
     members.evict_dead(settings.kafka_bootstrap, settings.app_id, members.registry(settings.work_dir, settings.app_id))
     db_url = settings.resolved_database_url
     migrate(db_url)
-    cfg = StreamConfig(top_k=settings.top_k, storage_dtype=settings.storage_dtype)
+    cfg = StreamConfig(storage_dtype=settings.storage_dtype)
 
     async def make_runtime(read_window):
         store = SqlMemoryStore(db_url, storage_dtype=settings.storage_dtype)
         models = TritonModels(settings.triton_grpc_url, timeout_s=settings.triton_timeout_s, max_attempts=None,
-                              version=str(manifest.triton_version))
+                              version=str(manifest.triton_version), fold_model=manifest.fold_model)
         return Runtime(store, models, id_map, manifest, cfg, read_window)
 
     app = create_app(settings)
@@ -59,7 +59,7 @@ def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.Ap
         from persrec.serving.api import serve_in_worker
 
         serve_in_worker(app, settings, WorkerView(pipeline))
-    log.info("worker for model %s (%s policy), DB %s", manifest.model_version, manifest.policy, db_url)
+    log.info("worker for model %s (%s policy), DB %s", manifest.model_version, manifest.policy.value, db_url)
     return app, pipeline
 
 

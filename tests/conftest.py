@@ -15,7 +15,8 @@ from persrec.models.config import ModelConfig
 from persrec.models.data import IdMap, Interactions, build_sequences, data_dir, load_interactions
 from persrec.models.loss import build_model
 from persrec.embedded._proc import free_ports
-from persrec.serving.export import Manifest, export_repository
+from persrec.serving.export import export_repository
+from persrec.stream.manifest import Manifest
 from persrec.settings import Settings
 from persrec.stack import WorkerProcess
 
@@ -63,7 +64,7 @@ def served_model(tmp_path_factory) -> ServedModel:
 
 @pytest.fixture(scope="session")
 def triton(triton_factory, served_model):
-    return triton_factory(served_model.repository, ["recommend", "compress"])
+    return triton_factory(served_model.repository, ["recommend", "fold"])
 
 
 @pytest.fixture

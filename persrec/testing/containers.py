@@ -5,7 +5,7 @@
 
     def test_my_consumer(kafka_container, postgres_container, triton_container_factory,
                          worker_container_factory, model_repository):
-        triton = triton_container_factory(model_repository, ["recommend", "compress"])
+        triton = triton_container_factory(model_repository, ["recommend", "fold"])
         worker = worker_container_factory(Settings(
             kafka_bootstrap=kafka_container.bootstrap_servers, triton_grpc_url=triton.grpc_url,
             database_url=postgres_container.url, model_repository=model_repository))

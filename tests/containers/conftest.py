@@ -28,7 +28,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def served_triton(triton_container_factory, served_model):
     """The Triton image serving the test model (tests/conftest.py: served_model)."""
-    return triton_container_factory(served_model.repository, ["recommend", "compress"])
+    return triton_container_factory(served_model.repository, ["recommend", "fold"])
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ def test_triton_container_serves_the_exported_models(served_triton, served_model
         config = client.get_model_config("recommend")
     finally:
         client.close()
-    assert index == {"recommend": "READY", "compress": "READY"}
+    assert index == {"recommend": "READY", "fold": "READY"}
     assert (config["parameters"]["model_version"]["string_value"]
             == served_model.manifest.model_version)
 

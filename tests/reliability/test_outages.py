@@ -330,7 +330,7 @@ def own_broker(tmp_path) -> Iterator[EmbeddedKafka]:
 
 @pytest.fixture
 def own_triton(triton_factory, served_model) -> Iterator[EmbeddedTriton]:
-    server = triton_factory(served_model.repository, ["recommend", "compress"])
+    server = triton_factory(served_model.repository, ["recommend", "fold"])
     try:
         yield server
     finally:

@@ -79,7 +79,7 @@ def repository(tmp_path, served_model, triton_factory):
     """Model A as version 1 of a repository of its own, served by a Triton of its own."""
     repo = tmp_path / "model_repository"
     export_repository(served_model.checkpoint, repo, top_k=10, version=1)
-    server = triton_factory(repo, ["recommend", "compress"])
+    server = triton_factory(repo, ["recommend", "fold"])
     yield repo, server
     server.stop()
 
@@ -158,7 +158,7 @@ def test_rollout_while_events_flow(served_model, repository, rollout_settings, w
         # 1. model B as Triton version 2; Triton serves only version 2 from now on
         export_repository(ck_b, repo, top_k=10, version=2)
         server.load_model("recommend")
-        server.load_model("compress")
+        server.load_model("fold")
         loaded_b_at = time.time()
         time.sleep(3)  # the old worker keeps running a while: it must not get model B's answers
 

@@ -7,6 +7,7 @@ import torch
 
 from persrec.models.checkpoint import make_checkpoint
 from persrec.models.config import ModelConfig
+from persrec.models.inputs import ModelInputs
 from persrec.models.loss import build_model
 from persrec.serving.inference import ModelRunner, shared_prefixes, width_groups
 
@@ -19,13 +20,17 @@ def test_width_groups_cover_each_row_once_within_a_factor_two() -> None:
         assert lengths[g].max() <= max(16, 2 * max(lengths[g].min(), 1))
 
 
+def inputs(memory, has, items, lengths, ts, request_ts=None) -> ModelInputs:
+    return ModelInputs(items, ts, lengths, memory, has, request_ts)
+
+
 def assert_rows_as_alone(runner: ModelRunner, memory, has, items, lengths, ts) -> None:
     """Each row of the batch gets the answer it gets alone, without its own items."""
-    ids, scores = runner.recommend(memory, has, items, lengths, ts, top_k=5)
+    x = inputs(memory, has, items, lengths, ts)
+    ids, scores = runner.recommend(x, top_k=5)
     for i in range(len(lengths)):
-        one = lambda a: None if a is None else a[i:i + 1]  # noqa: E731
         w = lengths[i]
-        alone = runner.recommend(one(memory), one(has), items[i:i + 1, :w], lengths[i:i + 1], ts[i:i + 1, :w], 5)
+        alone = runner.recommend(x.take(np.array([i]), w), 5)
         assert np.array_equal(alone[0][0], ids[i]) and np.allclose(alone[1][0], scores[i], atol=1e-5)
         assert not set(ids[i]) & set(items[i, :w].tolist())
 
@@ -46,10 +51,10 @@ def test_mixed_lengths_match_rows_run_alone(memory_tokens: int) -> None:
         has = np.array([True, False, True, True, False, True])
     assert_rows_as_alone(runner, memory, has, items, lengths, ts)
     if memory_tokens:
-        folded = runner.fold(memory, has, items, lengths, ts)
+        x = inputs(memory, has, items, lengths, ts)
+        folded = runner.fold(x)
         for i in range(6):
-            w = lengths[i]
-            alone = runner.fold(memory[i:i + 1], has[i:i + 1], items[i:i + 1, :w], lengths[i:i + 1], ts[i:i + 1, :w])
+            alone = runner.fold(x.take(np.array([i])))
             assert np.allclose(alone[0], folded[i], atol=1e-5)
 
 
@@ -145,7 +150,7 @@ def test_request_time_rows_are_answered_each_on_its_own_at_its_request_time(memo
     if memory_tokens:
         memory = np.repeat(rng.standard_normal((1, *cfg.memory_shape)).astype(np.float32), 4, axis=0)
         has = np.ones(4, bool)
-    ids, scores = runner.recommend(memory, has, items, lengths, ts, 5, request_ts=request)
+    ids, scores = runner.recommend(inputs(memory, has, items, lengths, ts, request), 5)
     with torch.no_grad():
         for i, n in enumerate(lengths):
             mem = None if memory is None else torch.from_numpy(memory[i:i + 1])
@@ -157,5 +162,5 @@ def test_request_time_rows_are_answered_each_on_its_own_at_its_request_time(memo
             assert ids[i].tolist() == top.indices.tolist()
             assert np.allclose(scores[i], top.values.numpy(), atol=1e-5)
     # asked later, the same row gets another answer
-    later = runner.recommend(memory, has, items, lengths, ts, 5, request_ts=request + 30 * 86400)[1]
+    later = runner.recommend(inputs(memory, has, items, lengths, ts, request + 30 * 86400), 5)[1]
     assert not np.allclose(later, scores, atol=1e-6)

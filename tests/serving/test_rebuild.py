@@ -50,7 +50,8 @@ def test_incremental_memories_are_refused() -> None:
 
 
 def test_export_of_a_request_time_recompress_model_takes_request_times(tmp_path) -> None:
-    from persrec.serving.export import Manifest, export_repository
+    from persrec.serving.export import export_repository
+    from persrec.stream.manifest import Manifest
 
     cfg = ModelConfig(num_items=5, dim=8, head_dim=4, num_memory_tokens=2, recent_len=2, max_len=8,
                       time_bias=True, request_time=True)
@@ -58,4 +59,4 @@ def test_export_of_a_request_time_recompress_model_takes_request_times(tmp_path)
     manifest = export_repository(ck, tmp_path)
     assert manifest.request_time and Manifest.read(tmp_path).request_time
     assert 'name: "REQUEST_TS"' in (tmp_path / "recommend" / "config.pbtxt").read_text()
-    assert "REQUEST_TS" not in (tmp_path / "compress" / "config.pbtxt").read_text()
+    assert "REQUEST_TS" not in (tmp_path / "fold" / "config.pbtxt").read_text()

@@ -80,7 +80,7 @@ def test_ready_status_users_and_metrics(settings, kafka_bootstrap, topic_factory
 def test_readyz_is_not_ready_while_triton_serves_another_version(settings, kafka_bootstrap, triton, served_model,
                                                                    tmp_path) -> None:
     """Workers call their manifest's Triton version; the API's readiness asks for that one."""
-    from persrec.serving.export import MANIFEST
+    from persrec.stream.manifest import MANIFEST
 
     manifest = json.loads((served_model.repository / MANIFEST).read_text())
     newer = tmp_path / "newer_repository"

@@ -45,7 +45,7 @@ def poisoned_triton(triton_factory, served_model, tmp_path_factory):
     poison_item = collections.Counter(e["item_id"] for e in events).most_common(30)[-1][0]
     poison_id = int(served_model.id_map.encode([poison_item])[0])
     (repo / "recommend" / "1" / "model.py").write_text(POISONED_MODEL.replace("{poison}", str(poison_id)))
-    server = triton_factory(repo, ["recommend", "compress"])
+    server = triton_factory(repo, ["recommend", "fold"])
     yield server, repo, poison_item
     server.stop()
 

@@ -38,7 +38,7 @@ def timed_triton(request, triton_factory, served_model, tmp_path_factory):
     repo = tmp_path_factory.mktemp(f"timed_{request.param}")
     manifest = export_repository(ck, repo)
     assert manifest.request_time
-    server = triton_factory(repo, ["recommend", "compress"])
+    server = triton_factory(repo, ["recommend", "fold"])
     yield server, repo, manifest, ck
     server.stop()
 

@@ -66,13 +66,15 @@ def test_fold_after_the_memory_was_lost_continues_the_window_numbering() -> None
 def _runtime(has_memory: bool, window_len: int = 5, recent_len: int = 3, history_len: int = 2,
              items=("a",)):
     from persrec.models.data import IdMap
-    from persrec.serving.export import Manifest
-    from persrec.stream.runtime import CachedMemory, Runtime, StreamConfig
+    from persrec.stream.manifest import Manifest
+    from persrec.stream.memories import CachedMemory
+    from persrec.stream.runtime import Runtime, StreamConfig
 
     manifest = Manifest("v", 1, window_len=window_len, recent_len=recent_len, top_k=10,
                         memory_shape=(1, 2, 2, 1, 4), has_memory=has_memory, policy="recompress",
                         history_len=history_len)
     rt = Runtime(None, None, IdMap(list(items)), manifest, StreamConfig(), read_window=None)
+    rt.remember = rt.memories.remember
     return rt, CachedMemory
 
 
@@ -90,7 +92,7 @@ def test_window_of_a_memory_model_drops_what_the_cached_memory_folded():
     for k in range(12):
         w = rt.trimmed("u", win.append(w, f"e{k}", f"i{k}", k))
     assert len(w.items) == 12  # no memory yet: nothing folded, nothing dropped
-    rt._remember("u", CachedMemory(None, events_folded=8, watermark=8))
+    rt.remember("u", CachedMemory(None, events_folded=8, watermark=8))
     assert rt.trimmed("u", w).items == ["i8", "i9", "i10", "i11"]
 
 
@@ -115,25 +117,25 @@ def test_queued_request_reads_a_memory_without_its_future_events() -> None:
     w = fill(12)
     queued_before_load = RecRequest("u", w, "e12", 0.0, {}, 0.0)
     rt.request_queued(queued_before_load)  # no memory loaded yet: pins folds below seq 12
-    assert queued_before_load.memory is None and rt.oldest_in_flight("u") == 12
-    rt._remember("u", CachedMemory(None, events_folded=8, watermark=8))
-    assert rt.memory_for(queued_before_load, rt.cached("u")).watermark == 8
+    assert queued_before_load.memory is None and rt.memories.oldest_in_flight("u") == 12
+    rt.remember("u", CachedMemory(None, events_folded=8, watermark=8))
+    assert rt.memories.for_request(queued_before_load, rt.memories.get("u")).watermark == 8
     rt.request_done(queued_before_load)
-    assert rt.oldest_in_flight("u") is None
+    assert rt.memories.oldest_in_flight("u") is None
 
     r = RecRequest("u", rt.trimmed("u", w), "e12", 0.0, {}, 0.0)
     rt.request_queued(r)  # holds the memory its window was trimmed against: pins nothing
-    assert r.memory.watermark == 8 and rt.oldest_in_flight("u") is None
+    assert r.memory.watermark == 8 and rt.memories.oldest_in_flight("u") is None
     # Later events arrive and a fold passes the queued request's snapshot (seq 12).
-    rt._remember("u", CachedMemory(None, events_folded=20, watermark=20))
-    used = rt.memory_for(r, rt.cached("u"))
+    rt.remember("u", CachedMemory(None, events_folded=20, watermark=20))
+    used = rt.memories.for_request(r, rt.memories.get("u"))
     assert used.watermark == 8 and win.effective(r.window, used.watermark)[0] == ["i9", "i10", "i11", "i12"]
     later = RecRequest("u", rt.trimmed("u", fill(24)), "e24", 0.0, {}, 0.0)
     rt.request_queued(later)
-    assert rt.memory_for(later, rt.cached("u")).watermark == 20
+    assert rt.memories.for_request(later, rt.memories.get("u")).watermark == 20
     rt.request_done(r)
     rt.request_done(later)
-    assert rt.in_flight == {}
+    assert rt.memories.in_flight == {}
 
 
 def test_request_behind_a_memory_restored_ahead_of_its_window() -> None:
@@ -144,8 +146,8 @@ def test_request_behind_a_memory_restored_ahead_of_its_window() -> None:
     rt, CachedMemory = _runtime(has_memory=True)
     r = RecRequest("u", fill(12), "e12", 0.0, {}, 0.0)
     rt.request_queued(r)  # memory not loaded yet
-    rt._remember("u", CachedMemory(None, events_folded=20, watermark=20))  # loaded: ahead of seq 12
-    used = rt.memory_for(r, rt.cached("u"))
+    rt.remember("u", CachedMemory(None, events_folded=20, watermark=20))  # loaded: ahead of seq 12
+    used = rt.memories.for_request(r, rt.memories.get("u"))
     assert used.watermark == 20 and win.effective(r.window, used.watermark)[0] == []
 
 
@@ -171,7 +173,7 @@ def test_an_overflowing_burst_of_one_user_needs_one_model_row_per_start() -> Non
 
     rt, _ = _runtime(has_memory=True, window_len=6, recent_len=4, history_len=4,
                      items=[f"i{k}" for k in range(1, 41)])
-    inputs = [rt.model_inputs(fill(n), 0) for n in range(9, 41)]
+    inputs = [[a.tolist() for a in rt.reader.read(fill(n), 0)] for n in range(9, 41)]
     for n, (ids, _) in zip(range(9, 41), inputs):
         assert ids[-1] == n and 6 < len(ids) <= 8  # item "ik" has dense id k
     width = max(len(i) for i, _ in inputs)
@@ -183,10 +185,10 @@ def test_an_overflowing_burst_of_one_user_needs_one_model_row_per_start() -> Non
 
 
 def test_batch_inputs_equal_each_requests_own_model_inputs() -> None:
-    """``Runtime.batch_inputs`` maps a user's latest snapshot once and slices it for the user's
+    """``ItemReader.read_batch`` maps a user's latest snapshot once and slices it for the user's
     other requests. Whatever the batch holds (unknown items, snapshots trimmed to other
     watermarks, two memories of one user, a window replaced after an erasure, a memory ahead
-    of its window, overflowing windows), each request gets exactly its own ``model_inputs``."""
+    of its window, overflowing windows), each request gets exactly its own ``read``."""
     import random
 
     from persrec.stream.runtime import RecRequest
@@ -210,7 +212,8 @@ def test_batch_inputs_equal_each_requests_own_model_inputs() -> None:
                         snapshot = win.trim(w, rng.randint(0, w.seq)) if rng.random() < 0.3 else w
                         reqs.append(RecRequest(user, snapshot, f"{user}-{k}", 0.0, {}, 0.0))
                         used.append(rng.choice(memories))
-        got = rt.batch_inputs(reqs, used)
+        got = rt.reader.read_batch([r.window for r in reqs], [r.user_id for r in reqs],
+                                   [m.watermark for m in used], used)
         for r, m, (ids, ts) in zip(reqs, used, got):
-            want_ids, want_ts = rt.model_inputs(r.window, m.watermark)
-            assert (ids.tolist(), ts.tolist()) == (want_ids, want_ts), trial
+            want_ids, want_ts = rt.reader.read(r.window, m.watermark)
+            assert (ids.tolist(), ts.tolist()) == (want_ids.tolist(), want_ts.tolist()), trial

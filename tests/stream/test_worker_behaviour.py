@@ -65,7 +65,7 @@ def incremental_triton(triton_factory, served_model, tmp_path_factory):
     ck = make_checkpoint(build_model(cfg), served_model.id_map.to_json())
     repo = tmp_path_factory.mktemp("incremental_repository")
     manifest = export_repository(ck, repo)
-    return triton_factory(repo, ["recommend", "compress"]), repo, manifest
+    return triton_factory(repo, ["recommend", "fold"]), repo, manifest
 
 
 def test_incremental_policy_folds_every_event_once(served_model, worker_settings, start_worker,

@@ -11,7 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from persrec.serving.inference import runner_from_triton_args
-from persrec.serving.triton_batch import concat_rows, split_rows
+from persrec.serving.triton_batch import model_inputs, split_rows
 
 
 class TritonPythonModel:
@@ -25,14 +25,8 @@ class TritonPythonModel:
     def execute(self, requests):
         names = (["ITEMS", "TIMESTAMPS", "LENGTHS"] + (["MEMORY", "HAS_MEMORY"] if self.has_memory else [])
                  + (["REQUEST_TS"] if self.request_time else []))
-        arrays, sizes = concat_rows(
-            [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in names} for r in requests],
-            pad=("ITEMS", "TIMESTAMPS"),
-        )
-        ids, scores = self.runner.recommend(
-            arrays.get("MEMORY"), arrays.get("HAS_MEMORY"), arrays["ITEMS"], arrays["LENGTHS"],
-            arrays["TIMESTAMPS"], self.top_k, self.exclude_seen, arrays.get("REQUEST_TS"),
-        )
+        x, sizes = model_inputs([{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in names} for r in requests])
+        ids, scores = self.runner.recommend(x, self.top_k, self.exclude_seen)
         return [
             pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("TOP_IDS", i), pb_utils.Tensor("TOP_SCORES", s.astype(np.float32)),

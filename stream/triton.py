@@ -1,4 +1,5 @@
-"""Async gRPC client for the ``recommend`` and ``compress`` models, with timeouts and retries."""
+"""The worker's async gRPC client for the served models, ``recommend`` and ``fold``, with
+timeouts and retries. Inputs go as ``models.inputs.ModelInputs`` both ways."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
+
+from persrec.models.inputs import ModelInputs
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +51,26 @@ def _retryable(exc: InferenceServerException) -> bool:
 
 
 class TritonModels:
-    """``recommend`` / ``compress`` calls on numpy batches (shapes as in persrec.serving.inference).
+    """``recommend`` / ``fold`` calls on numpy batches (``ModelInputs``).
 
     Each call has a deadline (``timeout_s``); retryable failures back off exponentially (capped at
     ``max_backoff_s``) for at most ``max_attempts`` tries (None = until it succeeds: the worker
-    waits out a Triton restart instead of dropping events).
+    waits out a Triton restart instead of dropping events). ``fold_model``: the repository's
+    name of the fold model (``Manifest.fold_model``).
     """
 
     def __init__(self, url: str, *, timeout_s: float = 5.0, max_attempts: int | None = 3,
-                 max_backoff_s: float = 2.0, version: str = "") -> None:
+                 max_backoff_s: float = 2.0, version: str = "", fold_model: str = "fold") -> None:
         self.url = url
         # The Triton model version to call ("" = whatever the server serves). A worker pins the
         # version of its manifest, so that once a new version is loaded it is never answered by
         # a model other than the one its memories and messages name.
         self.version = version
+        self.fold_model = fold_model
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.max_backoff_s = max_backoff_s
         self._client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
-        self.healthy = True
 
     async def close(self) -> None:
         await self._client.close()
@@ -94,39 +98,34 @@ class TritonModels:
             try:
                 result = await self._client.infer(model, tensors, model_version=self.version, outputs=requested,
                                                   client_timeout=self.timeout_s)
-                self.healthy = True
                 return {o: result.as_numpy(o) for o in outputs}
             except InferenceServerException as exc:
                 if _rejected(exc):
                     raise TritonRejected(f"{model} at {self.url}: {exc}") from exc
                 if not _retryable(exc) or (self.max_attempts is not None and attempt >= self.max_attempts):
-                    self.healthy = False
                     raise TritonUnavailable(f"{model} at {self.url}: {exc}") from exc
-                self.healthy = False
                 delay = min(self.max_backoff_s, 0.05 * 2 ** min(attempt, 10)) * (0.5 + random.random() / 2)
                 log.warning("triton %s failed (%s); retry %d in %.2fs", model, exc.status(), attempt, delay)
                 await asyncio.sleep(delay)
 
-    async def recommend(self, items: np.ndarray, timestamps: np.ndarray, lengths: np.ndarray,
-                        memory: np.ndarray | None = None, has_memory: np.ndarray | None = None,
-                        request_ts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """-> TOP_IDS ``[B, k]`` int64 (dense ids), TOP_SCORES ``[B, k]`` float32.
-        ``request_ts`` ``[B]``: only for a request-time model (``Manifest.request_time``)."""
-        inputs = {"ITEMS": items.astype(np.int64), "TIMESTAMPS": timestamps.astype(np.int64),
-                  "LENGTHS": lengths.reshape(-1, 1).astype(np.int64)}
-        if memory is not None:
-            inputs |= {"MEMORY": memory.astype(np.float32), "HAS_MEMORY": has_memory.reshape(-1, 1).astype(bool)}
-        if request_ts is not None:
-            inputs["REQUEST_TS"] = request_ts.reshape(-1, 1).astype(np.int64)
-        out = await self._infer("recommend", inputs, ["TOP_IDS", "TOP_SCORES"])
+    async def recommend(self, x: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
+        """-> TOP_IDS ``[B, k]`` int64 (dense ids), TOP_SCORES ``[B, k]`` float32."""
+        out = await self._infer("recommend", tensors(x, memory=x.memory is not None, request=x.request_ts is not None),
+                                ["TOP_IDS", "TOP_SCORES"])
         return out["TOP_IDS"], out["TOP_SCORES"]
 
-    async def compress(self, memory: np.ndarray, has_memory: np.ndarray, items: np.ndarray,
-                       timestamps: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    async def fold(self, x: ModelInputs) -> np.ndarray:
         """-> NEW_MEMORY ``[B, L, 2, M, H, Dh]`` float32."""
-        out = await self._infer("compress", {
-            "MEMORY": memory.astype(np.float32), "HAS_MEMORY": has_memory.reshape(-1, 1).astype(bool),
-            "ITEMS": items.astype(np.int64), "TIMESTAMPS": timestamps.astype(np.int64),
-            "LENGTHS": lengths.reshape(-1, 1).astype(np.int64),
-        }, ["NEW_MEMORY"])
+        out = await self._infer(self.fold_model, tensors(x, memory=True, request=False), ["NEW_MEMORY"])
         return out["NEW_MEMORY"]
+
+
+def tensors(x: ModelInputs, *, memory: bool, request: bool) -> dict[str, np.ndarray]:
+    """The Triton inputs of ``x`` (names as in the exported configs, ``serving.export``)."""
+    out = {"ITEMS": x.items.astype(np.int64), "TIMESTAMPS": x.timestamps.astype(np.int64),
+           "LENGTHS": x.lengths.reshape(-1, 1).astype(np.int64)}
+    if memory:
+        out |= {"MEMORY": x.memory.astype(np.float32), "HAS_MEMORY": x.has_memory.reshape(-1, 1).astype(bool)}
+    if request:
+        out["REQUEST_TS"] = x.request_ts.reshape(-1, 1).astype(np.int64)
+    return out

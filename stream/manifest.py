@@ -1,0 +1,54 @@
+"""What a model repository serves (``manifest.json`` at its top): written by ``persrec export``,
+read by the worker and the status API."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from persrec.models.config import MemoryPolicy
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_version: str  # hash of config, id map and weights (persrec.models.checkpoint)
+    triton_version: int  # version directory number in the repository
+    window_len: int  # W: the most recent items a request sends (recent_len + segment_len - 1)
+    recent_len: int  # items that stay in the window after a fold
+    top_k: int
+    memory_shape: tuple[int, ...]
+    has_memory: bool
+    policy: MemoryPolicy
+    history_len: int  # RECOMPRESS: aged-out items kept and compressed (max_len - recent_len)
+    # the model asks its last query at the request's time: ``recommend`` takes REQUEST_TS
+    request_time: bool = False
+    # the fold cadence (the model's segment_len): a window folds whole segments of this length;
+    # 0 (a repository written before the field): window_len - recent_len, its fold interval then
+    segment_len: int = 0
+    # the Triton model that folds a segment into a memory; repositories written before it was
+    # named ``fold`` call it ``compress``
+    fold_model: str = "compress"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "policy", MemoryPolicy(self.policy))
+        object.__setattr__(self, "memory_shape", tuple(self.memory_shape))
+        if self.segment_len < 1:
+            object.__setattr__(self, "segment_len", max(self.window_len - self.recent_len, 1))
+
+    @property
+    def triton_models(self) -> list[str]:
+        """The repository's models: ``recommend``, and the fold model when there is a memory."""
+        return ["recommend"] + ([self.fold_model] if self.has_memory else [])
+
+    @classmethod
+    def read(cls, repository: Path) -> "Manifest":
+        """The manifest of ``repository``; fields added since a repository was written take
+        their defaults."""
+        return cls(**json.loads((Path(repository) / MANIFEST).read_text()))
+
+    def write(self, repository: Path) -> None:
+        d = asdict(self) | {"policy": self.policy.value}
+        (Path(repository) / MANIFEST).write_text(json.dumps(d, indent=2))
