@@ -275,23 +275,38 @@ def api() -> None:
 def rebuild_memories_cmd(
     old_checkpoint: Annotated[Path, typer.Argument(help="checkpoint of the model that wrote the memories")],
     repository: Annotated[Optional[Path], typer.Option(help="new model's repository (default: PERSREC_MODEL_REPOSITORY)")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="stop after this long; run again to resume")] = None,
 ) -> None:
-    """After a model change: recompress stored histories with the new model (RECOMPRESS policy).
-    Run it before starting workers on the new model."""
+    """After a model change, before starting workers on the new model: memories for the new
+    model. RECOMPRESS: each user's stored aged-out items recompressed. INCREMENTAL: each user's
+    events read again from PERSREC_TOPIC_INTERACTIONS and folded up to the old memory's
+    watermark. Resumable: users done already are skipped."""
+    from rich.progress import Progress
+
     from persrec.memory import SqlMemoryStore
     from persrec.models.checkpoint import load_checkpoint
-    from persrec.stream.manifest import Manifest
+    from persrec.models.config import MemoryPolicy
     from persrec.serving.inference import ModelRunner
-    from persrec.serving.rebuild import rebuild_memories
+    from persrec.serving.rebuild import rebuild_by_replay, rebuild_memories, replayed_histories
+    from persrec.stream.manifest import Manifest
 
     s = Settings()
     repo = repository or s.model_repository
     manifest = Manifest.read(repo)
     new = ModelRunner(repo / manifest.fold_model / str(manifest.triton_version) / "checkpoint.pt", s.device)
+    old = load_checkpoint(old_checkpoint)
     with SqlMemoryStore(s.resolved_database_url, storage_dtype=s.storage_dtype) as store:
-        report = rebuild_memories(store, load_checkpoint(old_checkpoint), new, storage_dtype=s.storage_dtype)
+        if new.cfg.policy is MemoryPolicy.RECOMPRESS:
+            report = rebuild_memories(store, old, new, storage_dtype=s.storage_dtype)
+        else:
+            console.print(f"reading every event of {s.topic_interactions} again...")
+            histories = replayed_histories(s.kafka_bootstrap, s.topic_interactions)
+            with Progress(console=console) as bar:
+                task = bar.add_task("folding", total=None)
+                report = rebuild_by_replay(store, old.model_version, new, histories, max_minutes=max_minutes,
+                                           progress=lambda done, skipped: bar.update(task, completed=done))
     console.print(f"rebuilt {report.rebuilt} memories for {new.model_version} in {report.seconds:.1f}s; "
-                  f"{report.skipped_no_history} without stored history (replay their events)")
+                  f"{report.skipped_no_history} skipped (no stored history / events no longer in the topic)")
 
 
 @app.command()
