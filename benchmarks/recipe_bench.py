@@ -83,8 +83,8 @@ def plan(name: str) -> list[Job]:
         # ML-1M's claim rows: ours vs official vs beyond, HSTU vs SASRec (run on an H200)
         "ml1m": (_jobs(["ml1m"], ["hstu"], ["ours", "official", FULL])
                  + _jobs(["ml1m"], ["sasrec"], ["official", FULL])),
-        # PerSRec against HSTU with the same recipe
-        "ml1m-persrec": _jobs(["ml1m"], ["hstu"] + PERSREC, ["best"]),
+        # PerSRec against HSTU with the same recipe, seed by seed (comparable rows at any time)
+        "ml1m-persrec": sorted(_jobs(["ml1m"], ["hstu"] + PERSREC, ["best"]), key=lambda j: j.seed),
         # INCREMENTAL trained as served: windows anywhere in a history, the memory carried in
         "ml1m-lifelong": _jobs(["ml1m"], ["persrec-incremental-k8"], ["best+history=lifelong"]),
         "ml1m-published": _jobs(["ml1m"], ["hstu"], ["official", "best"], ["published"]),
