@@ -176,7 +176,7 @@ def test_rollout_while_events_flow(served_model, repository, rollout_settings, w
             capture_output=True, text=True, timeout=600)
         rebuild_wall = time.monotonic() - t
         assert done.returncode == 0, done.stdout + done.stderr
-        report = re.search(r"rebuilt (\d+) memories for (\w+) in ([\d.]+)s; (\d+) without", done.stdout)
+        report = re.search(r"rebuilt (\d+) memories for (\w+) in ([\d.]+)s; (\d+) skipped", done.stdout)
         assert report, done.stdout
         rebuilt, rebuilt_for, rebuild_s, skipped = int(report[1]), report[2], float(report[3]), int(report[4])
         assert (rebuilt, rebuilt_for, skipped) == (len(old_rows), version_b, 0)
