@@ -242,12 +242,14 @@ class Pipeline:
                            sent: asyncio.Future) -> None:
         try:
             t0 = time.perf_counter()
-            batch, messages = await self.recommend(rt, batch)  # 6
+            answered, messages, failed = await self.recommend(rt, batch)  # 6
             t1 = time.perf_counter()
             if previous is not None:
                 await previous
-            await self.publish(batch, messages, sent)  # 7
-            self.windows.write({r.user_id.encode() for r in batch})  # 8
+            await self.publish(answered, messages, sent)  # 7
+            self.windows.write({r.user_id.encode() for r in batch})  # 8: the set-aside events' windows too
+            for r, exc in failed:
+                await self.dead_letter(rt, r, exc)
         finally:
             if not sent.done():
                 sent.set_result(None)
@@ -256,21 +258,21 @@ class Pipeline:
         c.seconds_publish += time.perf_counter() - t1
         c.batches += 1
         now = time.monotonic()
-        for r in batch:  # 9
+        for r in answered:  # 9
             c.latencies_ms.append((now - r.received) * 1000)
             await r.ack()
-        c.recs_out += len(batch)
+        c.recs_out += len(answered)
 
-    async def recommend(self, rt: Runtime, batch: list[RecRequest]) -> tuple[list[RecRequest], list[dict]]:
-        """6. The batch's messages; an event the model fails on alone is dead-lettered and left
-        out (``stream.poison``). Returns the requests answered and their messages."""
+    async def recommend(self, rt: Runtime, batch: list[RecRequest]):
+        """6. The requests answered, their messages, and the (request, exception) of each event
+        the model fails on alone (``stream.poison``), to be dead-lettered once its window is in
+        the changelog (step 8): it was applied to the window like any other."""
         messages, failed = await isolate(batch, rt.recommend_batch, failure_kind, self.health, what="recommending")
         for r in batch:  # their window snapshots are read: folds may pass them now
             rt.request_done(r)
-        for i, exc in failed:
-            await self.dead_letter(rt, batch[i], exc)
         gone = {i for i, _ in failed}
-        return [r for i, r in enumerate(batch) if i not in gone], [m for i, m in enumerate(messages) if i not in gone]
+        answered = [(r, m) for i, (r, m) in enumerate(zip(batch, messages)) if i not in gone]
+        return [r for r, _ in answered], [m for _, m in answered], [(batch[i], exc) for i, exc in failed]
 
     async def publish(self, batch: list[RecRequest], messages: list[dict], sent: asyncio.Future) -> None:
         """7. One message per request, straight to the producer (Faust's Topic.send adds a
@@ -289,7 +291,8 @@ class Pipeline:
         await self.retrying("publishing", len(batch), deliver)
 
     async def dead_letter(self, rt: Runtime, r: RecRequest, exc: BaseException) -> None:
-        """An event whose processing fails on its own: to the DLQ, then acknowledged."""
+        """An event whose processing fails on its own: to the DLQ, then acknowledged (its window,
+        which holds it, is already on its way to the changelog)."""
         headers = {"reason": b"processing_error", "detail": f"{type(exc).__name__}: {exc}".encode()[:500],
                    "source": json.dumps(r.source).encode()}
 

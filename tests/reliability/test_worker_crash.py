@@ -199,7 +199,10 @@ def test_kill_9_during_replay_loses_nothing(served_model, crash_settings, worker
     for b in bodies:
         user_id, seq = position[b["event_id"]]
         assert b["user_id"] == user_id == b["_key"], b
-        assert b["seq"] == seq if not b["duplicate"] else b["seq"] >= seq, (b, seq)
+        assert b["seq"] == seq if not b["duplicate"] else b["seq"] >= seq, (
+            f"event {b['event_id']} of user {user_id} (event {seq} of theirs) answered at seq {b['seq']}, "
+            f"duplicate {b['duplicate']}, memory_watermark {b['memory_watermark']}, partition {b['event']}; "
+            f"worker log {worker.log_path if hasattr(worker, 'log_path') else ''}")
     applied = collections.Counter(b["event_id"] for b in bodies if not b["duplicate"])
     # Re-applied: the window's changelog write was lost with the worker, so the redelivered
     # event was applied again at the same position (the seq check above holds).
