@@ -24,6 +24,7 @@ of 50 under both memory policies. Weights are not kept.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import multiprocessing as mp
@@ -35,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = RESULTS / "recipe_runs.jsonl"
 log = logging.getLogger("recipe_bench")
@@ -44,6 +47,7 @@ DATASETS = {
     "ml1m-ts": "ml-1m/ratings_subset_users1-2999.dat.gz",
     "mlsmall": "ml-latest-small/ratings.csv",
 }
+ITEM_TEXTS = {"ml1m": "ml-1m/movies.dat", "ml1m-ts": "ml-1m/movies.dat", "mlsmall": "ml-latest-small/movies.csv"}
 BASE = dict(dim=50, num_layers=2, num_heads=1, head_dim=50, max_len=200, dropout=0.2)
 MODELS: dict[str, dict[str, Any]] = {
     "hstu": {},
@@ -61,10 +65,13 @@ class Job:
     recipe: str  # a models.recipe expression: "official", "ours+negatives", "best" ...
     protocol: str  # heldout | published
     seed: int
+    items: str = "id"  # the item representation (models.items.ItemRepr)
+    split: str = "loo"  # loo | cold10 (10% of the items held out of training: models.coldstart)
 
     @property
     def key(self) -> str:
-        return f"{self.dataset}/{self.model}/{self.recipe}/{self.protocol}/s{self.seed}"
+        extra = "" if (self.items, self.split) == ("id", "loo") else f"/{self.items}/{self.split}"
+        return f"{self.dataset}/{self.model}/{self.recipe}/{self.protocol}/s{self.seed}{extra}"
 
 
 def _jobs(datasets, models, recipes, protocols=("heldout",), seeds=(1, 2, 3)) -> list[Job]:
@@ -94,12 +101,17 @@ def plan(name: str) -> list[Job]:
                           + _jobs([d], ["sasrec"], ["official"])
                           + _jobs([d], PERSREC, ["best"]))
            for d in ("mlsmall", "ml1m-ts")},
+        # the content tower (issue 21): items by id, text, or both; standard and cold-start splits
+        **{f"items-{d}": [Job(d, "hstu", "best", "heldout", s, items, split)
+                          for split in ("cold10", "loo") for items in ("id", "text", "id+text") for s in (1, 2, 3)
+                          if (items, split) != ("id", "loo")]
+           for d in ("mlsmall", "ml1m")},
         # smoke test: synthetic data, two epochs
         "quick": [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")],
     }
     if name == "cpu":  # this order on a 2-core machine: cheapest claims first
         return (plans["timed-mlsmall"] + plans["ml1m-persrec"] + plans["ml1m-lifelong"] + plans["timed-ml1m-ts"]
-                + plans["ml1m-published"] + plans["ml1m-screening"])
+                + plans["ml1m-published"] + plans["ml1m-screening"] + plans["items-mlsmall"] + plans["items-ml1m"])
     if name not in plans:
         raise SystemExit(f"unknown plan {name!r}; known: {sorted(plans) + ['cpu']}")
     return plans[name]
@@ -149,6 +161,15 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
         spec = spec | dict(recent_len=10, segment_len=10)
     has_ts = data.sequences.timestamps is not None
     overrides = base | spec | recipe.model_overrides(base["max_len"], has_ts)
+    text, cold = None, None
+    if job.items != "id":
+        text = item_text_embeddings(job.dataset, data)
+        overrides |= dict(item_repr=job.items, text_dim=text.shape[1])
+    if job.split == "cold10":
+        from persrec.models.coldstart import hold_out_items
+
+        split, cold = hold_out_items(data.split, data.id_map.num_items, 0.1, seed=job.seed)
+        data = dataclasses.replace(data, split=split)
     n_epochs = epochs or (2 if small else recipe.epochs)
     tcfg = recipe.train_config(seed=job.seed, epochs=n_epochs, patience=None, eval_every=1, test_every=n_epochs)
     rules = {name: SeenRule(**r) for name, r in RULES.items()}
@@ -159,7 +180,7 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
             print(f"  {job.key} epoch {r.epoch}: {time.monotonic() - t0:.0f}s{v}", flush=True)
 
     model, fit = experiment.train_on(data, overrides, tcfg, out_dir=None, device=device,
-                                     protocol=job.protocol, test_rules=rules, on_epoch=progress)
+                                     protocol=job.protocol, test_rules=rules, on_epoch=progress, text_embeddings=text)
     seconds = time.monotonic() - t0
     last = fit.history[-1].test
     selected = evaluate_rules(model, data.split.test, rules, device=device) if job.protocol == "heldout" else last
@@ -169,9 +190,18 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
 
         save_checkpoint(make_checkpoint(model, data.id_map.to_json(), {"job": job.key}), checkpoint_path(save_dir, job.key))
     round4 = lambda m: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}  # noqa: E731
+    by_target = {}
+    if cold is not None:  # test metrics on rows whose target was held out of training, and the rest
+        from persrec.models.metrics import metrics_from_ranks
+
+        is_cold = np.isin(data.split.test.target, cold)
+        by_target = {"cold": metrics_from_ranks(ranks[torch.from_numpy(is_cold)]),
+                     "warm": metrics_from_ranks(ranks[torch.from_numpy(~is_cold)]),
+                     "cold_rows": int(is_cold.sum())}
     return dict(
         key=job.key, dataset=job.dataset, model=job.model, recipe=job.recipe, protocol=job.protocol,
-        seed=job.seed, recipe_settings=recipe.to_dict(), config=model.cfg.to_dict(),
+        seed=job.seed, items=job.items, split=job.split, test_by_target=by_target,
+        recipe_settings=recipe.to_dict(), config=model.cfg.to_dict(),
         epochs=n_epochs, best_epoch=fit.best_epoch if job.protocol == "heldout" else n_epochs,
         train_seconds=round(seconds, 1),
         loss=[round(r.loss, 4) for r in fit.history],
@@ -185,6 +215,15 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
         code=os.environ.get("PERSREC_CODE_COMMIT", _commit()),
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
+
+
+def item_text_embeddings(dataset: str, data) -> "np.ndarray":
+    """The items' text embeddings ``[I, 384]`` (all-MiniLM-L6-v2, cached in runs/text-cache)."""
+    from persrec.models.data import data_dir
+    from persrec.models.text import MiniLMEncoder, encode_cached, item_texts, movielens_texts
+
+    texts = item_texts(data.id_map, movielens_texts(data_dir() / ITEM_TEXTS[dataset]))
+    return encode_cached(texts, MiniLMEncoder(), Path(__file__).resolve().parents[1] / "runs" / "text-cache")
 
 
 def _commit() -> str:

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .items import ItemRepr
+
 
 class Architecture(str, enum.Enum):
     """Backbone family."""
@@ -61,10 +63,17 @@ class ModelConfig:
     bias_init_std: float = 0.0  # relative position/time biases start at N(0, std) (official .02)
     attention_norm: int = 0  # attention divided by this constant; 0 = max_len (official 211)
     abs_positions: bool = False  # learned absolute position embedding from the row start
+    # items as vectors (models.items): learned id embeddings, projected text embeddings of
+    # text_dim numbers (a frozen sentence encoder's), or both summed
+    item_repr: ItemRepr = ItemRepr.ID
+    text_dim: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "architecture", Architecture(self.architecture))
         object.__setattr__(self, "policy", MemoryPolicy(self.policy))
+        object.__setattr__(self, "item_repr", ItemRepr(self.item_repr))
+        if self.item_repr.has_text and self.text_dim < 1:
+            raise ValueError(f"item_repr {self.item_repr.value!r} needs text_dim >= 1")
         if self.num_items < 1:
             raise ValueError(f"num_items must be >= 1, got {self.num_items}")
         if self.num_memory_tokens < 0:
@@ -108,6 +117,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["architecture"] = self.architecture.value
         d["policy"] = self.policy.value
+        d["item_repr"] = self.item_repr.value
         return d
 
     @classmethod

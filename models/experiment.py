@@ -59,16 +59,21 @@ def train_on(
     data: Dataset, model_overrides: dict[str, Any], train_cfg: TrainConfig, *,
     out_dir: Path | None, device: torch.device | str = "cpu", resume: Path | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None, protocol: Protocol = Protocol.HELDOUT,
-    test_rules: dict[str, SeenRule] | None = None,
+    test_rules: dict[str, SeenRule] | None = None, text_embeddings=None,
 ) -> tuple[torch.nn.Module, FitResult]:
     """Build the model of ``model_overrides`` and train it on ``data`` under ``protocol``. With
     ``train_cfg.test_every``, the test rows are evaluated along the way under ``test_rules``
-    (recorded in the history, never used to choose weights)."""
+    (recorded in the history, never used to choose weights). ``text_embeddings`` ``[I, E]``: the
+    items' text embeddings, for a model whose items are (partly) their text."""
     cfg = ModelConfig(num_items=data.id_map.num_items, **model_overrides)
     if resume is not None:  # the checkpoint's configuration wins
         cfg = load_checkpoint(resume).config
     torch.manual_seed(train_cfg.seed)
     model = build_model(cfg)
+    if cfg.item_repr.has_text:
+        if text_embeddings is None:
+            raise ValueError(f"item_repr {cfg.item_repr.value!r} needs the items' text embeddings")
+        model.item_emb.set_text(text_embeddings)
     train, valid = data.split.train, data.split.valid
     if Protocol(protocol) is Protocol.PUBLISHED:
         train, valid = all_but_test(data.sequences), None

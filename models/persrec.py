@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import Architecture, ModelConfig
 from .hstu import ItemScoring, HSTUStack, init_embedding_, input_scale, query_times
+from .items import item_tower
 from .layout import ITEM, PAD, TOKEN, LayoutBatch
 
 
@@ -29,10 +30,7 @@ class PerSRec(ItemScoring, nn.Module):
         if cfg.architecture is not Architecture.HSTU:
             raise ValueError("PerSRec needs the HSTU architecture")
         self.cfg = cfg
-        self.item_emb = nn.Embedding(cfg.num_items + 1, cfg.dim, padding_idx=0)
-        init_embedding_(self.item_emb.weight)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+        self.item_emb = item_tower(cfg.num_items, cfg.dim, cfg.item_repr, cfg.text_dim)
         self.tokens = None
         if cfg.has_memory:
             self.tokens = nn.Parameter(torch.empty(cfg.num_memory_tokens, cfg.dim))
@@ -80,7 +78,7 @@ class PerSRec(ItemScoring, nn.Module):
         if has_memory is None:
             has_memory = torch.ones(B, dtype=torch.bool, device=memory.device)
         pm = torch.arange(M, device=memory.device).expand(B, M)
-        return dict(prefix=memory.to(self.item_emb.weight.dtype),
+        return dict(prefix=memory.to(self.backbone.bias.pos_w.dtype),
                     prefix_kind=torch.where(has_memory[:, None], TOKEN, PAD).expand(B, M),
                     prefix_seg=torch.zeros_like(pm), prefix_pos=pm)
 
@@ -152,7 +150,7 @@ class PerSRec(ItemScoring, nn.Module):
 
     def empty_memory(self, batch_size: int = 1) -> torch.Tensor:
         """Memory of a user with no history yet: ``compress`` of an empty sequence."""
-        dev = self.item_emb.weight.device
+        dev = self.backbone.bias.pos_w.device
         items = torch.zeros(batch_size, 0, dtype=torch.long, device=dev)
         return self.compress(items, torch.zeros(batch_size, dtype=torch.long, device=dev))
 

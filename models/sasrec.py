@@ -9,6 +9,7 @@ from torch import nn
 
 from .config import Architecture, ModelConfig
 from .hstu import ItemScoring, init_embedding_, input_scale
+from .items import ItemRepr, item_tower
 from .layout import ITEM, LayoutBatch
 
 
@@ -36,12 +37,16 @@ class SASRec(ItemScoring, nn.Module):
         if cfg.architecture is not Architecture.SASREC:
             raise ValueError("SASRec needs architecture=sasrec")
         self.cfg = cfg
-        self.item_emb = nn.Embedding(cfg.num_items + 1, cfg.dim, padding_idx=0)
+        ids_only = cfg.item_repr is ItemRepr.ID  # initialised in the order of earlier releases
+        self.item_emb = (nn.Embedding(cfg.num_items + 1, cfg.dim, padding_idx=0) if ids_only
+                         else item_tower(cfg.num_items, cfg.dim, cfg.item_repr, cfg.text_dim))
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
-        init_embedding_(self.item_emb.weight)
+        if ids_only:
+            init_embedding_(self.item_emb.weight)
         init_embedding_(self.pos_emb.weight)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+        if ids_only:
+            with torch.no_grad():
+                self.item_emb.weight[0].zero_()
         self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)

@@ -1,0 +1,109 @@
+"""Items as vectors: a learned id embedding, a projection of the item's text embedding (the
+content tower of the paper's HLLM side, with a frozen sentence encoder), or both summed.
+
+An item the model was not trained on has no id embedding worth the name, but it has a text:
+with ``text`` or ``id+text`` it can be recommended (and read in a history) as soon as its text
+is encoded (``ItemTower.add_items``), without retraining.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class ItemRepr(str, enum.Enum):
+    ID = "id"  # a learned embedding per item id (cannot represent an item it never saw)
+    TEXT = "text"  # projection(text embedding): any item with a text
+    ID_TEXT = "id+text"  # both, summed; a new item's id part is zero
+
+    @property
+    def has_id(self) -> bool:
+        return self is not ItemRepr.TEXT
+
+    @property
+    def has_text(self) -> bool:
+        return self is not ItemRepr.ID
+
+
+class ItemTower(nn.Module):
+    """Item vectors ``[.., D]`` of item ids from a learned id table and/or a fixed table of text
+    embeddings ``[I+1, E]`` (a buffer: saved with the model, never trained) through a learned
+    projection. Row 0 is padding: zero in both tables, so its vector is zero.
+
+    Behaves like the ``nn.Embedding`` it replaces: ``tower(ids)`` and ``tower.weight`` (every
+    item's vector, ``[I+1, D]``)."""
+
+    def __init__(self, num_items: int, dim: int, repr_: ItemRepr, text_dim: int) -> None:
+        super().__init__()
+        self.repr = ItemRepr(repr_)
+        self.id_emb = nn.Embedding(num_items + 1, dim, padding_idx=0) if self.repr.has_id else None
+        self.proj = None
+        if self.repr.has_text:
+            if text_dim < 1:
+                raise ValueError(f"item representation {self.repr.value!r} needs text_dim >= 1")
+            self.register_buffer("text", torch.zeros(num_items + 1, text_dim))
+            self.proj = nn.Linear(text_dim, dim, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.id_emb(ids) if self.id_emb is not None else None
+        if self.proj is not None:
+            t = self.proj(self.text[ids])
+            x = t if x is None else x + t
+        return x
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Every item's vector ``[I+1, D]`` (row 0 zero)."""
+        if self.proj is None:
+            return self.id_emb.weight
+        t = self.proj(self.text)
+        return t if self.id_emb is None else self.id_emb.weight + t
+
+    @property
+    def num_items(self) -> int:
+        return (self.text if self.proj is not None else self.id_emb.weight).shape[0] - 1
+
+    def set_text(self, embeddings: np.ndarray | torch.Tensor) -> None:
+        """The text embeddings of items 1..I, ``[I, E]`` (row i-1 for item i)."""
+        emb = torch.as_tensor(np.asarray(embeddings, np.float32), device=self.text.device)
+        if emb.shape != (self.text.shape[0] - 1, self.text.shape[1]):
+            raise ValueError(f"expected text embeddings [{self.text.shape[0] - 1}, {self.text.shape[1]}], "
+                             f"got {list(emb.shape)}")
+        with torch.no_grad():
+            self.text[1:] = emb
+
+    @torch.no_grad()
+    def add_items(self, embeddings: np.ndarray | torch.Tensor) -> range:
+        """Append items (their text embeddings ``[n, E]``) after the last one; returns their new
+        dense ids. Their id embedding, if any, is zero: the model knows them by text alone."""
+        if self.proj is None:
+            raise ValueError("an id-only model cannot represent items it was not trained on")
+        emb = torch.as_tensor(np.asarray(embeddings, np.float32), device=self.text.device)
+        first = self.text.shape[0]
+        self.text = torch.cat([self.text, emb], 0)
+        if self.id_emb is not None:
+            grown = nn.Embedding(first + len(emb), self.id_emb.embedding_dim, padding_idx=0).to(self.text.device)
+            grown.weight.zero_()
+            grown.weight[:first] = self.id_emb.weight
+            self.id_emb = grown
+        return range(first, first + len(emb))
+
+
+def item_tower(num_items: int, dim: int, repr_: ItemRepr, text_dim: int = 0) -> nn.Module:
+    """A model's item table: a plain ``nn.Embedding`` for ids only (as checkpoints of earlier
+    releases hold it), else an ``ItemTower``. Id embeddings start at N(0, .02) truncated, row 0
+    zero."""
+    from .hstu import init_embedding_
+
+    repr_ = ItemRepr(repr_)
+    tower = nn.Embedding(num_items + 1, dim, padding_idx=0) if repr_ is ItemRepr.ID else ItemTower(num_items, dim, repr_, text_dim)
+    ids = tower if repr_ is ItemRepr.ID else tower.id_emb
+    if ids is not None:
+        init_embedding_(ids.weight)
+        with torch.no_grad():
+            ids.weight[0].zero_()
+    return tower

@@ -1,0 +1,119 @@
+"""Items as vectors from their text (models/items.py, models/text.py): the content tower."""
+
+import numpy as np
+import pytest
+import torch
+
+from persrec.models.config import ModelConfig
+from persrec.models.data import IdMap, data_dir
+from persrec.models.items import ItemRepr
+from persrec.models.layout import collate
+from persrec.models.loss import build_model
+from persrec.models.text import HashingEncoder, encode_cached, item_texts, movielens_texts
+
+from .test_persrec_exactness import TOL, pad
+
+
+def text_model(repr_: str, policy: str = "recompress", **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=30, dim=16, num_heads=2, head_dim=8, max_len=40, num_memory_tokens=3, recent_len=5,
+                      segment_len=4, policy=policy, dropout=0.0, item_repr=repr_, text_dim=12, **kw)
+    m = build_model(cfg).eval()
+    m.item_emb.set_text(HashingEncoder(12).encode([f"movie {i} genre {i % 4}" for i in range(1, 31)]))
+    return m
+
+
+def test_hashing_encoder_is_deterministic_and_normalised() -> None:
+    enc = HashingEncoder(32)
+    a = enc.encode(["Toy Story (1995) | Animation, Comedy", "Heat (1995) | Action"])
+    assert a.shape == (2, 32) and np.allclose(np.linalg.norm(a, axis=1), 1.0)
+    assert np.array_equal(a, HashingEncoder(32).encode(["Toy Story (1995) | Animation, Comedy", "Heat (1995) | Action"]))
+    assert not np.allclose(a[0], a[1])
+
+
+def test_encodings_are_cached_by_text(tmp_path) -> None:
+    calls = []
+
+    class Counting(HashingEncoder):
+        def encode(self, texts):
+            calls.append(list(texts))
+            return super().encode(texts)
+
+    enc = Counting(8)
+    first = encode_cached(["a b", "c", "a b"], enc, tmp_path)
+    again = encode_cached(["c", "d"], enc, tmp_path)
+    assert [sorted(c) for c in calls] == [["a b", "c"], ["d"]]  # each distinct text once, ever
+    assert np.array_equal(first[1], again[0]) and np.array_equal(first[0], first[2])
+
+
+@pytest.mark.parametrize("repr_", ["text", "id+text"])
+def test_item_vectors_of_the_text_representations(repr_: str) -> None:
+    m = text_model(repr_)
+    table = m.item_vectors()
+    assert table.shape == (31, 16) and torch.all(table[0] == 0)  # padding
+    assert torch.allclose(m.item_emb(torch.tensor([3])), m.item_emb.weight[3:4])
+    if repr_ == "text":  # nothing learned per id: equal texts give equal vectors
+        m.item_emb.text[5] = m.item_emb.text[6]
+        assert torch.allclose(m.item_vectors()[5], m.item_vectors()[6])
+
+
+@pytest.mark.parametrize("repr_", ["text", "id+text"])
+@pytest.mark.parametrize("policy", ["recompress", "incremental"])
+@torch.no_grad()
+def test_the_memory_path_is_exact_with_text_items(repr_: str, policy: str) -> None:
+    m = text_model(repr_, policy)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 31, size=n) for n in (23, 7, 14)]
+    batch = collate(seqs, m.cfg)
+    want = m(batch)[torch.arange(3), batch.last]
+    from persrec.models.lifelong import lifelong_vectors
+
+    assert (lifelong_vectors(m, seqs, None, None) - want).abs().max().item() <= TOL if policy == "incremental" else True
+    if policy == "recompress":
+        R = m.cfg.recent_len
+        mem = m.compress(*pad([s[:-R] for s in seqs]))
+        got = m.recommend(mem, *pad([s[-R:] for s in seqs]))
+        assert (got - want).abs().max().item() <= TOL
+
+
+@torch.no_grad()
+def test_a_new_item_is_recommendable_from_its_text_alone() -> None:
+    m = text_model("id+text")
+    emb = HashingEncoder(12).encode(["movie 7 genre 3"])  # a new item, worded like item 7
+    (new,) = m.item_emb.add_items(emb)
+    assert new == 31 and m.item_vectors().shape == (32, 16)
+    assert torch.all(m.item_emb.id_emb.weight[31] == 0)  # no id part for a new item
+    scores = m.score(m.recommend(m.empty_memory(1), torch.tensor([[7, 7, 7]]), torch.tensor([3])))
+    assert torch.isfinite(scores[0, 31])
+    from persrec.models.items import ItemTower
+
+    with pytest.raises(ValueError, match="id-only"):
+        ItemTower(5, 4, ItemRepr.ID, 0).add_items(emb)
+
+
+def test_movielens_texts_from_the_official_files() -> None:
+    ml1m = data_dir() / "ml-1m" / "movies.dat"
+    small = data_dir() / "ml-latest-small" / "movies.csv"
+    if not (ml1m.is_file() and small.is_file()):
+        pytest.skip("MovieLens movies files not in the data dir")
+    a, b = movielens_texts(ml1m), movielens_texts(small)
+    assert a["1"] == "Toy Story (1995) | Animation, Children's, Comedy"
+    assert len(a) == 3883 and len(b) == 9742
+    assert b["1"].startswith("Toy Story (1995) | Adventure, Animation")
+    assert item_texts(IdMap(["1", "unknown"]), a) == [a["1"], "unknown"]
+
+
+def test_held_out_items_never_reach_training() -> None:
+    from persrec.models.coldstart import hold_out_items
+    from persrec.models.data import SequenceData, leave_one_out
+
+    rng = np.random.default_rng(1)
+    seqs = SequenceData([str(u) for u in range(50)], [rng.integers(1, 101, size=30) for _ in range(50)],
+                        [np.arange(30) for _ in range(50)])
+    split = leave_one_out(seqs)
+    cold_split, cold = hold_out_items(split, 100, 0.1, seed=3)
+    assert len(cold) == 10 and np.array_equal(cold, hold_out_items(split, 100, 0.1, seed=3)[1])
+    for s, t, orig in zip(cold_split.train.items, cold_split.train.timestamps, split.train.items):
+        assert not np.isin(s, cold).any()
+        assert np.array_equal(s, orig[~np.isin(orig, cold)]) and len(t) == len(s)
+    assert cold_split.test is split.test and cold_split.valid is split.valid
