@@ -10,6 +10,12 @@ Two kinds of failure are told apart (``classify``):
   that still fails is set aside only if processing is known to work: something succeeded since
   this batch first failed (another half, another batch). If nothing has (a broken model fails
   every event), it is waited on like an outage instead of dead-lettering the whole stream.
+
+A lone event is tried once more **alone** before it is set aside: under a lock shared by every
+partition (``Health.alone``), so no other suspect runs at the same time. Triton's dynamic
+batcher merges concurrent requests into one ``execute``, and a python-backend model that raises
+fails every request of that call, so an innocent event retried in step with a poison event of
+another partition fails with it. Retry delays are jittered for the same reason.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -36,6 +43,7 @@ class Health:
 
     def __init__(self) -> None:
         self.last_success = 0.0
+        self.alone = asyncio.Lock()  # a suspect event's last tries run one at a time
 
     def succeeded(self) -> None:
         self.last_success = time.monotonic()
@@ -65,7 +73,7 @@ async def isolate(
                     if errors >= attempts:
                         raise
                 log.warning("%s of %d failed (%s: %s); retrying in %.1fs", what, len(part), type(exc).__name__, exc, wait)
-                await asyncio.sleep(wait)
+                await asyncio.sleep(wait * random.uniform(0.5, 1.5))
                 wait = min(wait * 2, max_delay)
 
     async def solve(part: Sequence[T], offset: int) -> tuple[list[Any], list[tuple[int, BaseException]]]:
@@ -78,6 +86,11 @@ async def isolate(
                     (a, fa), (b, fb) = await solve(part[:mid], offset), await solve(part[mid:], offset + mid)
                     return a + b, fa + fb
                 if health.last_success > first_error[0]:
+                    async with health.alone:  # the verdict, with no other suspect in Triton's batch
+                        try:
+                            return await attempt(part), []
+                        except Exception as again:  # noqa: BLE001 - an ERROR on its own
+                            exc = again
                     log.error("%s fails on item %d alone (%s: %s); setting it aside", what, offset, type(exc).__name__, exc)
                     return [None], [(offset, exc)]
                 log.error("%s fails on everything since %.0fs ago (%s: %s); waiting for it to work again",

@@ -93,3 +93,40 @@ def test_a_transient_error_is_retried_before_bisecting(attempts: int) -> None:
 
     results, failed = run(isolate([1, 2, 3, 4], model, classify, Health(), attempts=attempts, delay=0.001))
     assert failed == [] and results == [1, 2, 3, 4] and state["calls"] == attempts
+
+
+def test_an_event_batched_with_another_partitions_poison_event_is_not_set_aside() -> None:
+    """Triton's dynamic batcher runs concurrent requests in one ``execute``; a model that raises
+    fails them all. Two partitions each isolate one suspect at the same moment, one poison and one
+    innocent: only the poison event may be set aside (the verdict is tried alone)."""
+    health = Health()
+    pending: list[tuple[list, asyncio.Future]] = []
+
+    async def batched_model(part):  # requests within 5 ms share one execute call
+        future = asyncio.get_running_loop().create_future()
+        pending.append((list(part), future))
+        if len(pending) == 1:
+            await asyncio.sleep(0.005)
+            calls, pending[:] = list(pending), []
+            poisoned = any("poison" in p for p, _ in calls)
+            for p, f in calls:
+                f.set_exception(ValueError("bad input")) if poisoned else f.set_result(list(p))
+        return await future
+
+    async def others_succeed():  # the rest of the stream is being answered meanwhile
+        while True:
+            health.succeeded()
+            await asyncio.sleep(0.001)
+
+    async def both():
+        background = asyncio.create_task(others_succeed())
+        try:
+            return await asyncio.gather(
+                isolate(["poison"], batched_model, classify, health, attempts=3, delay=0.01, max_delay=0.02),
+                isolate(["fine"], batched_model, classify, health, attempts=3, delay=0.01, max_delay=0.02))
+        finally:
+            background.cancel()
+
+    (poison_results, poison_failed), (fine_results, fine_failed) = run(both())
+    assert poison_results == [None] and [i for i, _ in poison_failed] == [0]
+    assert fine_results == ["fine"] and fine_failed == []
