@@ -17,13 +17,15 @@ FLOPs are analytic (``models/flops.py``: matrix products, causal pairs only); ti
 State per user: raw ids as int32, keys/values and memories as float16.
 
 ``accuracy`` (trained weights from ``recipe_bench.py``, kept in ``runs/recipe_bench``): test
-NDCG@10/HR@10 on ML-1M overall and by history length (< 200, 200-499, >= 500 events), 3 seeds,
+NDCG@10/HR@10 on ML-1M or ml-latest-small (``--dataset``; the latter with its time bias) overall
+and by history length (< 200, 200-499, >= 500 events), 3 seeds,
 for HSTU over the last 200 / the whole history / the last 50, PerSRec INCREMENTAL folded over
 the entire history, and PerSRec RECOMPRESS with 150 and 1,000 aged-out items; paired bootstrap
 intervals against HSTU over the last 200.
 
     .venv/bin/python benchmarks/lifelong_bench.py cost --threads 1          # -> results/lifelong_cost.{json,md,png}
     .venv/bin/python benchmarks/lifelong_bench.py accuracy --threads 2      # -> results/lifelong_ml1m.{json,md,png}
+    .venv/bin/python benchmarks/lifelong_bench.py accuracy --dataset mlsmall  # -> results/lifelong_mlsmall.{json,md,png}
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from persrec.testing.machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "recipe_bench"
+DATASETS = {"ml1m": "ml-1m/ml-1m_sequences_original_ids.txt.gz", "mlsmall": "ml-latest-small/ratings.csv"}
 LENGTHS = (50, 100, 200, 400, 800, 1600, 2400, 2698)
 ID_BYTES, HALF = 4, 2
 BUDGET = 1000  # RECOMPRESS's longer history budget
@@ -172,22 +175,22 @@ BUCKETS = ((0, 200, "< 200"), (200, 500, "200-499"), (500, 10**9, ">= 500"))
 
 
 @torch.no_grad()
-def whole_history_vectors(model, histories, device, max_tokens: int = 400_000) -> torch.Tensor:
+def whole_history_vectors(model, histories, times, request_ts, device, max_tokens: int = 400_000) -> torch.Tensor:
     """A model without memory tokens over each user's entire history in one pass (batches of
-    similar length, at most ``max_tokens`` attention pairs per batch)."""
-    from persrec.models.layout import collate
+    similar length, at most ``max_tokens`` attention pairs per batch); ``times``/``request_ts``
+    as ``evaluate.user_vectors`` takes them (None without timestamps)."""
+    from persrec.models.evaluate import user_vectors
 
     out = torch.empty(len(histories), model.cfg.dim)
-    order = np.argsort([len(h) for h in histories], kind="stable")
+    order = np.argsort([-len(h) for h in histories], kind="stable")  # longest first: sizes the batch
     start = 0
     while start < len(order):
         n = len(histories[order[start]])
-        size = max(1, max_tokens // max(n * n, 1))
-        idx = order[start : start + size]
-        batch = collate([histories[u] for u in idx], model.cfg).to(device)
-        h = model(batch)
-        out[torch.from_numpy(idx)] = h[torch.arange(len(idx)), batch.last].cpu()
-        start += size
+        idx = order[start : start + max(1, max_tokens // max(n * n, 1))]
+        out[torch.from_numpy(idx)] = user_vectors(
+            model, [histories[u] for u in idx], None if times is None else [times[u] for u in idx], device,
+            None if request_ts is None else request_ts[idx], whole=True).cpu()
+        start += len(idx)
     return out
 
 
@@ -196,8 +199,9 @@ def accuracy(args) -> dict:
     from persrec.models.evaluate import Evaluator, SeenRule
     from persrec.models.metrics import metrics_from_ranks, ndcg_at, paired_ratio_interval, rank_of_target
 
-    data = experiment.load_dataset(data_dir() / "ml-1m" / "ml-1m_sequences_original_ids.txt.gz")
+    data = experiment.load_dataset(data_dir() / DATASETS[args.dataset])
     rows_ = data.split.test
+    times, request = rows_.history_ts, rows_.target_ts
     lengths = np.array([len(h) for h in rows_.history])
     exclude = pad_ids(rows_.history)
     targets = torch.as_tensor(rows_.target)
@@ -208,7 +212,7 @@ def accuracy(args) -> dict:
         per_row.setdefault(name, []).append(rank_of_target(scores, targets, exclude, exclude_target=True))
 
     for seed in args.seeds:
-        ck = lambda model, recipe: load_checkpoint(RUNS / f"ml1m__{model}__{recipe}__heldout__s{seed}.pt")  # noqa: E731
+        ck = lambda model, recipe: load_checkpoint(RUNS / f"{args.dataset}__{model}__{recipe}__heldout__s{seed}.pt")  # noqa: E731
         found = {}
         for label, (model_name, recipe) in {
             "hstu": ("hstu", "best"), "incremental": ("persrec-incremental-k8", "best"),
@@ -223,17 +227,18 @@ def accuracy(args) -> dict:
             m = found["hstu"]
             for name, window in (("HSTU, last 200", 200), ("HSTU, last 50", 50)):
                 cut = [h[-window:] for h in rows_.history]
-                add(name, whole_history_vectors(m, cut, "cpu"), m)
-            add("HSTU, whole history", whole_history_vectors(m, rows_.history, "cpu"), m)
+                cut_times = None if times is None else [t[-window:] for t in times]
+                add(name, whole_history_vectors(m, cut, cut_times, request, "cpu"), m)
+            add("HSTU, whole history", whole_history_vectors(m, rows_.history, times, request, "cpu"), m)
         for label, name in (("incremental", "PerSRec INCREMENTAL, whole history"),
                             ("incremental-lifelong", "PerSRec INCREMENTAL trained as served, whole history")):
             if label in found:
-                add(name, lifelong_vectors(found[label], rows_.history, None, None), found[label])
+                add(name, lifelong_vectors(found[label], rows_.history, times, request), found[label])
         if "recompress" in found:
             m = found["recompress"]
-            add("PerSRec RECOMPRESS, last 150 aged out", lifelong_vectors(m, rows_.history, None, None), m)
+            add("PerSRec RECOMPRESS, last 150 aged out", lifelong_vectors(m, rows_.history, times, request), m)
             add(f"PerSRec RECOMPRESS, last {BUDGET:,} aged out",
-                lifelong_vectors(m, rows_.history, None, None, recompress_budget=BUDGET), m)
+                lifelong_vectors(m, rows_.history, times, request, recompress_budget=BUDGET), m)
         print(f"seed {seed}: {sorted(per_row)}", flush=True)
     base = per_row.get("HSTU, last 200")
     table = []
@@ -251,9 +256,9 @@ def accuracy(args) -> dict:
                 b = torch.stack([ndcg_at(r[sel], 10) for r in base]).mean(0)
                 entry[f"{label}/vs_hstu200"] = paired_ratio_interval(a, b) if float(b.mean()) > 0 else None
         table.append(entry)
-    return dict(mode="accuracy", rows=table, seeds=list(args.seeds),
+    return dict(mode="accuracy", dataset=args.dataset, rows=table, seeds=list(args.seeds),
                 machine=dict(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__),
-                command=f"benchmarks/lifelong_bench.py accuracy --seeds {' '.join(map(str, args.seeds))}")
+                command=f"benchmarks/lifelong_bench.py accuracy --dataset {args.dataset} --seeds {' '.join(map(str, args.seeds))}")
 
 
 def accuracy_report(res: dict, out: Path) -> None:
@@ -266,7 +271,27 @@ def accuracy_report(res: dict, out: Path) -> None:
         cells = [fmt(e[f"{label}/ndcg@10"]) for label in ("all",) + tuple(b[2] for b in BUCKETS)]
         lines.append(f"| {e['row']} | {e['seeds']} | " + " | ".join(cells) + " | "
                      + ("-" if not ratio else f"{ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}]") + " |")
-    (out / "lifelong_ml1m.md").write_text("\n".join(lines) + "\n")
+    (out / f"lifelong_{res['dataset']}.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [b[2] for b in BUCKETS]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(res["rows"])
+    for i, e in enumerate(res["rows"]):
+        means = [e[f"{b}/ndcg@10"]["mean"] for b in labels]
+        sds = [e[f"{b}/ndcg@10"]["sd"] or 0.0 for b in labels]
+        ax.bar(np.arange(len(labels)) + i * width, means, width, yerr=sds, capsize=2, label=e["row"])
+    ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2,
+                  [f"{b} events\n({res['rows'][0][b + '/users']:,} users)" for b in labels])
+    ax.set_ylabel("test NDCG@10 (mean ± sd over seeds)")
+    ax.set_title(f"{res['dataset']}: NDCG@10 by history length")
+    ax.legend(fontsize=7)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / f"lifelong_{res['dataset']}.png", dpi=110)
     print("\n".join(lines))
 
 
@@ -277,6 +302,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=8, help="cost: users timed per length (at most)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--dataset", choices=sorted(DATASETS), default="ml1m", help="accuracy: whose trained weights")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -287,7 +313,7 @@ def main() -> None:
         cost_report(res, args.out)
     else:
         res = accuracy(args)
-        (args.out / "lifelong_ml1m.json").write_text(json.dumps(res, indent=1))
+        (args.out / f"lifelong_{args.dataset}.json").write_text(json.dumps(res, indent=1))
         accuracy_report(res, args.out)
 
 

@@ -54,10 +54,10 @@ def pad_ids(rows: list[np.ndarray], device: torch.device | str = "cpu") -> torch
     return torch.from_numpy(out).to(device)
 
 
-def _batch_inputs(model_cfg, histories, timestamps, request_ts):
-    """``collate`` of each history's last ``max_len`` items (with the query times of a
-    ``request_time`` model: the next item's, then ``request_ts``)."""
-    max_len = model_cfg.max_len
+def _batch_inputs(model_cfg, histories, timestamps, request_ts, max_len: int | None = None):
+    """``collate`` of each history's last ``max_len`` items (default the model's; with the query
+    times of a ``request_time`` model: the next item's, then ``request_ts``)."""
+    max_len = max_len or model_cfg.max_len
     inputs = [h[-max_len:] for h in histories]
     ts = qts = None
     if timestamps is not None:
@@ -70,12 +70,14 @@ def _batch_inputs(model_cfg, histories, timestamps, request_ts):
 @torch.no_grad()
 def user_vectors(
     model: nn.Module, histories: list[np.ndarray], timestamps: list[np.ndarray] | None,
-    device: torch.device | str, request_ts: np.ndarray | None = None,
+    device: torch.device | str, request_ts: np.ndarray | None = None, *, whole: bool = False,
 ) -> torch.Tensor:
-    """Full-pass user vectors ``[B, D]`` from each history's last ``max_len`` items.
+    """Full-pass user vectors ``[B, D]`` from each history's last ``max_len`` items (``whole``:
+    every item, relative distances beyond ``max_len`` clamped as in training).
     ``request_ts`` ``[B]``: when each recommendation is asked for (the target's time in
     leave-one-out), which the last query of a ``request_time`` model is asked at."""
-    batch = _batch_inputs(model.cfg, histories, timestamps, request_ts).to(device)
+    cut = max(len(h) for h in histories) if whole else None
+    batch = _batch_inputs(model.cfg, histories, timestamps, request_ts, cut).to(device)
     hidden = model(batch)
     return hidden[torch.arange(len(histories), device=hidden.device), batch.last]
 

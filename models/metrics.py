@@ -87,13 +87,16 @@ def paired_ratio_interval(
 ) -> tuple[float, float, float]:
     """mean(a) / mean(b) of per-user values ``[R]`` of two models on the same users, with a
     ``level`` percentile bootstrap interval (users resampled with replacement, the same draw for
-    both models): the evaluation's own noise, not the training seed's."""
+    both models): the evaluation's own noise, not the training seed's. A resample in which both
+    means are 0 (possible in a small bucket of users) says nothing and is left out; where only
+    b's is 0 often enough, the upper bound is inf. The bounds are order statistics."""
     if a.shape != b.shape or a.dim() != 1 or a.numel() == 0:
         raise ValueError("a and b must be per-user values of the same users")
     gen = torch.Generator().manual_seed(seed)
     draws = torch.randint(0, a.numel(), (resamples, a.numel()), generator=gen)
     ratios = a[draws].mean(dim=1) / b[draws].mean(dim=1)
-    lo, hi = torch.quantile(ratios, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=ratios.dtype))
+    lo = torch.nanquantile(ratios, (1 - level) / 2, interpolation="lower")
+    hi = torch.nanquantile(ratios, (1 + level) / 2, interpolation="higher")  # inf: b's mean was 0 too often
     return float(a.mean() / b.mean()), float(lo), float(hi)
 
 

@@ -129,3 +129,27 @@ def test_a_key_value_cache_answers_like_the_whole_history() -> None:
         for r, u in enumerate(live):
             full = model.recommend(None, torch.from_numpy(seqs[u][: step + 1])[None], torch.tensor([step + 1]))
             assert (vec[r] - full[0]).abs().max().item() <= TOL, (u, step)
+
+
+@torch.no_grad()
+def test_whole_history_user_vectors_read_every_item_in_one_pass() -> None:
+    """``user_vectors(whole=True)`` (the bench's "HSTU, whole history" row): a history longer
+    than ``max_len`` is read entirely, batched or alone, with the request time asked last."""
+    from persrec.models.evaluate import user_vectors
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=90, dim=16, num_layers=2, num_heads=2, head_dim=8, max_len=22, dropout=0.0,
+                      time_bias=True, request_time=True, num_time_buckets=129, bias_init_std=0.5)
+    model = PerSRec(cfg).eval()  # no memory tokens: HSTU
+    rng = np.random.default_rng(3)
+    seqs, ts = users(rng, [60, 7, 35])
+    request = np.array([t[-1] + 45 for t in ts])
+    together = user_vectors(model, seqs, ts, "cpu", request, whole=True)
+    for i in range(len(seqs)):
+        alone = user_vectors(model, seqs[i:i + 1], ts[i:i + 1], "cpu", request[i:i + 1], whole=True)
+        assert (together[i] - alone[0]).abs().max().item() <= TOL
+    changed = [s.copy() for s in seqs]
+    changed[0][0] = 1 + changed[0][0] % 90  # the oldest item, 59 events before the window's end
+    assert (user_vectors(model, changed, ts, "cpu", request, whole=True)[0] - together[0]).abs().max() > 1e-4
+    cut = user_vectors(model, changed, ts, "cpu", request)  # the last max_len items only
+    assert (cut[0] - user_vectors(model, seqs, ts, "cpu", request)[0]).abs().max() == 0

@@ -133,6 +133,10 @@ def test_paired_ratio_interval_brackets_the_ratio_and_shrinks_with_users():
     assert lo < ratio < hi and hi - lo < small[2] - small[1]
     with pytest.raises(ValueError):
         paired_ratio_interval(base, base[:10])
+    sparse = torch.zeros(40, dtype=torch.float64)
+    sparse[:2] = 1.0  # a small bucket, mostly misses: some resamples are 0 / 0
+    ratio, lo, hi = paired_ratio_interval(sparse, sparse)
+    assert (ratio, lo, hi) == (1.0, 1.0, 1.0)
 
 
 def test_a_repeated_target_is_a_miss_when_seen_items_are_excluded():
