@@ -6,6 +6,7 @@ so a test passing here sees the same rounding as on SQLite or PostgreSQL.
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -24,17 +25,13 @@ class InMemoryMemoryStore(MemoryStore):
         check_storage_dtype(storage_dtype)  # fail at construction on an unknown dtype
         self.storage_dtype = storage_dtype
         self._clock = clock
-        self._rows: dict[str, dict[str, Any]] = {}
+        self._rows: dict[tuple[str, str], dict[str, Any]] = {}  # (user, model version) -> columns
         self._lock = threading.Lock()
 
     def get_many(self, user_ids: Iterable[str], model_version: str) -> dict[str, MemoryRecord]:
         with self._lock:
-            rows = [self._rows.get(u) for u in set(user_ids)]
-        return {
-            r["user_id"]: columns_to_record(r)
-            for r in rows
-            if r is not None and r["model_version"] == model_version
-        }
+            rows = [self._rows.get((u, model_version)) for u in set(user_ids)]
+        return {r["user_id"]: columns_to_record(r) for r in rows if r is not None}
 
     def put_many(
         self,
@@ -46,19 +43,33 @@ class InMemoryMemoryStore(MemoryStore):
         # Encode before taking the lock: a bad tensor raises with nothing written.
         new_rows = [record_to_columns(rec, self.storage_dtype, now) for rec in records]
         with self._lock:
-            current = {r["user_id"]: self._version(r["user_id"]) for r in new_rows}
+            current = {r["user_id"]: self._version(r) for r in new_rows}
             if expected_versions is not None:
                 stale = [u for u, v in current.items() if v != expected_versions[u]]
                 if stale:
                     raise StaleMemoryError(stale)
             for row in new_rows:
                 row["row_version"] = current[row["user_id"]] + 1
-                self._rows[row["user_id"]] = row
+                self._rows[row["user_id"], row["model_version"]] = row
         return {u: v + 1 for u, v in current.items()}
 
     def delete_many(self, user_ids: Iterable[str]) -> int:
+        users = set(user_ids)
+        return self._delete(lambda user, _: user in users)
+
+    def delete_version(self, model_version: str) -> int:
+        return self._delete(lambda _, version: version == model_version)
+
+    def _delete(self, which: Callable[[str, str], bool]) -> int:
         with self._lock:
-            return sum(self._rows.pop(u, None) is not None for u in set(user_ids))
+            gone = [key for key in self._rows if which(*key)]
+            for key in gone:
+                del self._rows[key]
+        return len(gone)
+
+    def versions(self) -> dict[str, int]:
+        with self._lock:
+            return dict(collections.Counter(version for _, version in self._rows))
 
     def count(self, model_version: str | None = None) -> int:
         with self._lock:
@@ -68,7 +79,8 @@ class InMemoryMemoryStore(MemoryStore):
 
     def stale_users(self, model_version: str, limit: int) -> list[str]:
         with self._lock:
-            stale = [u for u, r in self._rows.items() if r["model_version"] != model_version]
+            have = {u for u, v in self._rows if v == model_version}
+            stale = {u for u, v in self._rows if v != model_version and u not in have}
         return sorted(stale)[:limit]
 
     def stats(self) -> MemoryStats:
@@ -79,6 +91,6 @@ class InMemoryMemoryStore(MemoryStore):
             rows=len(rows), bytes=sum(len(r[c] or b"") for r in rows for c in payload)
         )
 
-    def _version(self, user_id: str) -> int:
-        row = self._rows.get(user_id)
+    def _version(self, new_row: dict[str, Any]) -> int:
+        row = self._rows.get((new_row["user_id"], new_row["model_version"]))
         return 0 if row is None else row["row_version"]

@@ -26,10 +26,13 @@ class Base(DeclarativeBase):
 
 
 class UserMemory(Base):
+    """One row per (user, model version): while a new model's memories are built, the old
+    model's keep serving (revision 0003)."""
+
     __tablename__ = "user_memory"
 
     user_id: Mapped[str] = mapped_column(String(255), primary_key=True)
-    model_version: Mapped[str] = mapped_column(String(128), index=True)
+    model_version: Mapped[str] = mapped_column(String(128), primary_key=True, index=True)
     dtype: Mapped[str] = mapped_column(String(16))  # storage dtype of `data`, e.g. "float16"
     shape: Mapped[list[int]] = mapped_column(JSON)  # (L, 2, M, H, D/H)
     data: Mapped[bytes] = mapped_column(LargeBinary)  # little-endian tensor bytes

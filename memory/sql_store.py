@@ -23,13 +23,14 @@ from persrec.memory.schema import UserMemory
 from persrec.memory.store import MemoryStore, check_batch
 
 _T = UserMemory.__table__
+_KEY = ("user_id", "model_version")
 # Columns an upsert overwrites from the incoming row (all but the key and row_version).
-_UPDATED = [c.name for c in _T.columns if c.name not in ("user_id", "row_version")]
+_UPDATED = [c.name for c in _T.columns if c.name not in (*_KEY, "row_version")]
 _DIALECT_INSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
 class SqlMemoryStore(MemoryStore):
-    """Memory rows in table `user_memory`.
+    """Memory rows in table `user_memory`, keyed by (user, model version).
 
     Thread-safe: each call checks a connection out of the engine's pool for one short
     transaction. `batch_size` bounds the ids per IN (...) list; larger batches are chunked
@@ -97,14 +98,14 @@ class SqlMemoryStore(MemoryStore):
             for row in rows:
                 row["row_version"] = 1
             stmt = ins.on_conflict_do_update(
-                index_elements=[_T.c.user_id],
+                index_elements=[_T.c[k] for k in _KEY],
                 set_={**set_, "row_version": _T.c.row_version + 1},
             )
         else:
             for row in rows:
                 row["row_version"] = expected_versions[row["user_id"]] + 1
             stmt = ins.on_conflict_do_update(
-                index_elements=[_T.c.user_id],
+                index_elements=[_T.c[k] for k in _KEY],
                 set_={**set_, "row_version": ins.excluded.row_version},
                 where=_T.c.row_version + 1 == ins.excluded.row_version,
             )
@@ -112,7 +113,7 @@ class SqlMemoryStore(MemoryStore):
         with self._write() as conn:
             if expected_versions is not None:
                 # Step 1.
-                current = self._versions(conn, [r["user_id"] for r in rows])
+                current = self._versions(conn, {r["user_id"]: r["model_version"] for r in rows})
                 stale = [u for u in current if current[u] != expected_versions[u]]
                 if stale:
                     raise StaleMemoryError(stale)
@@ -130,6 +131,15 @@ class SqlMemoryStore(MemoryStore):
                 deleted += conn.execute(_T.delete().where(_T.c.user_id.in_(chunk))).rowcount
         return deleted
 
+    def delete_version(self, model_version: str) -> int:
+        with self._write() as conn:
+            return conn.execute(_T.delete().where(_T.c.model_version == model_version)).rowcount
+
+    def versions(self) -> dict[str, int]:
+        query = select(_T.c.model_version, func.count()).group_by(_T.c.model_version)
+        with self._engine.connect() as conn:
+            return {v: int(n) for v, n in conn.execute(query).all()}
+
     def count(self, model_version: str | None = None) -> int:
         query = select(func.count()).select_from(_T)
         if model_version is not None:
@@ -138,9 +148,11 @@ class SqlMemoryStore(MemoryStore):
             return int(conn.scalar(query))
 
     def stale_users(self, model_version: str, limit: int) -> list[str]:
+        mine = select(_T.c.user_id).where(_T.c.model_version == model_version)
         query = (
             select(_T.c.user_id)
-            .where(_T.c.model_version != model_version)
+            .where(_T.c.model_version != model_version, _T.c.user_id.not_in(mine))
+            .group_by(_T.c.user_id)
             .order_by(_T.c.user_id)
             .limit(limit)
         )
@@ -167,16 +179,17 @@ class SqlMemoryStore(MemoryStore):
         with self._writer.begin() as conn:
             yield conn
 
-    def _versions(self, conn: Connection, user_ids: list[str]) -> dict[str, int]:
-        """Current row_version of each user (0 if absent), locking existing rows."""
-        versions = dict.fromkeys(user_ids, 0)
-        for chunk in self._chunks(user_ids):
+    def _versions(self, conn: Connection, model_of: dict[str, str]) -> dict[str, int]:
+        """Current row_version of each user's row of the given model version (0 if absent),
+        locking the users' rows."""
+        versions = dict.fromkeys(model_of, 0)
+        for chunk in self._chunks(model_of):
             query = (
-                select(_T.c.user_id, _T.c.row_version)
+                select(_T.c.user_id, _T.c.model_version, _T.c.row_version)
                 .where(_T.c.user_id.in_(chunk))
                 .with_for_update()
             )
-            versions.update({u: v for u, v in conn.execute(query).all()})
+            versions.update({u: v for u, m, v in conn.execute(query).all() if model_of[u] == m})
         return versions
 
     def _chunks(self, user_ids: Iterable[str]) -> Iterator[list[str]]:

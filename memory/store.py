@@ -10,7 +10,9 @@ from persrec.memory.record import MemoryRecord, MemoryStats
 
 
 class MemoryStore(abc.ABC):
-    """Per-user memory rows keyed by user id. Every method is thread-safe and atomic.
+    """Memory rows keyed by (user id, model version): a user has one row per model that wrote
+    one, so a new model's memories are built while the old model's serve. Every method is
+    thread-safe and atomic.
 
     Reads return float32 tensors whatever the storage dtype. Writes stamp `updated_at` and set
     `row_version` (1 on insert, +1 per update); the `updated_at` and `row_version` fields of the
@@ -27,17 +29,26 @@ class MemoryStore(abc.ABC):
         records: Sequence[MemoryRecord],
         expected_versions: Mapping[str, int] | None = None,
     ) -> dict[str, int]:
-        """Upsert all records in one transaction; return each user's new row_version.
+        """Upsert all records in one transaction, each at (its user, its model version); return
+        each user's new row_version.
 
         With `expected_versions` (compare-and-set), every record's user must have an entry:
-        the row_version read before (0 = the row must not exist). If any row differs,
+        the row_version of that (user, model version) row read before (0 = it must not exist). If any row differs,
         raise StaleMemoryError naming those users and write nothing.
         Raises ValueError if a user appears twice in `records`.
         """
 
     @abc.abstractmethod
     def delete_many(self, user_ids: Iterable[str]) -> int:
-        """Delete the users' rows, whatever their model version; return how many existed."""
+        """Delete the users' rows, of every model version (an erasure); return how many existed."""
+
+    @abc.abstractmethod
+    def delete_version(self, model_version: str) -> int:
+        """Delete every row written by `model_version` (a retired model); return how many."""
+
+    @abc.abstractmethod
+    def versions(self) -> dict[str, int]:
+        """Rows per model version."""
 
     @abc.abstractmethod
     def count(self, model_version: str | None = None) -> int:
@@ -45,7 +56,8 @@ class MemoryStore(abc.ABC):
 
     @abc.abstractmethod
     def stale_users(self, model_version: str, limit: int) -> list[str]:
-        """Up to `limit` users (sorted) whose memory was written by another model version."""
+        """Up to `limit` users (sorted) with a row of another model version and none of this one:
+        the memories a rebuild for `model_version` has still to make."""
 
     @abc.abstractmethod
     def stats(self) -> MemoryStats:

@@ -280,7 +280,8 @@ def rebuild_memories_cmd(
     """After a model change, before starting workers on the new model: memories for the new
     model. RECOMPRESS: each user's stored aged-out items recompressed. INCREMENTAL: each user's
     events read again from PERSREC_TOPIC_INTERACTIONS and folded up to the old memory's
-    watermark. Resumable: users done already are skipped."""
+    watermark. Resumable: users done already are skipped. The old model's rows are kept (for a
+    rollback) until ``persrec retire-memories OLD_VERSION``."""
     from rich.progress import Progress
 
     from persrec.memory import SqlMemoryStore
@@ -307,6 +308,28 @@ def rebuild_memories_cmd(
                                            progress=lambda done, skipped: bar.update(task, completed=done))
     console.print(f"rebuilt {report.rebuilt} memories for {new.model_version} in {report.seconds:.1f}s; "
                   f"{report.skipped_no_history} skipped (no stored history / events no longer in the topic)")
+
+
+@app.command("retire-memories")
+def retire_memories_cmd(
+    model_version: Annotated[str, typer.Argument(help="the retired model's version (its memories are deleted)")],
+    force: Annotated[bool, typer.Option(help="even if it is the version the repository's manifest serves")] = False,
+) -> None:
+    """After a model change, once the new model serves and no rollback is wanted: delete the
+    old model's memory rows (rebuild-memories keeps them, so a rollback finds them intact)."""
+    from persrec.memory import SqlMemoryStore
+    from persrec.stream.manifest import MANIFEST, Manifest
+
+    s = Settings()
+    manifest = Manifest.read(s.model_repository) if (s.model_repository / MANIFEST).exists() else None
+    if manifest is not None and manifest.model_version == model_version and not force:
+        console.print(f"{model_version} is the version {s.model_repository} serves; not retired (--force to insist)")
+        raise typer.Exit(2)
+    with SqlMemoryStore(s.resolved_database_url, storage_dtype=s.storage_dtype) as store:
+        deleted = store.delete_version(model_version)
+        left = store.versions()
+    console.print(f"deleted {deleted} memories of {model_version}; left: "
+                  + (", ".join(f"{v} {n}" for v, n in sorted(left.items())) or "none"))
 
 
 @app.command()

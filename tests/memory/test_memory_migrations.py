@@ -22,7 +22,7 @@ from persrec.memory import (
 )
 from persrec.memory.rows import record_to_columns, utc_now
 
-HEAD = "0002"
+HEAD = "0003"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -139,3 +139,41 @@ def test_sqlite_connections_are_configured(tmp_path) -> None:
             assert pragma("foreign_keys") == 1
     finally:
         engine.dispose()
+
+
+def test_upgrade_to_versioned_rows_keeps_every_row_and_downgrade_keeps_the_newest(url: str, engine: Engine) -> None:
+    """0002 -> 0003 on a populated database: no row lost, and a user can then hold one row per
+    model version. Downgrade keeps each user's most recent row."""
+    migrate(url, "0002")
+    rng = np.random.default_rng(1)
+    tensor = lambda: rng.standard_normal((2, 2, 4, 1, 8)).astype(np.float32)  # noqa: E731
+    old = [MemoryRecord(f"u{i}", "v1", tensor(), i, 2**40 + i, np.arange(i), np.arange(i) * 7 if i % 2 else None)
+           for i in range(30)]
+    table = Table("user_memory", MetaData(), autoload_with=engine)  # the 0002 shape: one row a user
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [record_to_columns(rec, "float16", utc_now()) | {"row_version": 1 + (i < 5)}
+                                      for i, rec in enumerate(old)])
+    store = SqlMemoryStore(engine)
+    before = user_memory_rows(engine)
+    assert len(before) == 30
+
+    migrate(url)
+    assert current_revision(url) == HEAD
+    assert schema_diff(engine) == []
+    assert user_memory_rows(engine) == before
+    assert inspect(engine).get_pk_constraint("user_memory")["constrained_columns"] == ["user_id", "model_version"]
+
+    clock = iter([utc_now().replace(year=2030, microsecond=i) for i in range(10)])
+    later = SqlMemoryStore(engine, clock=lambda: next(clock))
+    assert later.put_many([MemoryRecord("u0", "v2", tensor(), 99, 99), MemoryRecord("u1", "v2", tensor(), 98, 98)]) == {
+        "u0": 1, "u1": 1}
+    assert store.versions() == {"v1": 30, "v2": 2}
+    assert store.get_many(["u0"], "v1")["u0"].row_version == 2  # the old model's row is untouched
+
+    downgrade(url, "0002")
+    rows = {r["user_id"]: r for r in user_memory_rows(engine)}
+    assert len(rows) == 30
+    assert (rows["u0"]["model_version"], rows["u0"]["events_folded"]) == ("v2", 99)
+    assert (rows["u1"]["model_version"], rows["u1"]["events_folded"]) == ("v2", 98)
+    assert {r["model_version"] for u, r in rows.items() if u not in ("u0", "u1")} == {"v1"}
+    assert inspect(engine).get_pk_constraint("user_memory")["constrained_columns"] == ["user_id"]

@@ -133,9 +133,33 @@ def test_memory_of_another_model_version_is_not_returned(store: MemoryStore) -> 
     store.put_many([record("u1", "v1"), record("u2", "v2")])
     assert sorted(store.get_many(["u1", "u2"], "v1")) == ["u1"]
     assert sorted(store.get_many(["u1", "u2"], "v2")) == ["u2"]
-    store.put_many([record("u1", "v2")])  # rebuilt by the new model: replaces the row
-    assert store.get_many(["u1"], "v1") == {}
-    assert store.count("v1") == 0 and store.count("v2") == 2
+    store.put_many([record("u1", "v2", seed=3)])  # built by the new model beside the old row
+    assert store.get_many(["u1"], "v1")["u1"].events_folded == 100
+    assert store.get_many(["u1"], "v2")["u1"].events_folded == 103
+    assert store.count("v1") == 1 and store.count("v2") == 2 and store.count() == 3
+    assert store.versions() == {"v1": 1, "v2": 2}
+
+
+def test_each_model_versions_row_has_its_own_compare_and_set(store: MemoryStore) -> None:
+    """The old model folds while the new one's memory is being built: neither write is stale
+    to the other, and each row counts its own versions."""
+    assert store.put_many([record("u1", "v1")]) == {"u1": 1}
+    assert store.put_many([record("u1", "v1", seed=1)], expected_versions={"u1": 1}) == {"u1": 2}
+    assert store.put_many([record("u1", "v2", seed=2)], expected_versions={"u1": 0}) == {"u1": 1}
+    with pytest.raises(StaleMemoryError):  # the v2 row exists now
+        store.put_many([record("u1", "v2", seed=4)], expected_versions={"u1": 0})
+    assert store.put_many([record("u1", "v1", seed=3)], expected_versions={"u1": 2}) == {"u1": 3}
+    got = store.get_many(["u1"], "v1")["u1"], store.get_many(["u1"], "v2")["u1"]
+    assert [(r.row_version, r.events_folded) for r in got] == [(3, 103), (1, 102)]
+
+
+def test_delete_version_retires_one_model_and_keeps_the_others(store: MemoryStore) -> None:
+    store.put_many([record(f"u{i}", "old") for i in range(4)])
+    store.put_many([record(f"u{i}", "new", seed=9) for i in range(2)])
+    assert store.delete_version("old") == 4
+    assert store.versions() == {"new": 2}
+    assert sorted(store.get_many([f"u{i}" for i in range(4)], "new")) == ["u0", "u1"]
+    assert store.delete_version("old") == 0
 
 
 def test_upsert_increments_row_version(store: MemoryStore) -> None:
@@ -195,8 +219,9 @@ def test_put_many_rejects_malformed_batches(store: MemoryStore) -> None:
 
 def test_delete_many(store: MemoryStore) -> None:
     store.put_many([record("u1", "v1"), record("u2", "v2"), record("u3")])
-    assert store.delete_many(["u1", "u2", "missing"]) == 2
-    assert store.get_many(["u1"], "v1") == {} and store.get_many(["u2"], "v2") == {}
+    store.put_many([record("u1", "v2")])
+    assert store.delete_many(iter(["u1", "u2", "missing"])) == 3  # an erasure: every version
+    assert store.get_many(["u1"], "v1") == {} and store.get_many(["u1", "u2"], "v2") == {}
     assert store.count() == 1
     assert store.delete_many([]) == 0
 
@@ -207,6 +232,8 @@ def test_stale_users_lists_other_model_versions(store: MemoryStore) -> None:
     assert store.stale_users("v2", limit=3) == ["old0", "old1", "old2"]
     assert store.stale_users("v2", limit=100) == [f"old{i}" for i in range(5)] + ["older"]
     assert store.stale_users("v1", limit=100) == ["cur", "older"]
+    store.put_many([record("old1", "v2"), record("older", "v2")])  # rebuilt: no longer to do
+    assert store.stale_users("v2", limit=100) == ["old0", "old2", "old3", "old4"]
 
 
 def test_stats_counts_payload_bytes(store: MemoryStore) -> None:

@@ -44,7 +44,7 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from persrec.embedded._proc import ManagedProcess, free_ports, group_members, http_ok
+from persrec.embedded._proc import ManagedProcess, ServiceError, free_ports, group_members, http_ok
 from persrec.embedded.kafka import EmbeddedKafka, create_topics
 from persrec.embedded.postgres import EmbeddedPostgres
 from persrec.embedded.triton import EmbeddedTriton
@@ -263,8 +263,11 @@ def run_outage(served_model, settings: Settings, worker: WorkerProcess, api: Sta
         producer.flush()
     producer.close()
     publish(boot, topic, messages(after))
-    wait_for(lambda: worker.status().get("recs_out", 0) > answered_at_up, 120,
-             "the first answer after the outage")
+    try:
+        wait_for(lambda: worker.status().get("recs_out", 0) > answered_at_up, 120,
+                 "the first answer after the outage")
+    except ServiceError as exc:
+        raise AssertionError(f"{exc}; status {worker.status()}; worker log:\n{worker.log_tail(120)}") from exc
     resume_s = time.monotonic() - t_up
     ready_s = {}
     for a in apis:

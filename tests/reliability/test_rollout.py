@@ -12,7 +12,7 @@ README's "Model change" procedure runs, the producer never pausing:
    must stall rather than be answered by B;
 2. the old worker is stopped;
 3. ``persrec rebuild-memories REPO/recommend/1/checkpoint.pt`` (the real CLI) recompresses every
-   stored memory with model B, keeping watermarks;
+   stored memory with model B, keeping watermarks (and A's rows, for a rollback);
 4. a worker on model B starts in the same consumer group and takes over from the committed
    offsets.
 
@@ -26,8 +26,9 @@ Proves:
   model from the user's first ``memory_version`` events (memory) and the rest up to ``seq``
   (window);
 - memories are rebuilt: after step 3 every user with an A memory has a B memory with the same
-  events_folded, watermark and history, equal to B's compress of that history, and no A row is
-  left; at the end folded + window = every user's events (``check_user_states``).
+  events_folded, watermark and history, equal to B's compress of that history, and A's rows are
+  kept (a rollback finds them) until ``persrec retire-memories A`` deletes them at the end; at
+  the end folded + window = every user's events (``check_user_states``).
 
 Figures: events, rate, rebuild (users, seconds, users/s, CLI wall time), the gap in answers
 during the switch, repeats, answers checked offline.
@@ -181,7 +182,7 @@ def test_rollout_while_events_flow(served_model, repository, rollout_settings, w
         rebuilt, rebuilt_for, rebuild_s, skipped = int(report[1]), report[2], float(report[3]), int(report[4])
         assert (rebuilt, rebuilt_for, skipped) == (len(old_rows), version_b, 0)
         new_rows = store.get_many(old_rows, version_b)
-        assert set(new_rows) == set(old_rows) and store.count(version_a) == 0
+        assert set(new_rows) == set(old_rows) and store.count(version_a) == len(old_rows)  # kept for a rollback
         model_b = ck_b.build_model("cpu")
         for u, a in old_rows.items():
             b = new_rows[u]
@@ -254,8 +255,13 @@ def test_rollout_while_events_flow(served_model, repository, rollout_settings, w
         check_answer(checkpoints, served_model.id_map, by_user, b, loaded_b_at)
     assert any(b["memory_version"] > 0 for b in sample if b["model_version"] == version_a)
 
-    # final state: every event folded or in the window, memories all B's
+    # final state: every event folded or in the window; A's memories untouched until retired
     total_folded = check_user_states([new.api], by_user)
+    assert store.count(version_a) == len(old_rows) and store.count(version_b) > 0
+    retired = subprocess.run([sys.executable, "-m", "persrec.cli", "retire-memories", version_a],
+                             env=dict(os.environ) | settings_env(settings) | {"COLUMNS": "300"},
+                             capture_output=True, text=True, timeout=120)
+    assert retired.returncode == 0 and f"deleted {len(old_rows)} memories of {version_a}" in retired.stdout, retired
     assert store.count(version_a) == 0 and store.count(version_b) == store.count() > 0
     assert total_folded > n_events // 3
 
