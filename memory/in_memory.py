@@ -77,11 +77,15 @@ class InMemoryMemoryStore(MemoryStore):
                 return len(self._rows)
             return sum(r["model_version"] == model_version for r in self._rows.values())
 
-    def stale_users(self, model_version: str, limit: int) -> list[str]:
+    def behind_users(self, source_version: str, target_version: str, limit: int, after: str = "") -> list[str]:
         with self._lock:
-            have = {u for u, v in self._rows if v == model_version}
-            stale = {u for u, v in self._rows if v != model_version and u not in have}
-        return sorted(stale)[:limit]
+            behind = [
+                u for (u, v), row in self._rows.items()
+                if v == source_version and u > after
+                and ((u, target_version) not in self._rows
+                     or self._rows[u, target_version]["watermark"] < row["watermark"])
+            ]
+        return sorted(behind)[:limit]
 
     def stats(self) -> MemoryStats:
         with self._lock:

@@ -147,13 +147,14 @@ class SqlMemoryStore(MemoryStore):
         with self._engine.connect() as conn:
             return int(conn.scalar(query))
 
-    def stale_users(self, model_version: str, limit: int) -> list[str]:
-        mine = select(_T.c.user_id).where(_T.c.model_version == model_version)
+    def behind_users(self, source_version: str, target_version: str, limit: int, after: str = "") -> list[str]:
+        src, dst = _T.alias("src"), _T.alias("dst")
         query = (
-            select(_T.c.user_id)
-            .where(_T.c.model_version != model_version, _T.c.user_id.not_in(mine))
-            .group_by(_T.c.user_id)
-            .order_by(_T.c.user_id)
+            select(src.c.user_id)
+            .outerjoin(dst, (dst.c.user_id == src.c.user_id) & (dst.c.model_version == target_version))
+            .where(src.c.model_version == source_version, src.c.user_id > after,
+                   dst.c.user_id.is_(None) | (dst.c.watermark < src.c.watermark))
+            .order_by(src.c.user_id)
             .limit(limit)
         )
         with self._engine.connect() as conn:

@@ -55,9 +55,12 @@ class MemoryStore(abc.ABC):
         """Rows in the store, or only those written by `model_version`."""
 
     @abc.abstractmethod
-    def stale_users(self, model_version: str, limit: int) -> list[str]:
-        """Up to `limit` users (sorted) with a row of another model version and none of this one:
-        the memories a rebuild for `model_version` has still to make."""
+    def behind_users(self, source_version: str, target_version: str, limit: int, after: str = "") -> list[str]:
+        """Up to `limit` users (sorted, each > `after`: pages) whose `source_version` row has no
+        `target_version` row beside it, or one with a lower watermark (the source model folded
+        more since it was built): the memories a rebuild for `target_version` has to make. Run
+        while the source model still serves (a shadow build), then again after it stops: the
+        second run redoes only the users the source model moved on."""
 
     @abc.abstractmethod
     def stats(self) -> MemoryStats:

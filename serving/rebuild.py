@@ -1,7 +1,9 @@
 """Rebuild memories for a new model version from the history stored with the old ones.
 
-A memory is only valid for the model that wrote it. After a rollout, users whose memory was
-written by the previous model are found with ``stale_users``; for the RECOMPRESS policy the row
+A memory is only valid for the model that wrote it. The memories to make for the new model are
+the old model's rows with no new row beside them, or a new row behind the old (``behind_users``):
+a rebuild can run while the old model still serves (a shadow build), and again once it has
+stopped, which then redoes only the users it folded meanwhile; for the RECOMPRESS policy the row
 keeps the last aged-out items, so the new model recompresses them: old dense ids -> original ids
 (old id map) -> new dense ids (items the new model does not know are dropped). Watermark and
 fold count carry over, so the stream's windows stay consistent; the items' times (kept since the
@@ -41,12 +43,9 @@ def rebuild_memories(store: MemoryStore, old: Checkpoint, new: ModelRunner, *, b
         raise ValueError("only RECOMPRESS memories can be rebuilt from stored history; replay events instead")
     old_map, new_map = IdMap.from_json(old.id_map_json), IdMap.from_json(new.checkpoint.id_map_json)
     history_len = new.cfg.max_len - new.cfg.recent_len
-    started, rebuilt, skipped, seen = time.monotonic(), 0, 0, set()
-    while True:
-        users = [u for u in store.stale_users(new.model_version, batch_size + len(seen)) if u not in seen][:batch_size]
-        if not users:
-            break
-        seen.update(users)
+    started, rebuilt, skipped, after = time.monotonic(), 0, 0, ""
+    while users := store.behind_users(old.model_version, new.model_version, batch_size, after):
+        after = users[-1]
         rows = store.get_many(users, old.model_version)
         usable = [r for r in rows.values() if r.history is not None]
         skipped += len(users) - len(usable)
@@ -128,20 +127,20 @@ def rebuild_by_replay(store: MemoryStore, old_version: str, new: ModelRunner, hi
     """INCREMENTAL memories for ``new`` from the users' replayed events (``replayed_histories``):
     each user's first ``watermark`` events (the old row's) folded in order, in whole segments of
     the new model's ``segment_len`` and the rest as a last, shorter one, so the new memory holds
-    exactly what the old one did and the stream's windows stay consistent. Resumable (users that
-    have a row of the new version are done) and bounded (``max_minutes``: stops after the batch
+    exactly what the old one did and the stream's windows stay consistent. Resumable (users whose
+    new row is level with the old are done) and bounded (``max_minutes``: stops after the batch
     that passes it); a user whose events the topic no longer holds all of is skipped.
     ``progress(done, skipped)`` after each batch."""
     if new.cfg.policy is not MemoryPolicy.INCREMENTAL:
         raise ValueError("rebuild by replay is for INCREMENTAL models; RECOMPRESS ones use rebuild_memories")
     id_map = IdMap.from_json(new.checkpoint.id_map_json)
     seg = new.cfg.segment_len
-    started, rebuilt, skipped, seen = time.monotonic(), 0, 0, set()
+    started, rebuilt, skipped, after = time.monotonic(), 0, 0, ""
     while max_minutes is None or time.monotonic() - started < max_minutes * 60:
-        users = [u for u in store.stale_users(new.model_version, batch_size + len(seen)) if u not in seen][:batch_size]
+        users = store.behind_users(old_version, new.model_version, batch_size, after)
         if not users:
             break
-        seen.update(users)
+        after = users[-1]
         rows = store.get_many(users, old_version)
         usable = [r for r in rows.values() if len(histories.get(r.user_id, ())) >= r.watermark]
         skipped += len(users) - len(usable)

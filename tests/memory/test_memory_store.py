@@ -226,14 +226,18 @@ def test_delete_many(store: MemoryStore) -> None:
     assert store.delete_many([]) == 0
 
 
-def test_stale_users_lists_other_model_versions(store: MemoryStore) -> None:
-    store.put_many([record(f"old{i}", "v1") for i in range(5)] + [record("cur", "v2")])
-    store.put_many([record("older", "v0")])
-    assert store.stale_users("v2", limit=3) == ["old0", "old1", "old2"]
-    assert store.stale_users("v2", limit=100) == [f"old{i}" for i in range(5)] + ["older"]
-    assert store.stale_users("v1", limit=100) == ["cur", "older"]
-    store.put_many([record("old1", "v2"), record("older", "v2")])  # rebuilt: no longer to do
-    assert store.stale_users("v2", limit=100) == ["old0", "old2", "old3", "old4"]
+def test_behind_users_are_the_rows_a_rebuild_still_has_to_make(store: MemoryStore) -> None:
+    store.put_many([record(f"u{i}", "v1", watermark=10 + i) for i in range(6)] + [record("other", "v0")])
+    assert store.behind_users("v1", "v2", limit=3) == ["u0", "u1", "u2"]
+    assert store.behind_users("v1", "v2", limit=3, after="u2") == ["u3", "u4", "u5"]  # pages
+    assert store.behind_users("v1", "v2", limit=3, after="u5") == []
+    # a shadow build made u0..u3 level with v1; then v1 folded more for u1, and u3 was erased
+    store.put_many([record(f"u{i}", "v2", watermark=10 + i) for i in range(4)])
+    store.put_many([record("u1", "v1", watermark=40)])
+    store.delete_many(["u3"])
+    assert store.behind_users("v1", "v2", limit=100) == ["u1", "u4", "u5"]
+    assert store.behind_users("v2", "v1", limit=100) == []  # v2 is nowhere ahead of v1
+    assert store.behind_users("v0", "v2", limit=100) == ["other"]
 
 
 def test_stats_counts_payload_bytes(store: MemoryStore) -> None:

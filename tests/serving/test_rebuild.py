@@ -60,3 +60,24 @@ def test_export_of_a_request_time_recompress_model_takes_request_times(tmp_path)
     assert manifest.request_time and Manifest.read(tmp_path).request_time
     assert 'name: "REQUEST_TS"' in (tmp_path / "recommend" / "config.pbtxt").read_text()
     assert "REQUEST_TS" not in (tmp_path / "fold" / "config.pbtxt").read_text()
+
+
+def test_a_shadow_rebuild_then_a_catch_up_redoes_only_the_users_the_old_model_moved_on() -> None:
+    """rebuild-memories while the old model serves, then again once it stops: the second run
+    rebuilds just the users the old model folded meanwhile, from their newest row."""
+    items = [f"m{i}" for i in range(30)]
+    old, new = checkpoint(items, 0), ModelRunner(checkpoint(items, 1), "cpu")
+    store = InMemoryMemoryStore(storage_dtype="float32")
+    tensor = np.zeros(old.config.memory_shape, np.float32)
+    store.put_many([MemoryRecord(u, old.model_version, tensor, 20, 20, np.array([1, 2, 3 + k]))
+                    for k, u in enumerate("abcd")])
+    assert rebuild_memories(store, old, new, batch_size=3).rebuilt == 4  # the shadow build, in pages
+    store.put_many([MemoryRecord("c", old.model_version, tensor, 30, 30, np.array([5, 6, 7, 8]))])  # old model folds on
+    report = rebuild_memories(store, old, new, batch_size=3)
+    assert report.rebuilt == 1
+    row = store.get_many(["c"], new.model_version)["c"]
+    assert (row.watermark, row.history.tolist()) == (30, [5, 6, 7, 8])
+    with torch.no_grad():
+        expected = new.model.compress(torch.tensor([[5, 6, 7, 8]]), torch.tensor([4]))[0].numpy()
+    assert np.abs(row.tensor - expected).max() < 1e-6
+    assert rebuild_memories(store, old, new).rebuilt == 0
