@@ -102,8 +102,8 @@ def plan(name: str) -> list[Job]:
                           + _jobs([d], PERSREC, ["best"]))
            for d in ("mlsmall", "ml1m-ts")},
         # the content tower (issue 21): items by id, text, or both; standard and cold-start splits
-        **{f"items-{d}": [Job(d, "hstu", "best", "heldout", s, items, split)
-                          for split in ("cold10", "loo") for items in ("id", "text", "id+text") for s in (1, 2, 3)
+        **{f"items-{d}": [Job(d, "hstu", "best", "heldout", s, items, split)  # seed-major: comparable at any time
+                          for split in ("cold10", "loo") for s in (1, 2, 3) for items in ("id", "text", "id+text")
                           if (items, split) != ("id", "loo")]
            for d in ("mlsmall", "ml1m")},
         # smoke test: synthetic data, two epochs
