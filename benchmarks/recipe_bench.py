@@ -315,13 +315,15 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """One entry per (dataset, model, recipe, protocol) over its seeds."""
+    """One entry per (dataset, model, recipe, protocol, item representation, split) over its seeds."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["model"], r["recipe"], r["protocol"]), []).append(r)
+        key = (r["dataset"], r["model"], r["recipe"], r["protocol"], r.get("items", "id"), r.get("split", "loo"))
+        groups.setdefault(key, []).append(r)
     out = []
-    for (dataset, model, recipe, protocol), rs in sorted(groups.items()):
-        entry = dict(dataset=dataset, model=model, recipe=recipe, protocol=protocol, seeds=sorted(r["seed"] for r in rs),
+    for (dataset, model, recipe, protocol, items, split), rs in sorted(groups.items()):
+        entry = dict(dataset=dataset, model=model, recipe=recipe, protocol=protocol, items=items, split=split,
+                     seeds=sorted(r["seed"] for r in rs),
                      best_epoch=[r["best_epoch"] for r in rs], train_seconds=_mean_sd([r["train_seconds"] for r in rs])[0],
                      machines=sorted({(r["machine"]["gpu"] or r["machine"]["cpu"]) for r in rs}))
         for when in ("selected", "last"):
@@ -330,6 +332,13 @@ def aggregate(rows: list[dict]) -> list[dict]:
                     vals = [r[f"test_{when}"][rule][metric] for r in rs]
                     m, sd = _mean_sd(vals)
                     entry[f"{when}/{rule}/{metric}"] = dict(mean=m, sd=sd, values=vals)
+        if all("cold" in (r.get("test_by_target") or {}) for r in rs):  # a cold-start split: targets never trained on
+            for part in ("cold", "warm"):
+                for metric in ("ndcg@10", "hr@10", "hr@200"):
+                    vals = [r["test_by_target"][part][metric] for r in rs]
+                    m, sd = _mean_sd(vals)
+                    entry[f"{part}/{metric}"] = dict(mean=m, sd=sd, values=vals)
+            entry["cold_rows"] = [r["test_by_target"]["cold_rows"] for r in rs]
         out.append(entry)
     return out
 
@@ -353,11 +362,25 @@ def cmd_report(args) -> int:
                   "| model | recipe | protocol | seeds | NDCG@10 selected | HR@10 selected | NDCG@10 last | NDCG@10 last, exclude-200 | best epoch | train s | machine |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for g in (g for g in groups if g["dataset"] == dataset):
+            variant = "" if (g["items"], g["split"]) == ("id", "loo") else f" (items {g['items']}, split {g['split']})"
             lines.append(
-                f"| {g['model']} | {g['recipe']} | {g['protocol']} | {len(g['seeds'])} | "
+                f"| {g['model']}{variant} | {g['recipe']} | {g['protocol']} | {len(g['seeds'])} | "
                 f"{_fmt(g, 'selected/exclude/ndcg@10')} | {_fmt(g, 'selected/exclude/hr@10')} | "
                 f"{_fmt(g, 'last/exclude/ndcg@10')} | {_fmt(g, 'last/exclude-200/ndcg@10')} | "
                 f"{', '.join(map(str, g['best_epoch']))} | {g['train_seconds']:.0f} | {'; '.join(g['machines'])} |")
+        lines.append("")
+    cold = [g for g in groups if "cold/ndcg@10" in g]
+    if cold:
+        lines += ["## Cold start", "",
+                  "Test rows whose target item was held out of training (cold) and the rest (warm), at the "
+                  "validation-selected epoch, every history item excluded.", "",
+                  "| data set | model | items | seeds | cold rows | NDCG@10 cold | HR@200 cold | NDCG@10 warm | cold / warm |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for g in cold:
+            ratio = g["cold/ndcg@10"]["mean"] / g["warm/ndcg@10"]["mean"] if g["warm/ndcg@10"]["mean"] else float("nan")
+            lines.append(f"| {g['dataset']} | {g['model']} | {g['items']} | {len(g['seeds'])} | "
+                         f"{', '.join(map(str, g['cold_rows']))} | {_fmt(g, 'cold/ndcg@10')} | {_fmt(g, 'cold/hr@200')} | "
+                         f"{_fmt(g, 'warm/ndcg@10')} | {ratio:.2f} |")
         lines.append("")
     lines += comparison_lines(groups)
     md = args.out.with_name("recipe_bench.md")
@@ -384,7 +407,8 @@ COMPARISONS = [
 def comparison_lines(groups: list[dict], key: str = "selected/exclude/ndcg@10") -> list[str]:
     """Each comparison whose two rows exist: the means and sds of ``key``, and "A > B", "A < B"
     or "no difference" (the mean +- sd intervals overlap, or a row has one seed)."""
-    index = {(g["dataset"], f"{g['model']}/{g['recipe']}/{g['protocol']}"): g for g in groups}
+    index = {(g["dataset"], f"{g['model']}/{g['recipe']}/{g['protocol']}"): g for g in groups
+             if (g["items"], g["split"]) == ("id", "loo")}
     out = ["## Comparisons", "", f"Test NDCG@10 at the validation-selected epoch; mean ± sd over seeds.", "",
            "| data set | comparison | A | B | A / B | reading |", "|---|---|---|---|---|---|"]
     for dataset in sorted({g["dataset"] for g in groups}):
