@@ -180,7 +180,8 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
             print(f"  {job.key} epoch {r.epoch}: {time.monotonic() - t0:.0f}s{v}", flush=True)
 
     model, fit = experiment.train_on(data, overrides, tcfg, out_dir=None, device=device,
-                                     protocol=job.protocol, test_rules=rules, on_epoch=progress, text_embeddings=text)
+                                     protocol=job.protocol, test_rules=rules, on_epoch=progress, text_embeddings=text,
+                                     unknown_items=cold)
     seconds = time.monotonic() - t0
     last = fit.history[-1].test
     selected = evaluate_rules(model, data.split.test, rules, device=device) if job.protocol == "heldout" else last

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
@@ -17,6 +18,7 @@ from .config import ModelConfig
 from .data import (IdMap, SequenceData, Split, all_but_test, build_sequences, leave_one_out, load_interactions,
                    synthetic_interactions)
 from .evaluate import SeenRule, evaluate, popularity_metrics
+from .items import forget_items
 from .loss import build_model
 from .train import EpochReport, FitResult, TrainConfig, fit
 
@@ -60,11 +62,15 @@ def train_on(
     out_dir: Path | None, device: torch.device | str = "cpu", resume: Path | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None, protocol: Protocol = Protocol.HELDOUT,
     test_rules: dict[str, SeenRule] | None = None, text_embeddings=None,
+    unknown_items: np.ndarray | None = None,
 ) -> tuple[torch.nn.Module, FitResult]:
     """Build the model of ``model_overrides`` and train it on ``data`` under ``protocol``. With
     ``train_cfg.test_every``, the test rows are evaluated along the way under ``test_rules``
     (recorded in the history, never used to choose weights). ``text_embeddings`` ``[I, E]``: the
-    items' text embeddings, for a model whose items are (partly) their text."""
+    items' text embeddings, for a model whose items are (partly) their text. ``unknown_items``:
+    dense ids the model must learn nothing about, as items published after training (the
+    cold-start evaluation): their id embedding stays zero and they are never drawn as negatives
+    (the caller has removed them from the training sequences)."""
     cfg = ModelConfig(num_items=data.id_map.num_items, **model_overrides)
     if resume is not None:  # the checkpoint's configuration wins
         cfg = load_checkpoint(resume).config
@@ -74,13 +80,17 @@ def train_on(
         if text_embeddings is None:
             raise ValueError(f"item_repr {cfg.item_repr.value!r} needs the items' text embeddings")
         model.item_emb.set_text(text_embeddings)
+    pool = None
+    if unknown_items is not None and len(unknown_items):
+        forget_items(model.item_emb, unknown_items)
+        pool = np.setdiff1d(np.arange(1, cfg.num_items + 1), unknown_items)
     train, valid = data.split.train, data.split.valid
     if Protocol(protocol) is Protocol.PUBLISHED:
         train, valid = all_but_test(data.sequences), None
     result = fit(
         model, train.items, train.timestamps, valid, train_cfg,
         device=device, id_map_json=data.id_map.to_json(), out_dir=out_dir, resume=resume,
-        on_epoch=on_epoch, test_rows=data.split.test, test_rules=test_rules,
+        on_epoch=on_epoch, test_rows=data.split.test, test_rules=test_rules, negative_pool=pool,
     )
     return model, result
 

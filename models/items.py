@@ -93,6 +93,15 @@ class ItemTower(nn.Module):
         return range(first, first + len(emb))
 
 
+@torch.no_grad()
+def forget_items(tower: nn.Module, ids) -> None:
+    """Zero the id embeddings of ``ids`` (an item the model never saw has none; its text, if the
+    model reads text, stays)."""
+    table = tower if isinstance(tower, nn.Embedding) else tower.id_emb
+    if table is not None:
+        table.weight[torch.as_tensor(np.asarray(ids, np.int64), device=table.weight.device)] = 0
+
+
 def item_tower(num_items: int, dim: int, repr_: ItemRepr, text_dim: int = 0) -> nn.Module:
     """A model's item table: a plain ``nn.Embedding`` for ids only (as checkpoints of earlier
     releases hold it), else an ``ItemTower``. Id embeddings start at N(0, .02) truncated, row 0

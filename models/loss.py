@@ -26,15 +26,18 @@ class Negatives(str, enum.Enum):
 def next_item_loss(
     hidden: torch.Tensor, targets: torch.Tensor, model, num_negatives: int, temperature: float,
     negatives: Negatives = Negatives.SHARED, generator: torch.Generator | None = None,
+    pool: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean next-item loss over positions with a target, ``model`` being any ``ItemScoring``
     (``item_vectors``, ``cfg.num_items``). hidden ``[B, N, D]`` L2-normalised, targets ``[B, N]``
-    (0 = no target)."""
+    (0 = no target). ``pool``: the item ids that may serve as negatives (1-D, every target among
+    them); None = the whole catalogue 1..num_items. An item outside it gets no gradient at all,
+    as an item that arrives after training."""
     negatives = Negatives(negatives)
     num_items = model.cfg.num_items
     if negatives is Negatives.SHARED:
         return sampled_softmax_loss(hidden, targets, model.item_vectors, num_items, num_negatives,
-                                    temperature, generator)
+                                    temperature, generator, pool)
     valid = targets > 0
     h = hidden[valid] * (1.0 / temperature)  # [P, D]
     tgt = targets[valid]  # [P]
@@ -42,13 +45,17 @@ def next_item_loss(
     if negatives is Negatives.FULL:
         logits = h @ table.T  # [P, I+1]
         logits[:, 0] = float("-inf")
+        if pool is not None:
+            outside = torch.ones(table.shape[0], dtype=torch.bool, device=h.device)
+            outside[pool] = False
+            logits = logits.masked_fill(outside, float("-inf"))
         return F.cross_entropy(logits, tgt)
-    return per_position_softmax_loss(h, tgt, table, num_negatives, generator)
+    return per_position_softmax_loss(h, tgt, table, num_negatives, generator, pool)
 
 
 def per_position_softmax_loss(
     h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, num_negatives: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, pool: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sampled softmax with ``num_negatives`` uniform negatives drawn for every position.
 
@@ -56,8 +63,9 @@ def per_position_softmax_loss(
     ``[I+1, D]`` the normalised item vectors (row 0 padding, never drawn). The ``[P, K]`` ids are
     drawn at once; a negative equal to its position's target is masked out. The logits come
     from ``gathered_dot``, which never holds the ``[P, K, D]`` gathered vectors for backward.
+    ``pool``: as in ``next_item_loss``.
     """
-    ids = torch.randint(1, table.shape[0], (h.shape[0], num_negatives), device=h.device, generator=generator)
+    ids = _draw_negatives(h, table.shape[0] - 1, num_negatives, generator, pool)
     neg_logit = gathered_dot(h, table, ids).masked_fill_(ids == targets[:, None], float("-inf"))
     pos_logit = (h * table[targets]).sum(-1)
     return (torch.logaddexp(pos_logit, torch.logsumexp(neg_logit, dim=-1)) - pos_logit).mean()
@@ -112,6 +120,7 @@ class _GatheredDot(torch.autograd.Function):
 def sampled_softmax_loss(
     hidden: torch.Tensor, targets: torch.Tensor, item_vectors, num_items: int,
     num_negatives: int, temperature: float, generator: torch.Generator | None = None,
+    pool: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean next-item loss over positions with a target.
 
@@ -122,7 +131,7 @@ def sampled_softmax_loss(
     rounding (given the same generator state), with the temperature
     applied to ``[B, N, D]`` instead of ``[B, N, K]`` and no ``[B, N, 1+K]`` concatenation.
     """
-    neg_ids = _draw_negatives(hidden, num_items, num_negatives, generator)  # [B, K]
+    neg_ids = _draw_negatives(hidden, num_items, num_negatives, generator, pool)  # [B, K]
     h = hidden * (1.0 / temperature)
     pos_logit = (h * item_vectors(targets)).sum(-1)  # [B, N]
     neg_logit = torch.bmm(h, item_vectors(neg_ids).transpose(1, 2))  # [B, N, K]
@@ -148,10 +157,13 @@ def sampled_softmax_loss_reference(
 
 def _draw_negatives(
     hidden: torch.Tensor, num_items: int, num_negatives: int, generator: torch.Generator | None,
+    pool: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[B, K]`` uniform item ids in 1..num_items."""
+    """``[B, K]`` uniform item ids in 1..num_items, or uniform over ``pool``'s ids."""
     shape = (hidden.shape[0], num_negatives)
-    return torch.randint(1, num_items + 1, shape, device=hidden.device, generator=generator)
+    if pool is None:
+        return torch.randint(1, num_items + 1, shape, device=hidden.device, generator=generator)
+    return pool[torch.randint(0, len(pool), shape, device=hidden.device, generator=generator)]
 
 
 def build_model(cfg) -> nn.Module:

@@ -187,6 +187,7 @@ def fit(
     on_epoch: Callable[[EpochReport], None] | None = None,
     test_rows=None,
     test_rules: dict[str, SeenRule] | None = None,
+    negative_pool: np.ndarray | None = None,
 ) -> FitResult:
     """Train ``model`` in place and leave it holding the best validation weights (the last
     epoch's when ``valid_rows`` is None: fixed epochs, no early stopping).
@@ -198,6 +199,9 @@ def fit(
 
     With ``cfg.test_every`` and ``test_rows``, rank 0 also evaluates the test rows under each of
     ``test_rules`` (name -> seen rule) every that many epochs, into ``EpochReport.test``.
+
+    ``negative_pool``: the item ids the loss may use as negatives (default: every item); the
+    others get no gradient, as items that did not exist yet (``models.coldstart``).
     """
     rank, world = _world()
     mcfg = model.cfg
@@ -232,6 +236,7 @@ def fit(
                                lifelong=lifelong)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+    pool = None if negative_pool is None else torch.as_tensor(np.asarray(negative_pool, np.int64), device=device)
     history: list[EpochReport] = []
     t_start, best_metrics, stale, epoch = time.monotonic(), {}, 0, start_epoch - 1
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -246,7 +251,7 @@ def fit(
             batch = examples.batch(idx)
             hidden = net(batch)
             loss = next_item_loss(hidden, batch.targets, model, mcfg.num_negatives, mcfg.temperature,
-                                  cfg.negatives, gen)
+                                  cfg.negatives, gen, pool)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

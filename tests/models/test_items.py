@@ -117,3 +117,43 @@ def test_held_out_items_never_reach_training() -> None:
         assert not np.isin(s, cold).any()
         assert np.array_equal(s, orig[~np.isin(orig, cold)]) and len(t) == len(s)
     assert cold_split.test is split.test and cold_split.valid is split.valid
+
+
+@pytest.mark.parametrize("negatives", ["shared", "per_position", "full"])
+def test_items_outside_the_negative_pool_get_no_gradient(negatives: str) -> None:
+    from persrec.models.loss import next_item_loss
+
+    m = text_model("id+text")
+    hidden = torch.nn.functional.normalize(torch.randn(4, 6, 16, generator=torch.Generator().manual_seed(2)), dim=-1)
+    targets = torch.randint(1, 26, (4, 6), generator=torch.Generator().manual_seed(3))
+    pool = torch.arange(1, 26)  # items 26..30 do not exist yet
+    loss = next_item_loss(hidden, targets, m, 64, 0.05, negatives, torch.Generator().manual_seed(4), pool)
+    loss.backward()
+    grad = m.item_emb.id_emb.weight.grad
+    assert torch.count_nonzero(grad[26:]) == 0 and torch.count_nonzero(grad[1:26].abs().sum(1)) > 20
+    # without the pool the same items are pushed down as negatives
+    m.zero_grad()
+    next_item_loss(hidden, targets, m, 64, 0.05, negatives, torch.Generator().manual_seed(4)).backward()
+    assert torch.count_nonzero(m.item_emb.id_emb.weight.grad[26:].abs().sum(1)) > 0
+
+
+def test_unknown_items_are_learned_nothing_about_in_training() -> None:
+    # The cold-start evaluation: held-out items keep a zero id embedding through training, so the
+    # model knows them by their text alone, as an item published after training.
+    from persrec.models import experiment
+    from persrec.models.coldstart import hold_out_items
+    from persrec.models.data import SequenceData, leave_one_out
+    from persrec.models.train import TrainConfig
+
+    rng = np.random.default_rng(1)
+    seqs = SequenceData([str(u) for u in range(40)], [rng.integers(1, 31, size=12) for _ in range(40)])
+    split, cold = hold_out_items(leave_one_out(seqs), 30, 0.2, seed=0)
+    data = experiment.Dataset("toy", seqs, IdMap([str(i) for i in range(1, 31)]), split)
+    text = HashingEncoder(12).encode([f"movie {i}" for i in range(1, 31)])
+    overrides = dict(dim=16, num_heads=2, head_dim=8, max_len=12, dropout=0.0, item_repr="id+text", text_dim=12)
+    model, _ = experiment.train_on(data, overrides, TrainConfig(epochs=2, batch_size=8, seed=0), out_dir=None,
+                                   text_embeddings=text, unknown_items=cold)
+    ids = model.item_emb.id_emb.weight.detach()
+    assert torch.count_nonzero(ids[torch.as_tensor(cold)]) == 0
+    warm = np.setdiff1d(np.arange(1, 31), cold)
+    assert torch.count_nonzero(ids[torch.as_tensor(warm)].abs().sum(1)) == len(warm)
