@@ -3,9 +3,11 @@
 A user's long history is compressed into a small memory tensor (L, 2, M, H, D/H) that is valid
 only for the model version that wrote it. `MemoryStore` is the interface; `SqlMemoryStore`
 (SQLite or PostgreSQL, after `migrate(url)`) and `InMemoryMemoryStore` implement it.
+`SqlCatalogue` keeps the items registered while a model serves (table `item_catalogue`).
 This package imports neither torch nor the model, stream or serving packages.
 """
 
+from persrec.memory.catalogue import CatalogueItem, CatalogueSummary, SqlCatalogue, text_sha256
 from persrec.memory.codec import decode_history, decode_tensor, encode_history, encode_tensor
 from persrec.memory.engine import create_engine_for
 from persrec.memory.in_memory import InMemoryMemoryStore
@@ -17,10 +19,13 @@ from persrec.memory.store import MemoryStore
 
 __all__ = [
     "Base",
+    "CatalogueItem",
+    "CatalogueSummary",
     "InMemoryMemoryStore",
     "MemoryRecord",
     "MemoryStats",
     "MemoryStore",
+    "SqlCatalogue",
     "SqlMemoryStore",
     "StaleMemoryError",
     "UserMemory",
@@ -32,4 +37,5 @@ __all__ = [
     "encode_history",
     "encode_tensor",
     "migrate",
+    "text_sha256",
 ]

@@ -1,4 +1,4 @@
-"""The `user_memory` table (SQLAlchemy 2 typed declarative).
+"""The `user_memory` and `item_catalogue` tables (SQLAlchemy 2 typed declarative).
 
 The Alembic revisions build exactly this table; tests check that the migrated schema and this
 metadata agree on SQLite and PostgreSQL. Change both together, through a new revision.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, LargeBinary, MetaData, String
+from sqlalchemy import JSON, BigInteger, DateTime, Integer, LargeBinary, MetaData, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Deterministic constraint names, so later migrations can refer to them on every backend.
@@ -50,3 +50,26 @@ class UserMemory(Base):
     row_version: Mapped[int] = mapped_column(Integer)
 
     __mapper_args__ = {"version_id_col": row_version}
+
+
+class ItemCatalogue(Base):
+    """Items registered while a model serves (the ``items`` topic), one row per (model version,
+    item): the text embedding the served model reads the item by, and the dense id it answers
+    with (after the ids it was trained on). ``revision`` counts registrations per version: a
+    reader that has seen revision r reads the rows after r (revision 0004)."""
+
+    __tablename__ = "item_catalogue"
+
+    model_version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    item_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    dense_id: Mapped[int] = mapped_column(BigInteger)
+    revision: Mapped[int] = mapped_column(BigInteger)
+    text_sha256: Mapped[str] = mapped_column(String(64))  # of the UTF-8 text: a repeat changes nothing
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)  # (dim,) little-endian float32
+    registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # UTC, first registration
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # UTC, latest text
+
+    __table_args__ = (
+        UniqueConstraint("model_version", "dense_id", name="uq_item_catalogue_dense"),
+        UniqueConstraint("model_version", "revision", name="uq_item_catalogue_revision"),
+    )

@@ -67,6 +67,9 @@ class ModelConfig:
     # text_dim numbers (a frozen sentence encoder's), or both summed
     item_repr: ItemRepr = ItemRepr.ID
     text_dim: int = 0
+    # the encoder that made the text embeddings (models.text.encoder_named): what a served model
+    # encodes new items with; "" for a model trained on embeddings of an unnamed encoder
+    text_encoder: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "architecture", Architecture(self.architecture))

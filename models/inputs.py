@@ -25,7 +25,10 @@ class ModelInputs:
     """B users: ``items`` ``[B, W]`` dense ids right-padded with 0, ``timestamps`` ``[B, W]``
     unix seconds, ``lengths`` ``[B]``; for a model with memory tokens ``memory``
     ``[B, L, 2, M, H, Dh]`` float32 and ``has_memory`` ``[B]`` (False: a new user's); for a
-    request-time model ``request_ts`` ``[B]`` (when each recommendation is asked for)."""
+    request-time model ``request_ts`` ``[B]`` (when each recommendation is asked for); for a
+    model that reads items by their text ``catalogue`` ``[B, 2]``: the item-catalogue revision
+    the row's worker has applied, and the highest dense id it can name (the answer holds no
+    item after it; ``serving.catalogue``)."""
 
     items: np.ndarray
     timestamps: np.ndarray
@@ -33,6 +36,7 @@ class ModelInputs:
     memory: np.ndarray | None = None
     has_memory: np.ndarray | None = None
     request_ts: np.ndarray | None = None
+    catalogue: np.ndarray | None = None
 
     @classmethod
     def of_rows(cls, items: Sequence, timestamps: Sequence | None = None, width: int | None = None,
@@ -51,4 +55,4 @@ class ModelInputs:
         pick = lambda a: None if a is None else a[rows]  # noqa: E731
         return replace(self, items=self.items[rows, :w], timestamps=self.timestamps[rows, :w],
                        lengths=self.lengths[rows], memory=pick(self.memory), has_memory=pick(self.has_memory),
-                       request_ts=pick(self.request_ts))
+                       request_ts=pick(self.request_ts), catalogue=pick(self.catalogue))

@@ -80,17 +80,33 @@ class ItemTower(nn.Module):
     def add_items(self, embeddings: np.ndarray | torch.Tensor) -> range:
         """Append items (their text embeddings ``[n, E]``) after the last one; returns their new
         dense ids. Their id embedding, if any, is zero: the model knows them by text alone."""
+        first = self.num_items + 1
+        ids = range(first, first + len(embeddings))
+        self.put_items(np.asarray(ids, np.int64), embeddings)
+        return ids
+
+    @torch.no_grad()
+    def put_items(self, ids: np.ndarray, embeddings: np.ndarray | torch.Tensor) -> None:
+        """Set the text embeddings ``[n, E]`` of dense ``ids``: an id past the last item grows
+        the tables (with a zero id embedding: the model knows a new item by its text alone); an
+        id it has keeps its id embedding and reads the new text."""
         if self.proj is None:
             raise ValueError("an id-only model cannot represent items it was not trained on")
         emb = torch.as_tensor(np.asarray(embeddings, np.float32), device=self.text.device)
-        first = self.text.shape[0]
-        self.text = torch.cat([self.text, emb], 0)
-        if self.id_emb is not None:
-            grown = nn.Embedding(first + len(emb), self.id_emb.embedding_dim, padding_idx=0).to(self.text.device)
-            grown.weight.zero_()
-            grown.weight[:first] = self.id_emb.weight
-            self.id_emb = grown
-        return range(first, first + len(emb))
+        idx = torch.as_tensor(np.asarray(ids, np.int64), device=self.text.device)
+        if emb.shape != (len(idx), self.text.shape[1]):
+            raise ValueError(f"expected text embeddings [{len(idx)}, {self.text.shape[1]}], got {list(emb.shape)}")
+        size = max(self.text.shape[0], int(idx.max()) + 1 if len(idx) else 0)
+        if size > self.text.shape[0]:
+            grown = self.text.new_zeros(size, self.text.shape[1])
+            grown[: self.text.shape[0]] = self.text
+            self.text = grown
+            if self.id_emb is not None:
+                table = nn.Embedding(size, self.id_emb.embedding_dim, padding_idx=0).to(self.text.device)
+                table.weight.zero_()
+                table.weight[: self.id_emb.num_embeddings] = self.id_emb.weight
+                self.id_emb = table
+        self.text[idx] = emb
 
 
 @torch.no_grad()

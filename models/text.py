@@ -80,6 +80,15 @@ class MiniLMEncoder:
                                   normalize_embeddings=True).astype(np.float32)
 
 
+def encoder_named(name: str, device: str = "cpu") -> TextEncoder:
+    """The encoder of a ``TextEncoder.name``: ``hashing-<dim>`` or MiniLM's."""
+    if name == MiniLMEncoder.name:
+        return MiniLMEncoder(device)
+    if re.fullmatch(r"hashing-\d+", name):
+        return HashingEncoder(int(name.split("-")[1]))
+    raise ValueError(f"unknown text encoder {name!r}; known: {MiniLMEncoder.name!r}, 'hashing-<dim>'")
+
+
 def encode_cached(texts: Sequence[str], encoder: TextEncoder, cache_dir: Path | None) -> np.ndarray:
     """``encoder.encode(texts)``, each distinct text encoded once ever: vectors are kept in
     ``cache_dir/<encoder name>.npz`` keyed by the sha256 of the text."""

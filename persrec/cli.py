@@ -235,7 +235,9 @@ def triton(
     models = Manifest.read(repo).triton_models
     http_port = int(s.triton_http_url.rsplit(":", 1)[1])
     grpc_port = int(s.triton_grpc_url.rsplit(":", 1)[1])
-    with EmbeddedTriton(repo, models, s.work_dir / "triton", http_port=http_port, grpc_port=grpc_port) as server:
+    # the models read the item catalogue from the workers' database (serving.catalogue)
+    env = {"PERSREC_DATABASE_URL": s.resolved_database_url}
+    with EmbeddedTriton(repo, models, s.work_dir / "triton", http_port=http_port, grpc_port=grpc_port, env=env) as server:
         console.print(f"tritonserver pid {server.pid}: gRPC {server.grpc_url}, HTTP {server.http_url}; Ctrl-C stops it")
         _wait_for_interrupt()
 

@@ -60,10 +60,11 @@ def run_demo(settings: Settings, data: Path, checkpoint: Path, *, rate: float, d
     manifest = export_repository(checkpoint, repo, top_k=settings.top_k)
     console.print(f"model {manifest.model_version} exported to {repo}")
     result: dict = {}
+    db_url = f"sqlite:///{work / 'persrec.db'}"  # the worker's memories, and the item catalogue Triton reads
     with EmbeddedKafka(work / "kafka") as kafka, \
-            EmbeddedTriton(repo, ["recommend", "fold"], work / "triton") as triton:
+            EmbeddedTriton(repo, manifest.triton_models, work / "triton", env={"PERSREC_DATABASE_URL": db_url}) as triton:
         s = settings.model_copy(update={"kafka_bootstrap": kafka.bootstrap_servers, "triton_grpc_url": triton.grpc_url,
-                                        "model_repository": repo, "work_dir": work, "database_url": ""})
+                                        "model_repository": repo, "work_dir": work, "database_url": db_url})
         worker = WorkerProcess(s, work / "worker.log").start()
         console.print(f"broker {kafka.bootstrap_servers}, Triton {triton.grpc_url}, status API {worker.api}/status")
         sent, stop = [0], threading.Event()

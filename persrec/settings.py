@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     topic_interactions: str = "interactions"
     topic_recommendations: str = "recommendations"
     topic_dlq: str = "interactions.dlq"
+    topic_items: str = Field("items", description="item catalogue: {item_id, text, ts} keyed by item id")
     partitions: int = Field(4, ge=1)
     kafka_linger_ms: int = Field(
         5, ge=0, description="producer wait to fill a batch: fewer, larger produce requests")
@@ -45,6 +46,10 @@ class Settings(BaseSettings):
         2, ge=1, description="recommend batches processed at once: one in Triton while the worker publishes "
                              "another; more split a user's burst over more batches, each its own model pass")
     storage_dtype: str = Field("float16", pattern="^(float16|float32)$")
+    item_batch: int = Field(256, ge=1, description="items per encode_items call")
+    item_batch_wait_ms: float = Field(20.0, ge=0, description="how long an items batch waits to fill")
+    catalogue_poll_s: float = Field(
+        0.5, gt=0, description="how often a worker reads the items other workers registered")
     worker_web_port: int = Field(6066, description="Faust's own web server")
 
     # memory store

@@ -222,6 +222,9 @@ class _WorkerCollector:
             ("persrec_dlq", "dlq", "events sent to the dead-letter topic"),
             ("persrec_duplicates", "duplicates", "replayed event ids"),
             ("persrec_folds", "folds", "memories written by folds"),
+            ("persrec_items_in", "items_in", "messages read from the items topic"),
+            ("persrec_items_registered", "items_registered", "new items added to the catalogue by this worker"),
+            ("persrec_items_updated", "items_updated", "item texts changed by this worker"),
         ]:
             m = CounterMetricFamily(name, help_)
             m.add_metric([], c[key])
@@ -229,6 +232,10 @@ class _WorkerCollector:
         g = GaugeMetricFamily("persrec_fold_backlog", "users waiting for a fold")
         g.add_metric([], c["fold_backlog"])
         yield g
+        if c.get("catalogue"):
+            g = GaugeMetricFamily("persrec_catalogue_items", "items the served model can recommend")
+            g.add_metric([], c["catalogue"]["items"])
+            yield g
         q = c["latency"]
         for k in ("p50_ms", "p99_ms"):
             if q[k] is not None:
@@ -260,8 +267,13 @@ _STATUS = _object(
     ["time", "lag"], time={"type": "number"},
     lag={"type": "object", "nullable": True, "additionalProperties": _INT}, lag_error=_STR,
     **{name: _INT for name in ("events_in", "recs_out", "dlq", "duplicates", "rerouted", "cold_start", "folds",
-                               "fold_backlog", "batches", "offset_rewinds")},
+                               "fold_backlog", "batches", "offset_rewinds", "items_in", "items_registered",
+                               "items_updated", "items_ignored")},
     seconds_model={"type": "number"}, seconds_publish={"type": "number"}, model_version=_STR,
+    catalogue=_object(["items", "trained", "registered", "revision", "newest"], items=_INT, trained=_INT,
+                      registered=_INT, revision=_INT,
+                      newest={"type": "array", "items": _object(["item_id", "dense_id"], item_id=_STR, dense_id=_INT,
+                                                                revision=_INT, updated_at=_STR)}) | {"nullable": True},
     latency={"type": "object", "properties": {"p50_ms": {"type": "number", "nullable": True},
                                               "p99_ms": {"type": "number", "nullable": True}}},
 )

@@ -1,5 +1,7 @@
 """``persrec export``: a checkpoint -> a Triton model repository with ``recommend`` and ``fold``
-python-backend models (versioned directories, dynamic batching, GPU when present).
+python-backend models (versioned directories, dynamic batching, GPU when present), and, for a
+model that reads items by their text with a named encoder, ``encode_items`` (the item catalogue:
+``serving.catalogue``).
 
 The repository's code comes from ``triton_models/`` in this project; each version directory
 gets a copy of the checkpoint. ``manifest.json`` at the top tells the worker what it serves.
@@ -26,6 +28,9 @@ def _dims(shape) -> str:
 
 def _io(name: str, dtype: str, shape) -> str:
     return f'  {{ name: "{name}" data_type: {dtype} dims: {_dims(shape)} }}'
+
+
+CATALOGUE_INPUT = _io("CATALOGUE", "TYPE_INT64", [2])
 
 
 def model_config(name: str, ck: Checkpoint, kind: str, max_batch_size: int, params: dict[str, str],
@@ -65,9 +70,11 @@ def export_repository(
         recent_len=cfg.recent_len, top_k=top_k,
         memory_shape=tuple(cfg.memory_shape), has_memory=cfg.has_memory, policy=cfg.policy,
         history_len=max(cfg.max_len - cfg.recent_len, 0), request_time=cfg.request_time,
-        segment_len=cfg.segment_len, fold_model="fold",
+        segment_len=cfg.segment_len, fold_model="fold", catalogue=bool(cfg.item_repr.has_text and cfg.text_encoder),
     )
-    params = {"model_version": ck.model_version, "cpu_threads": str(cpu_threads)}
+    params = {"model_version": ck.model_version, "cpu_threads": str(cpu_threads),
+              "catalogue": str(manifest.catalogue).lower()}
+    extra = [CATALOGUE_INPUT] if manifest.catalogue else []
     mem = list(cfg.memory_shape)
     rec_inputs = [_io("ITEMS", "TYPE_INT64", [-1]), _io("TIMESTAMPS", "TYPE_INT64", [-1]),
                   _io("LENGTHS", "TYPE_INT64", [1])]
@@ -75,6 +82,7 @@ def export_repository(
         rec_inputs += [_io("MEMORY", "TYPE_FP32", mem), _io("HAS_MEMORY", "TYPE_BOOL", [1])]
     if cfg.request_time:
         rec_inputs.append(_io("REQUEST_TS", "TYPE_INT64", [1]))
+    rec_inputs += extra
     models = {
         "recommend": model_config(
             "recommend", ck, kind, max_batch_size,
@@ -89,16 +97,21 @@ def export_repository(
             "fold", ck, kind, max_batch_size, params,
             [_io("MEMORY", "TYPE_FP32", mem), _io("HAS_MEMORY", "TYPE_BOOL", [1]),
              _io("ITEMS", "TYPE_INT64", [-1]), _io("TIMESTAMPS", "TYPE_INT64", [-1]),
-             _io("LENGTHS", "TYPE_INT64", [1])],
+             _io("LENGTHS", "TYPE_INT64", [1])] + extra,
             [_io("NEW_MEMORY", "TYPE_FP32", mem)],
             instances,
         )
+    if manifest.catalogue:
+        models["encode_items"] = model_config(
+            "encode_items", ck, kind, 256, {"model_version": ck.model_version, "text_encoder": cfg.text_encoder},
+            [_io("TEXT", "TYPE_STRING", [1])], [_io("EMBEDDING", "TYPE_FP32", [cfg.text_dim])], instances)
     out = Path(out)
     for name, config in models.items():
         vdir = out / name / str(version)
         vdir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(TEMPLATES / name / "model.py", vdir / "model.py")
-        save_checkpoint(ck, vdir / "checkpoint.pt")
+        if name != "encode_items":  # the encoder is named in its config; it needs no weights of ours
+            save_checkpoint(ck, vdir / "checkpoint.pt")
         (out / name / "config.pbtxt").write_text(config)
     manifest.write(out)
     return manifest

@@ -31,10 +31,30 @@ class ModelRunner:
         self.model_version = ck.model_version
         self.model = ck.build_model(self.device)
         self._empty = None
+        self.catalogue_revision = 0  # the item-catalogue rows applied (apply_catalogue)
         with torch.inference_mode():
             self._table = self.model.item_vectors()  # [I+1, D], normalised once: weights are fixed
             if self.cfg.has_memory:
                 self._empty = self.model.empty_memory(1)  # [1, L, 2, M, H, Dh]
+
+    def apply_catalogue(self, rows) -> None:
+        """Read items registered since training (``memory.CatalogueItem`` rows: dense id, text
+        embedding, revision) as the model reads any item by its text, in its inputs and in its
+        answers. Raises for a model that reads items by id only."""
+        if not rows:
+            return
+        if not self.cfg.item_repr.has_text:
+            raise ValueError("this model reads items by id only: it cannot take catalogue items")
+        ids = np.array([r.dense_id for r in rows], np.int64)
+        self.model.item_emb.put_items(ids, np.stack([r.embedding for r in rows]))
+        self.catalogue_revision = max(self.catalogue_revision, max(r.revision for r in rows))
+        with torch.inference_mode():
+            self._table = self.model.item_vectors()
+
+    @property
+    def num_items(self) -> int:
+        """Items the model can answer with: the trained ones and the catalogue's."""
+        return self._table.shape[0] - 1
 
     def _tensor(self, a: np.ndarray, dtype=None) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=self.device)
@@ -55,7 +75,7 @@ class ModelRunner:
         ``request_time`` model, whose query at an item is asked at the next item's time. The
         remaining rows run in groups of similar length (``width_groups``), each trimmed to its
         own longest row: a batch is padded to its longest row and attention is quadratic in
-        it."""
+        it. ``x.catalogue``: a row is answered with no item after its highest known id."""
         k = min(top_k, self.cfg.num_items)
         ids, scores = np.zeros((len(x), k), np.int64), np.zeros((len(x), k), np.float32)
         if self.cfg.request_time:
@@ -66,12 +86,13 @@ class ModelRunner:
         for group in width_groups(x.lengths[carriers]):
             rows = carriers[group]
             queries = np.flatnonzero(np.isin(carrier, rows))
+            known = None if x.catalogue is None else x.catalogue[queries, 1]
             ids[queries], scores[queries] = self._recommend(
-                x.take(rows), np.searchsorted(rows, carrier[queries]), x.lengths[queries] - 1, k, exclude_seen)
+                x.take(rows), np.searchsorted(rows, carrier[queries]), x.lengths[queries] - 1, k, exclude_seen, known)
         return ids, scores
 
     @torch.inference_mode()
-    def _recommend(self, x: ModelInputs, rows, positions, k, exclude_seen):
+    def _recommend(self, x: ModelInputs, rows, positions, k, exclude_seen, known=None):
         ids = self._tensor(x.items, torch.long)
         lens = self._tensor(x.lengths, torch.long)
         ts = self._tensor(x.timestamps, torch.long)
@@ -80,6 +101,9 @@ class ModelRunner:
         rows, positions = self._tensor(rows, torch.long), self._tensor(positions, torch.long)
         vectors = self.model.recommend(mem, ids, lens, ts, at=(rows, positions), request_ts=request)
         scores = self.model.score(vectors, self._table)
+        if known is not None and int(known.min()) < self.num_items:  # items its worker cannot name yet
+            cols = torch.arange(scores.shape[1], device=scores.device)
+            scores.masked_fill_(cols[None] > self._tensor(known, torch.long)[:, None], float("-inf"))
         if exclude_seen:  # each query's own items: its row up to its position
             seen = torch.arange(ids.shape[1], device=ids.device)[None] <= positions[:, None]
             scores.scatter_(1, ids[rows] * seen, float("-inf"))  # padding maps to column 0, already -inf
@@ -180,3 +204,26 @@ def runner_from_triton_args(args: dict) -> tuple[ModelRunner, dict[str, str]]:
     gc.collect()
     gc.freeze()
     return runner, params
+
+
+def catalogue_from_triton_args(runner: ModelRunner, params: dict[str, str]):
+    """The ``CatalogueFollower`` of a model exported with a CATALOGUE input (None without): it
+    reads the database named by ``PERSREC_DATABASE_URL`` in Triton's environment."""
+    if params.get("catalogue", "false") != "true":
+        return None
+    from persrec.serving.catalogue import CatalogueFollower
+    from persrec.settings import Settings
+
+    return CatalogueFollower(runner, Settings().database_url)
+
+
+def encoder_from_triton_args(args: dict):
+    """The text encoder an ``encode_items`` model's ``initialize(args)`` needs."""
+    import json
+
+    from persrec.models.text import encoder_named
+
+    config = json.loads(args["model_config"])
+    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
+    return encoder_named(params["text_encoder"], device)

@@ -8,7 +8,7 @@ from persrec.models.inputs import ModelInputs
 
 # Triton input name -> ModelInputs field; the ragged ones are padded to the widest request
 FIELDS = {"ITEMS": "items", "TIMESTAMPS": "timestamps", "LENGTHS": "lengths", "MEMORY": "memory",
-          "HAS_MEMORY": "has_memory", "REQUEST_TS": "request_ts"}
+          "HAS_MEMORY": "has_memory", "REQUEST_TS": "request_ts", "CATALOGUE": "catalogue"}
 PER_ROW = ("LENGTHS", "HAS_MEMORY", "REQUEST_TS")  # [b, 1] in Triton, [b] in ModelInputs
 
 

@@ -4,6 +4,10 @@ An event on the ``interactions`` topic is a UTF-8 JSON object keyed by user id:
 ``{"user_id": str|int, "item_id": str|int, "ts": unix seconds or ISO-8601, "event_id": str?}``.
 ``parse_event`` returns an ``Event`` or raises ``InvalidEvent`` whose ``reason`` is a short
 stable code (it becomes the dead-letter ``reason`` header) and ``detail`` a human sentence.
+
+An item on the ``items`` topic is a UTF-8 JSON object keyed by item id:
+``{"item_id": str|int, "text": str, "ts": unix seconds or ISO-8601}``; ``parse_item`` checks it
+the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ MAX_ID_CHARS = 256
 MAX_INT_ID = 2**63 - 1
 MAX_FUTURE_S = 24 * 3600  # clocks drift; a day ahead is a bug, not drift
 MIN_TS = 0.0  # 1970-01-01: anything earlier is a unit or sign error
+MAX_TEXT_CHARS = 4096  # an item's text: a title and a description, not a document
 
 
 class InvalidEvent(ValueError):
@@ -85,8 +90,7 @@ class UserDeletion:
     user_id: str
 
 
-def parse_event(raw: bytes | None, *, now: float) -> Event | UserDeletion:
-    """Validate one message value. ``now`` (unix seconds) bounds timestamps from the future."""
+def _json_object(raw: bytes | None) -> dict:
     if not raw:  # a null (tombstone) or zero-length value
         raise InvalidEvent("empty", "message has no value")
     if len(raw) > MAX_EVENT_BYTES:
@@ -102,6 +106,12 @@ def parse_event(raw: bytes | None, *, now: float) -> Event | UserDeletion:
         raise InvalidEvent("not_json", "JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise InvalidEvent("not_object", f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_event(raw: bytes | None, *, now: float) -> Event | UserDeletion:
+    """Validate one message value. ``now`` (unix seconds) bounds timestamps from the future."""
+    obj = _json_object(raw)
     if "op" in obj:
         if obj["op"] != "delete_user":
             raise InvalidEvent("bad_value", f"unknown op {str(obj['op'])[:64]!r}")
@@ -114,3 +124,27 @@ def parse_event(raw: bytes | None, *, now: float) -> Event | UserDeletion:
     if "ts" not in obj:
         raise InvalidEvent("missing_field", "ts is required")
     return Event(_id(obj, "user_id"), _id(obj, "item_id"), _ts(obj["ts"], now), event_id)
+
+
+@dataclass(frozen=True)
+class Item:
+    item_id: str
+    text: str
+    ts: float  # unix seconds: when the item was published
+
+
+def parse_item(raw: bytes | None, *, now: float) -> Item:
+    """Validate one ``items`` message value (``parse_event``'s rules for ids and times)."""
+    obj = _json_object(raw)
+    text = obj.get("text")
+    if text is None:
+        raise InvalidEvent("missing_field", "text is required")
+    if not isinstance(text, str):
+        raise InvalidEvent("bad_type", f"text must be a string, got {type(text).__name__}")
+    if not text.strip() or len(text) > MAX_TEXT_CHARS:
+        raise InvalidEvent("bad_value", f"text must be 1..{MAX_TEXT_CHARS} characters, not blank")
+    if "\x00" in text or any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        raise InvalidEvent("bad_value", "text holds a NUL or a lone surrogate")
+    if "ts" not in obj:
+        raise InvalidEvent("missing_field", "ts is required")
+    return Item(_id(obj, "item_id"), text, _ts(obj["ts"], now))

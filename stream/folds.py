@@ -28,6 +28,7 @@ from persrec.models.config import MemoryPolicy
 from persrec.models.inputs import ModelInputs
 
 from . import window as win
+from .catalogue import Catalogue
 from .inputs import ItemReader
 from .manifest import Manifest
 from .memories import CachedMemory, Memories
@@ -37,8 +38,10 @@ from .triton import TritonModels
 
 class Folds:
     def __init__(self, memories: Memories, models: TritonModels, reader: ItemReader, manifest: Manifest,
-                 read_window: Callable[[str], win.Window], counters: Counters, *, batch: int, storage_dtype: str) -> None:
+                 read_window: Callable[[str], win.Window], counters: Counters, *, batch: int, storage_dtype: str,
+                 catalogue: Catalogue | None = None) -> None:
         self.memories, self.models, self.reader, self.manifest = memories, models, reader, manifest
+        self.catalogue = catalogue  # items registered since training: the fold model must read them too
         self.read_window, self.counters = read_window, counters
         self.batch, self.storage_dtype = batch, storage_dtype
         self.pending: set[str] = set()  # users with a whole segment to fold
@@ -81,7 +84,8 @@ class Folds:
             if has:
                 memory[i] = plan[i][1].tensor
         x = ModelInputs.of_rows([r[0] for r in rows], [r[1] for r in rows], memory=memory,
-                                has_memory=np.array([r[2] for r in rows], bool))
+                                has_memory=np.array([r[2] for r in rows], bool),
+                                catalogue=None if self.catalogue is None else self.catalogue.state(len(rows)))
         new = await self.models.fold(x)
         return await self._write(plan, rows, new)
 

@@ -26,9 +26,15 @@ class Mapped:
 
 class ItemReader:
     def __init__(self, id_map: IdMap, cap: int) -> None:
-        # A dict beats IdMap.encode's vectorised search on the few items of one request.
+        # A dict beats IdMap.encode's vectorised search on the few items of one request. Items
+        # registered later are added to it (stream.catalogue).
         self._index = {item: i + 1 for i, item in enumerate(id_map.items.tolist())}
         self.cap = cap  # the most items a request reads beside the memory (window.read_start)
+
+    @property
+    def index(self) -> dict[str, int]:
+        """Item id -> the model's id (the catalogue adds to it)."""
+        return self._index
 
     def known(self, items: list[str], ts: list[int]) -> tuple[list[int], list[int]]:
         """Model ids and times of the items the model knows (unknown items are skipped)."""

@@ -31,6 +31,9 @@ class Manifest:
     # the Triton model that folds a segment into a memory; repositories written before it was
     # named ``fold`` call it ``compress``
     fold_model: str = "compress"
+    # the model reads items by their text with a named encoder: items published on the items
+    # topic are encoded by ``encode_items`` and served (serving.catalogue)
+    catalogue: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", MemoryPolicy(self.policy))
@@ -40,8 +43,10 @@ class Manifest:
 
     @property
     def triton_models(self) -> list[str]:
-        """The repository's models: ``recommend``, and the fold model when there is a memory."""
-        return ["recommend"] + ([self.fold_model] if self.has_memory else [])
+        """The repository's models: ``recommend``, the fold model when there is a memory, and
+        ``encode_items`` when the model takes catalogue items."""
+        return (["recommend"] + ([self.fold_model] if self.has_memory else [])
+                + (["encode_items"] if self.catalogue else []))
 
     @classmethod
     def read(cls, repository: Path) -> "Manifest":

@@ -27,6 +27,11 @@ class Counters:
     batches: int = 0
     seconds_model: float = 0.0  # in recommend_batch (memories + Triton)
     seconds_publish: float = 0.0  # producing and waiting for the broker's acks
+    items_in: int = 0  # messages read from the items topic
+    items_registered: int = 0  # new items this worker added to the catalogue
+    items_updated: int = 0  # items whose text this worker changed
+    items_ignored: int = 0  # items for a model that reads items by id only
+    seconds_items: float = 0.0  # registering items (encoder, database)
     latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
 
     def latency_quantiles(self) -> dict[str, float | None]:

@@ -97,6 +97,7 @@ class Pipeline:
         decode = lambda v: v if isinstance(v, win.Window) else win.decode(v)  # noqa: E731
         self.windows = fa.WindowStore(app, settings.partitions, decode, win.encode)
         self.runtime: Runtime | None = None  # built in the worker's event loop (``ready``)
+        self._building: asyncio.Future | None = None
         self.queue: asyncio.Queue[RecRequest] = asyncio.Queue(maxsize=4 * settings.max_batch)
         # Only events this agent finished are acknowledged (AckGate), in read order per
         # partition (OrderedAcks), and none is missing from what the agent reads (OffsetGuard).
@@ -119,8 +120,13 @@ class Pipeline:
         app.on_partitions_assigned.connect(self._assigned)
 
     async def ready(self) -> Runtime:
+        """The runtime, built once by whichever task asks first (the others wait for it)."""
         if self.runtime is None:
-            self.runtime = await self._make_runtime(lambda user_id: self.windows.get(user_id.encode()))
+            if self._building is None:
+                self._building = asyncio.ensure_future(
+                    self._make_runtime(lambda user_id: self.windows.get(user_id.encode())))
+            runtime = await asyncio.shield(self._building)
+            self.runtime = self.runtime or runtime
         return self.runtime
 
     # ---------------------------------------------------------------- per event (the agent)
@@ -330,13 +336,16 @@ class Pipeline:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def retrying(self, what: str, size: int, step):
+    async def retrying(self, what: str, size: int, step, give_up: tuple[type[BaseException], ...] = ()):
         """``step()`` until it succeeds: for outages of the broker or the database, which a
-        worker waits out (events stay unacknowledged meanwhile)."""
+        worker waits out (events stay unacknowledged meanwhile). Exceptions of ``give_up``
+        are raised at once."""
         delay = 0.1
         while True:
             try:
                 return await step()
+            except give_up:
+                raise
             except Exception:  # noqa: BLE001 - broker/DB trouble: wait and retry
                 log.exception("%s of %d failed; retrying in %.1fs", what, size, delay)
                 await asyncio.sleep(delay)

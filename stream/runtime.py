@@ -26,6 +26,7 @@ from persrec.models.data import IdMap
 from persrec.models.inputs import ModelInputs
 
 from . import window as win
+from .catalogue import Catalogue
 from .folds import Folds
 from .inputs import ItemReader
 from .manifest import Manifest
@@ -66,8 +67,10 @@ class Runtime:
         self.counters = Counters()
         self.memories = Memories(store, manifest.model_version, cfg.cache_size)
         self.reader = ItemReader(id_map, max(manifest.window_len, manifest.recent_len + manifest.history_len))
+        # items registered since training (the items topic), for a model that reads their text
+        self.catalogue = Catalogue(id_map, self.reader.index) if manifest.catalogue else None
         self.folds = Folds(self.memories, models, self.reader, manifest, read_window, self.counters,
-                           batch=cfg.fold_batch, storage_dtype=cfg.storage_dtype)
+                           batch=cfg.fold_batch, storage_dtype=cfg.storage_dtype, catalogue=self.catalogue)
         self.last_recs: collections.OrderedDict[str, dict] = collections.OrderedDict()
 
     def trimmed(self, user_id: str, w: win.Window) -> win.Window:
@@ -103,7 +106,7 @@ class Runtime:
             top_ids, top_scores = await self.models.recommend(self.model_inputs(reqs, used, inputs, live))
             # the whole batch at once: per-row decoding was a tenth of the worker's time
             k = top_ids.shape[1]
-            names = self.id_map.decode(top_ids)
+            names = (self.id_map if self.catalogue is None else self.catalogue).decode(top_ids)
             values = np.round(top_scores.astype(np.float64).ravel(), 6).tolist()
         now, row_of, messages = time.time(), {i: row for row, i in enumerate(live)}, []
         for i, (r, m) in enumerate(zip(reqs, used)):
@@ -132,8 +135,9 @@ class Runtime:
                     memory[row] = used[i].tensor
         if self.manifest.request_time:  # the recommendation is asked for at its event's time
             request_ts = np.array([int(reqs[i].event_ts) for i in live], np.int64)
+        catalogue = None if self.catalogue is None else self.catalogue.state(len(live))
         return ModelInputs.of_rows([inputs[i][0] for i in live], [inputs[i][1] for i in live], width,
-                                   memory=memory, has_memory=has, request_ts=request_ts)
+                                   memory=memory, has_memory=has, request_ts=request_ts, catalogue=catalogue)
 
     def _last(self, user_id: str, msg: dict) -> None:
         self.last_recs[user_id] = msg

@@ -1,5 +1,6 @@
-"""The worker's async gRPC client for the served models, ``recommend`` and ``fold``, with
-timeouts and retries. Inputs go as ``models.inputs.ModelInputs`` both ways."""
+"""The worker's async gRPC client for the served models, ``recommend``, ``fold`` and
+``encode_items``, with timeouts and retries. Inputs go as ``models.inputs.ModelInputs`` both
+ways."""
 
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ class TritonModels:
     async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         tensors = []
         for name, arr in inputs.items():
-            dtype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(bool): "BOOL"}[arr.dtype]
+            dtype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(bool): "BOOL",
+                     np.dtype(object): "BYTES"}[arr.dtype]
             t = grpcclient.InferInput(name, list(arr.shape), dtype)
             t.set_data_from_numpy(np.ascontiguousarray(arr))
             tensors.append(t)
@@ -119,6 +121,11 @@ class TritonModels:
         out = await self._infer(self.fold_model, tensors(x, memory=True, request=False), ["NEW_MEMORY"])
         return out["NEW_MEMORY"]
 
+    async def encode_items(self, texts: list[str]) -> np.ndarray:
+        """-> EMBEDDING ``[n, E]`` float32, one row per text."""
+        arr = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
+        return (await self._infer("encode_items", {"TEXT": arr}, ["EMBEDDING"]))["EMBEDDING"]
+
 
 def tensors(x: ModelInputs, *, memory: bool, request: bool) -> dict[str, np.ndarray]:
     """The Triton inputs of ``x`` (names as in the exported configs, ``serving.export``)."""
@@ -128,4 +135,6 @@ def tensors(x: ModelInputs, *, memory: bool, request: bool) -> dict[str, np.ndar
         out |= {"MEMORY": x.memory.astype(np.float32), "HAS_MEMORY": x.has_memory.reshape(-1, 1).astype(bool)}
     if request:
         out["REQUEST_TS"] = x.request_ts.reshape(-1, 1).astype(np.int64)
+    if x.catalogue is not None:
+        out["CATALOGUE"] = x.catalogue.astype(np.int64)
     return out

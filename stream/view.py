@@ -40,7 +40,20 @@ class WorkerView:
             "folds": c.folds, "fold_backlog": len(rt.folds.pending), "batches": c.batches,
             "seconds_model": round(c.seconds_model, 3), "seconds_publish": round(c.seconds_publish, 3),
             "latency": c.latency_quantiles(), "model_version": rt.manifest.model_version,
+            "items_in": c.items_in, "items_registered": c.items_registered, "items_updated": c.items_updated,
+            "items_ignored": c.items_ignored, "catalogue": self.catalogue(),
         }
+
+    def catalogue(self) -> dict[str, Any] | None:
+        """The items the model serves: trained, registered since, the newest registered (None
+        for a model that reads items by id only)."""
+        rt = self._pipeline.runtime
+        cat = None if rt is None else rt.catalogue
+        if cat is None:
+            return None
+        return {"items": cat.size, "trained": cat.base, "registered": len(cat.added), "revision": cat.revision,
+                "newest": [{"item_id": r.item_id, "dense_id": r.dense_id, "revision": r.revision,
+                            "updated_at": r.updated_at.isoformat()} for r in cat.newest]}
 
     def window(self, user_id: str, watermark: int) -> WindowState | None:
         rt = self._pipeline.runtime

@@ -7,7 +7,7 @@ import logging
 
 import faust
 
-from persrec.memory import SqlMemoryStore, migrate
+from persrec.memory import SqlCatalogue, SqlMemoryStore, migrate
 from persrec.models.checkpoint import load_checkpoint
 from persrec.models.data import IdMap
 from persrec.settings import Settings
@@ -16,6 +16,7 @@ from . import members
 from .faust_adapter import install_idle_fetch_backoff
 from .manifest import Manifest
 from .pipeline import Pipeline, create_app
+from .registry import ItemRegistry
 from .runtime import Runtime, StreamConfig
 from .topics import create_topics
 from .triton import TritonModels
@@ -38,6 +39,7 @@ def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.Ap
         settings.topic_interactions: settings.partitions,
         settings.topic_recommendations: settings.partitions,
         settings.topic_dlq: settings.partitions,
+        settings.topic_items: settings.partitions,
     })
     # A worker killed on this host left its group membership behind: the embedded broker never
     # expires it and this worker would wait forever for partitions (stream/members.py).
@@ -45,16 +47,21 @@ def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.Ap
     db_url = settings.resolved_database_url
     migrate(db_url)
     cfg = StreamConfig(storage_dtype=settings.storage_dtype)
+    registry: ItemRegistry | None = None
 
     async def make_runtime(read_window):
         store = SqlMemoryStore(db_url, storage_dtype=settings.storage_dtype)
         models = TritonModels(settings.triton_grpc_url, timeout_s=settings.triton_timeout_s, max_attempts=None,
                               version=str(manifest.triton_version), fold_model=manifest.fold_model)
-        return Runtime(store, models, id_map, manifest, cfg, read_window)
+        rt = Runtime(store, models, id_map, manifest, cfg, read_window)
+        await registry.load(rt)
+        return rt
 
     app = create_app(settings)
     pipeline = Pipeline(app, settings, make_runtime)
     pipeline.attach()
+    registry = ItemRegistry(pipeline, SqlCatalogue(db_url) if manifest.catalogue else None)
+    registry.attach()
     if with_api:
         from persrec.serving.api import serve_in_worker
 

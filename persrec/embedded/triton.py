@@ -15,7 +15,7 @@ import shutil
 import sys
 import sysconfig
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -146,7 +146,7 @@ class EmbeddedTriton:
                  http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, log_path: Path | None = None,
                  extra_args: Sequence[str] = (), start_timeout: float = 120.0,
-                 auto_complete_config: bool = False) -> None:
+                 auto_complete_config: bool = False, env: Mapping[str, str] | None = None) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.models = list(dict.fromkeys(models))  # loaded at start, kept by load/unload_model
         self.work_dir = Path(work_dir)
@@ -160,6 +160,7 @@ class EmbeddedTriton:
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
         self.auto_complete_config = auto_complete_config
+        self.env = dict(env or {})  # added to the server's environment (e.g. PERSREC_DATABASE_URL)
         self._install = TritonInstall()
         self._proc: ManagedProcess | None = None
 
@@ -209,7 +210,7 @@ class EmbeddedTriton:
         backends = self._install.backend_directory(self.work_dir)
         # The model list is read at each start, so the argv is rebuilt (restart after a rollout).
         self._proc = ManagedProcess("tritonserver", self._argv(backends), self.log_path,
-                                    env=self._install.environment(), cwd=self.work_dir,
+                                    env=self._install.environment() | self.env, cwd=self.work_dir,
                                     skip_log_line=_is_table_line, leftover_files=_shm_regions)
         self._proc.start()
         ready_url = f"http://{self.http_url}/v2/health/ready"

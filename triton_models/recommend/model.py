@@ -2,15 +2,17 @@
 
 Inputs (per row): MEMORY fp32 [L,2,M,H,Dh], HAS_MEMORY bool [1], ITEMS int64 [W],
 TIMESTAMPS int64 [W], LENGTHS int64 [1], and for a request-time model REQUEST_TS int64 [1]
-(unix seconds of the event the recommendation answers). Outputs: TOP_IDS int64 [k],
-TOP_SCORES fp32 [k].
+(unix seconds of the event the recommendation answers), and for a model that reads items by
+their text CATALOGUE int64 [2] (the worker's catalogue revision and highest item id:
+``serving.catalogue``). Outputs: TOP_IDS int64 [k], TOP_SCORES fp32 [k].
 Requests that Triton's dynamic batcher hands over together run as one batch.
 """
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from persrec.serving.inference import runner_from_triton_args
+from persrec.serving.catalogue import CatalogueUnavailable
+from persrec.serving.inference import catalogue_from_triton_args, runner_from_triton_args
 from persrec.serving.triton_batch import model_inputs, split_rows
 
 
@@ -21,11 +23,17 @@ class TritonPythonModel:
         self.exclude_seen = params.get("exclude_seen", "true") == "true"
         self.has_memory = self.runner.cfg.has_memory
         self.request_time = self.runner.cfg.request_time
+        self.catalogue = catalogue_from_triton_args(self.runner, params)
 
     def execute(self, requests):
         names = (["ITEMS", "TIMESTAMPS", "LENGTHS"] + (["MEMORY", "HAS_MEMORY"] if self.has_memory else [])
-                 + (["REQUEST_TS"] if self.request_time else []))
+                 + (["REQUEST_TS"] if self.request_time else []) + (["CATALOGUE"] if self.catalogue else []))
         x, sizes = model_inputs([{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in names} for r in requests])
+        if self.catalogue:
+            try:
+                self.catalogue.sync(int(x.catalogue[:, 0].max()))
+            except CatalogueUnavailable as exc:
+                return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))) for _ in requests]
         ids, scores = self.runner.recommend(x, self.top_k, self.exclude_seen)
         return [
             pb_utils.InferenceResponse(output_tensors=[
