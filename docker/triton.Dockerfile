@@ -23,10 +23,14 @@ COPY memory memory
 COPY stream stream
 COPY serving serving
 COPY triton_models triton_models
-# --no-deps: Kafka, Faust, SQLAlchemy and the rest belong to the worker, not to Triton, and the
-# image's own torch and numpy stay as NVIDIA built them.
+# --no-deps: Kafka, Faust and the rest belong to the worker, not to Triton, and the image's own
+# torch and numpy stay as NVIDIA built them. A model that reads items by their text follows the
+# item catalogue in the workers' database (serving/catalogue.py): SQLAlchemy, psycopg and
+# pydantic-settings (PERSREC_DATABASE_URL), pinned as in pyproject.toml.
 ARG PIP_INSTALL_ARGS=
 RUN python3 -m pip install $PIP_INSTALL_ARGS --no-deps . \
-    && cd / && python3 -c "import persrec.serving.inference, persrec.serving.triton_batch"
+    && python3 -m pip install $PIP_INSTALL_ARGS "sqlalchemy>=2.0,<2.2" "psycopg[binary]>=3.1" "pydantic>=2.7" \
+       "pydantic-settings>=2.3" \
+    && cd / && python3 -c "import persrec.serving.inference, persrec.serving.triton_batch, persrec.serving.catalogue"
 
 WORKDIR /opt/tritonserver

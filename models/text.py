@@ -127,6 +127,28 @@ def movielens_texts(path: str | Path) -> dict[str, str]:
     return out
 
 
+def load_item_texts(path: str | Path) -> dict[str, str]:
+    """Item id -> text from a MovieLens ``movies.dat`` / ``movies.csv`` (``movielens_texts``),
+    or a JSON Lines file of ``{"item_id": ..., "text": ...}`` objects (what the ``items`` topic
+    carries, so a catalogue file can be replayed on it)."""
+    import json
+
+    path = Path(path)
+    if path.name.lower().removesuffix(".gz").endswith((".jsonl", ".ndjson")):
+        with _open_binary(path) as f:
+            lines = f.read().decode("utf-8").splitlines()
+        out = {}
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if not isinstance(obj, dict) or "item_id" not in obj or not isinstance(obj.get("text"), str):
+                raise ValueError(f"{path}:{n}: expected {{\"item_id\": ..., \"text\": str}}, got {line[:80]!r}")
+            out[str(obj["item_id"])] = obj["text"]
+        return out
+    return movielens_texts(path)
+
+
 def item_texts(id_map: IdMap, texts: dict[str, str]) -> list[str]:
     """The text of dense items 1..I in order (an item without one: its id)."""
     return [texts.get(i, i) for i in id_map.items.tolist()]

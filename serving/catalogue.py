@@ -10,10 +10,12 @@ restart and every worker end up reading the same table, and nothing is pushed to
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from persrec.memory import SqlCatalogue
+if TYPE_CHECKING:
+    from persrec.memory import SqlCatalogue
 
-from .inference import ModelRunner
+    from .inference import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class CatalogueFollower:
                 "is not set in Triton's environment (set it to the workers' database)")
         try:
             if self._store is None:
+                from persrec.memory import SqlCatalogue  # SQLAlchemy: only where a catalogue is served
+
                 self._store = SqlCatalogue(self.database_url)
             rows = self._store.since(self.runner.model_version, have)
         except Exception as exc:  # noqa: BLE001 - the database is down or unreachable: retried

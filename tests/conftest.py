@@ -77,7 +77,7 @@ def worker_settings(tmp_path, kafka_bootstrap, triton, served_model):
         base = dict(
             app_id=f"persrec-{tag}", kafka_bootstrap=kafka_bootstrap,
             topic_interactions=f"interactions-{tag}", topic_recommendations=f"recommendations-{tag}",
-            topic_dlq=f"interactions-{tag}.dlq", partitions=4, triton_grpc_url=triton.grpc_url,
+            topic_dlq=f"interactions-{tag}.dlq", topic_items=f"items-{tag}", partitions=4, triton_grpc_url=triton.grpc_url,
             model_repository=served_model.repository, work_dir=tmp_path / tag, api_port=api_port,
             worker_web_port=web_port, storage_dtype="float32",
         )

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import pytest
 
-from persrec.embedded._proc import free_port, http_ok
+from persrec.embedded._proc import free_port, free_ports, http_ok
 from persrec.settings import Settings
 from persrec.stack import get_json, settings_env, worker_ready
 
@@ -321,7 +321,11 @@ class TritonContainer(ServiceContainer):
 
     def __init__(self, image: str, model_repository: Path, models: Sequence[str],
                  extra_args: Sequence[str] = (), gpus: str | None = None,
-                 start_timeout: float = 180.0) -> None:
+                 start_timeout: float = 180.0, env: Mapping[str, str] | None = None,
+                 host_network: bool = False) -> None:
+        """``env``: added to the server's environment. ``host_network``: the container runs in
+        the host's network namespace on free ports, as the worker containers do, so it reaches
+        what they reach (e.g. a database named by ``PERSREC_DATABASE_URL`` for the catalogue)."""
         from testcontainers.core.container import DockerContainer
 
         self.model_repository = Path(model_repository).resolve()
@@ -334,6 +338,11 @@ class TritonContainer(ServiceContainer):
             "--disable-auto-complete-config", "--exit-timeout-secs=10", "--log-verbose=0",
             *extra_args,
         ]
+        self._host_ports: dict[int, int] = {}
+        if host_network:
+            self._host_ports = dict(zip((self.HTTP, self.GRPC, self.METRICS), free_ports(3)))
+            command += [f"--http-port={self._host_ports[self.HTTP]}", f"--grpc-port={self._host_ports[self.GRPC]}",
+                        f"--metrics-port={self._host_ports[self.METRICS]}"]
         # The python backend keeps tensors in /dev/shm: Docker's default 64 MB is too small.
         run_options: dict[str, Any] = {"shm_size": "1g"}
         if gpus:
@@ -342,13 +351,23 @@ class TritonContainer(ServiceContainer):
             count = -1 if gpus == "all" else int(gpus)
             run_options["device_requests"] = [DeviceRequest(count=count, capabilities=[["gpu"]])]
         container = (
-            DockerContainer(image)
+            DockerContainer(image, env=dict(env or {}))
             .with_command(command)
             .with_volume_mapping(str(self.model_repository), "/models", "ro")
-            .with_exposed_ports(self.HTTP, self.GRPC, self.METRICS)
-            .with_kwargs(**run_options)
         )
+        if host_network:
+            run_options["network_mode"] = "host"
+        else:
+            container = container.with_exposed_ports(self.HTTP, self.GRPC, self.METRICS)
+        container = container.with_kwargs(**run_options)
         super().__init__("triton", container, start_timeout)
+
+    @property
+    def host(self) -> str:
+        return docker_host_address() if self._host_ports else super().host
+
+    def port(self, container_port: int) -> int:
+        return self._host_ports.get(container_port) or super().port(container_port)
 
     @property
     def http_url(self) -> str:

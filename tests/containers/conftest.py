@@ -48,7 +48,7 @@ def container_settings(tmp_path, kafka_container, served_triton, served_model):
             app_id=f"persrec-{tag}", kafka_bootstrap=kafka_container.bootstrap_servers,
             topic_interactions=f"interactions-{tag}",
             topic_recommendations=f"recommendations-{tag}", topic_dlq=f"interactions-{tag}.dlq",
-            partitions=4, triton_grpc_url=served_triton.grpc_url,
+            topic_items=f"items-{tag}", partitions=4, triton_grpc_url=served_triton.grpc_url,
             model_repository=served_model.repository, work_dir=tmp_path / tag, api_port=api_port,
             worker_web_port=web_port, storage_dtype="float32",
         )

@@ -157,3 +157,25 @@ def test_unknown_items_are_learned_nothing_about_in_training() -> None:
     assert torch.count_nonzero(ids[torch.as_tensor(cold)]) == 0
     warm = np.setdiff1d(np.arange(1, 31), cold)
     assert torch.count_nonzero(ids[torch.as_tensor(warm)].abs().sum(1)) == len(warm)
+
+
+def test_persrec_train_reads_item_texts_and_names_the_encoder(tmp_path, monkeypatch) -> None:
+    # `persrec train --items text`: a JSON Lines catalogue (the items topic's shape), the
+    # encoder named in the checkpoint so that the served model encodes new items the same way.
+    from typer.testing import CliRunner
+
+    from persrec.cli import app
+    from persrec.models.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("PERSREC_WORK_DIR", str(tmp_path / "var"))
+    catalogue = tmp_path / "items.jsonl"
+    catalogue.write_text("\n".join(f'{{"item_id": "{i}", "text": "item {i} kind {i % 5}"}}' for i in range(1, 401)))
+    out = tmp_path / "m"
+    result = CliRunner().invoke(app, ["train", "synthetic", "--items", "text", "--item-texts", str(catalogue),
+                                      "--text-encoder", "hashing-16", "--epochs", "1", "--dim", "16", "--head-dim", "16",
+                                      "--max-len", "20", "--out", str(out), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    ck = load_checkpoint(out / "best.pt")
+    assert (ck.config.item_repr.value, ck.config.text_dim, ck.config.text_encoder) == ("text", 16, "hashing-16")
+    bad = CliRunner().invoke(app, ["train", "synthetic", "--items", "text", "--epochs", "1", "--out", str(out)])
+    assert bad.exit_code != 0 and "--item-texts" in bad.output
