@@ -236,12 +236,14 @@ class _WorkerCollector:
             g = GaugeMetricFamily("persrec_catalogue_items", "items the served model can recommend")
             g.add_metric([], c["catalogue"]["items"])
             yield g
-        q = c["latency"]
-        for k in ("p50_ms", "p99_ms"):
-            if q[k] is not None:
-                g = GaugeMetricFamily(f"persrec_latency_{k}", "event read -> recommendation published")
-                g.add_metric([], q[k])
-                yield g
+        for key, name, help_ in [("latency", "latency", "event read -> recommendation published"),
+                                 ("item_latency", "item_latency", "item published -> served (catalogue)")]:
+            q = c.get(key) or {}
+            for k in ("p50_ms", "p99_ms"):
+                if q.get(k) is not None:
+                    g = GaugeMetricFamily(f"persrec_{name}_{k}", help_)
+                    g.add_metric([], q[k])
+                    yield g
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -276,6 +278,8 @@ _STATUS = _object(
                                                                 revision=_INT, updated_at=_STR)}) | {"nullable": True},
     latency={"type": "object", "properties": {"p50_ms": {"type": "number", "nullable": True},
                                               "p99_ms": {"type": "number", "nullable": True}}},
+    item_latency={"type": "object", "properties": {"p50_ms": {"type": "number", "nullable": True},
+                                                   "p99_ms": {"type": "number", "nullable": True}}},
 )
 _MEMORY = _object(
     ["model_version", "events_folded", "watermark"], model_version=_STR, shape={"type": "array", "items": _INT},

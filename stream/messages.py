@@ -33,11 +33,14 @@ class Counters:
     items_ignored: int = 0  # items for a model that reads items by id only
     seconds_items: float = 0.0  # registering items (encoder, database)
     latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
+    # item message published (its Kafka timestamp) -> served: in the catalogue every next request carries
+    item_latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
 
-    def latency_quantiles(self) -> dict[str, float | None]:
-        if not self.latencies_ms:
+    def latency_quantiles(self, which: str = "latencies_ms") -> dict[str, float | None]:
+        values = getattr(self, which)
+        if not values:
             return {"p50_ms": None, "p99_ms": None}
-        arr = np.fromiter(self.latencies_ms, float)
+        arr = np.fromiter(values, float)
         return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99))}
 
 

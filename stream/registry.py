@@ -95,12 +95,16 @@ class ItemRegistry:
             for _, event in latest.values():
                 await self.dead_letter(rt, event, "processing_error", f"{type(exc).__name__}: {exc}")
             return
-        trained = {i: rt.catalogue.index[i] for i in latest if rt.catalogue.index.get(i, rt.catalogue.size + 1) <= rt.catalogue.base}
+        trained = {i: d for i in latest if (d := rt.catalogue.index.get(i, 0)) and d <= rt.catalogue.base}
         rows = [(i, text_sha256(item.text), v) for (i, (item, _)), v in zip(latest.items(), vectors)]
         written = await self.pipeline.retrying(  # 3
             "registering items", len(rows), lambda: asyncio.to_thread(
                 self.store.register, rt.manifest.model_version, rt.catalogue.base, rows, trained))
         await self.follow()  # 4: with whatever other workers wrote before these rows
+        now, changed = time.time(), {r.item_id for r in written}
+        for item_id, (_, event) in latest.items():
+            if item_id in changed and event.message.timestamp:
+                rt.counters.item_latencies_ms.append((now - event.message.timestamp) * 1000)
         new = sum(1 for r in written if r.registered_at == r.updated_at)
         rt.counters.items_registered += new
         rt.counters.items_updated += len(written) - new

@@ -42,6 +42,7 @@ class WorkerView:
             "latency": c.latency_quantiles(), "model_version": rt.manifest.model_version,
             "items_in": c.items_in, "items_registered": c.items_registered, "items_updated": c.items_updated,
             "items_ignored": c.items_ignored, "catalogue": self.catalogue(),
+            "item_latency": c.latency_quantiles("item_latencies_ms"),
         }
 
     def catalogue(self) -> dict[str, Any] | None:
