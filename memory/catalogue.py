@@ -86,7 +86,7 @@ class SqlCatalogue:
             present = {r.item_id: r for r in conn.execute(
                 select(_T.c.item_id, _T.c.dense_id, _T.c.text_sha256, _T.c.registered_at)
                 .where(mine, _T.c.item_id.in_(list(latest)))).all()}
-            written = []
+            written, inserts = [], []
             for item_id, (sha, emb) in latest.items():
                 old = present.get(item_id)
                 if old is not None and old.text_sha256 == sha:
@@ -99,16 +99,21 @@ class SqlCatalogue:
                     if dense is None:
                         dense, next_id = next_id, next_id + 1
                     row |= dict(dense_id=dense, registered_at=now)
-                    conn.execute(_T.insert().values(**row))
+                    inserts.append(row)
                 else:
                     row |= dict(dense_id=old.dense_id, registered_at=old.registered_at)
                     conn.execute(_T.update().where(mine, _T.c.item_id == item_id).values(**row))
                 written.append(_item(row))
+            if inserts:  # one executemany: 10,000 items cost one statement, not 10,000
+                conn.execute(_T.insert(), inserts)
         return written
 
-    def since(self, model_version: str, revision: int = 0, limit: int | None = None) -> list[CatalogueItem]:
-        """The version's rows written after ``revision``, in revision order."""
-        q = (select(_T).where(_T.c.model_version == model_version, _T.c.revision > revision)
+    def since(self, model_version: str, revision: int = 0, limit: int | None = None,
+              embeddings: bool = True) -> list[CatalogueItem]:
+        """The version's rows written after ``revision``, in revision order; without
+        ``embeddings`` (what a worker needs: ids and revisions), each row's embedding is empty."""
+        cols = list(_T.c) if embeddings else [c for c in _T.c if c.name != "embedding"]
+        q = (select(*cols).where(_T.c.model_version == model_version, _T.c.revision > revision)
              .order_by(_T.c.revision).limit(limit))
         with self._engine.connect() as conn:
             return [_item(r) for r in conn.execute(q).mappings()]
@@ -127,7 +132,11 @@ class SqlCatalogue:
             return conn.execute(_T.delete().where(_T.c.model_version == model_version)).rowcount
 
 
+_EMPTY = np.zeros(0, np.float32)
+
+
 def _item(row) -> CatalogueItem:
+    emb = row.get("embedding")
     return CatalogueItem(row["item_id"], int(row["dense_id"]), int(row["revision"]), row["text_sha256"],
-                         np.frombuffer(row["embedding"], "<f4").astype(np.float32), row["registered_at"],
-                         row["updated_at"])
+                         _EMPTY if emb is None else np.frombuffer(emb, "<f4").astype(np.float32),
+                         row["registered_at"], row["updated_at"])

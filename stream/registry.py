@@ -58,7 +58,7 @@ class ItemRegistry:
         """The whole catalogue of the served version, before the worker answers anything."""
         if rt.catalogue is not None and self.store is not None:
             rows = await self.pipeline.retrying(
-                "reading the item catalogue", 1, lambda: asyncio.to_thread(self.store.since, rt.manifest.model_version, 0))
+                "reading the item catalogue", 1, lambda: asyncio.to_thread(self.store.since, rt.manifest.model_version, 0, embeddings=False))
             rt.catalogue.apply(rows)
             log.info("item catalogue: %d items registered since training (revision %d)",
                      len(rt.catalogue.added), rt.catalogue.revision)
@@ -116,7 +116,8 @@ class ItemRegistry:
         if rt is None or rt.catalogue is None or self.store is None:
             return
         try:
-            rows = await asyncio.to_thread(self.store.since, rt.manifest.model_version, rt.catalogue.revision)
+            rows = await asyncio.to_thread(self.store.since, rt.manifest.model_version, rt.catalogue.revision,
+                                           embeddings=False)
         except Exception:  # noqa: BLE001 - the database is down: the next tick tries again
             log.warning("cannot read the item catalogue; retrying", exc_info=True)
             return

@@ -37,6 +37,9 @@ def test_ids_follow_the_trained_ones_and_revisions_count_changes(catalogue) -> N
     assert rows["b"].registered_at == catalogue.since(v, 0, 2)[1].registered_at  # kept across the change
     s = catalogue.summary(v, newest=2)
     assert (s.items, s.revision, [r.item_id for r in s.newest]) == (3, 4, ["c", "b"])
+    light = catalogue.since(v, embeddings=False)  # what a worker reads: ids and revisions
+    assert [(r.item_id, r.dense_id, r.revision, len(r.embedding)) for r in light] == [
+        ("a", 101, 1, 0), ("b", 102, 3, 0), ("c", 103, 4, 0)]
     assert catalogue.since("another version") == [] and catalogue.summary("another version").items == 0
     assert catalogue.delete_version(v) == 3 and catalogue.since(v) == []
 
