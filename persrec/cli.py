@@ -317,7 +317,8 @@ def rebuild_memories_cmd(
     model. RECOMPRESS: each user's stored aged-out items recompressed. INCREMENTAL: each user's
     events read again from PERSREC_TOPIC_INTERACTIONS and folded up to the old memory's
     watermark. Resumable: users done already are skipped. The old model's rows are kept (for a
-    rollback) until ``persrec retire-memories OLD_VERSION``."""
+    rollback) until ``persrec retire-memories OLD_VERSION``. The target is the repository's
+    newest version, or ``PERSREC_TRITON_VERSION``'s (a rollback)."""
     from rich.progress import Progress
 
     from persrec.memory import SqlMemoryStore
@@ -329,7 +330,7 @@ def rebuild_memories_cmd(
 
     s = Settings()
     repo = repository or s.model_repository
-    manifest = Manifest.read(repo)
+    manifest = Manifest.read(repo, s.triton_version)  # the target: the newest version, or PERSREC_TRITON_VERSION's
     new = ModelRunner(repo / manifest.fold_model / str(manifest.triton_version) / "checkpoint.pt", s.device)
     old = load_checkpoint(old_checkpoint)
     with SqlMemoryStore(s.resolved_database_url, storage_dtype=s.storage_dtype) as store:

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # stream worker
     app_id: str = Field("persrec", description="Faust app id = Kafka consumer group")
     model_repository: Path = Field(Path("var/model_repository"), description="from `persrec export`")
+    triton_version: int = Field(
+        0, ge=0, description="the repository version a worker serves; 0 = its newest (manifest.json). A rollback "
+                             "starts workers on the previous version while Triton keeps it loaded")
     top_k: int = Field(10, ge=1, le=1000)
     fold_interval_s: float = Field(
         0.1, gt=0, description="pause between fold passes (a busy user's window grows meanwhile)")

@@ -51,7 +51,7 @@ async def _resources(app: web.Application):
     s = app[SETTINGS]
     app[STORE] = SqlMemoryStore(s.resolved_database_url)
     try:
-        app[MANIFEST] = {"manifest": Manifest.read(s.model_repository)}
+        app[MANIFEST] = {"manifest": Manifest.read(s.model_repository, s.triton_version)}
     except (OSError, ValueError, TypeError):
         app[MANIFEST] = {}
     # /readyz asks for the Triton version the workers of this manifest call

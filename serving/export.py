@@ -9,6 +9,7 @@ gets a copy of the checkpoint. ``manifest.json`` at the top tells the worker wha
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -54,11 +55,31 @@ instance_group [ {{ count: {instances} kind: {kind} }} ]
 """
 
 
+def versioned_config(model_dir: Path, config: str, keep: int) -> str:
+    """``config`` with its version policy: the newest ``keep`` versions stay loaded when the
+    config already there is this one (same inputs, outputs and parameters) or there is none,
+    else the new version alone (the next export of a model that fits changes the policy back,
+    which reloads every version once). Triton applies one config.pbtxt to every loaded version, and a changed config makes it
+    reload them all: an unchanged one lets it load the new version and leave the old one
+    serving. No version-specific value goes in the config (``runner_from_triton_args`` checks a
+    version's checkpoint against ``manifests/N.json``)."""
+    old = model_dir / "config.pbtxt"
+    fits = not old.is_file() or re.sub(r"(?m)^version_policy: .*\n", "", old.read_text()) == config
+    return f"{config}version_policy: {{ latest: {{ num_versions: {keep if fits else 1} }} }}\n"
+
+
 def export_repository(
     checkpoint: Path | Checkpoint, out: Path, *, top_k: int = 10, version: int = 1, kind: str = "auto",
     max_batch_size: int = 1024, instances: int = 1, exclude_seen: bool = True, cpu_threads: int = 1,
+    keep_versions: int = 2,
 ) -> Manifest:
-    """Write (or add a version to) the repository at ``out``; return its manifest."""
+    """Write (or add a version to) the repository at ``out``; return its manifest.
+
+    Triton keeps the newest ``keep_versions`` versions of each model loaded when one config
+    serves them all (``versioned_config``): a worker pinned to the previous version goes on
+    being answered while the new one loads, and can be started on it again (rollback:
+    ``PERSREC_TRITON_VERSION``). ``manifest.json`` names the newest version;
+    ``manifests/N.json`` each one. Versions must be exported in increasing order."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     cfg = ck.config
     if kind == "auto":
@@ -72,8 +93,7 @@ def export_repository(
         history_len=max(cfg.max_len - cfg.recent_len, 0), request_time=cfg.request_time,
         segment_len=cfg.segment_len, fold_model="fold", catalogue=bool(cfg.item_repr.has_text and cfg.text_encoder),
     )
-    params = {"model_version": ck.model_version, "cpu_threads": str(cpu_threads),
-              "catalogue": str(manifest.catalogue).lower()}
+    params = {"cpu_threads": str(cpu_threads), "catalogue": str(manifest.catalogue).lower()}
     extra = [CATALOGUE_INPUT] if manifest.catalogue else []
     mem = list(cfg.memory_shape)
     rec_inputs = [_io("ITEMS", "TYPE_INT64", [-1]), _io("TIMESTAMPS", "TYPE_INT64", [-1]),
@@ -103,7 +123,7 @@ def export_repository(
         )
     if manifest.catalogue:
         models["encode_items"] = model_config(
-            "encode_items", ck, kind, 256, {"model_version": ck.model_version, "text_encoder": cfg.text_encoder},
+            "encode_items", ck, kind, 256, {"text_encoder": cfg.text_encoder},
             [_io("TEXT", "TYPE_STRING", [1])], [_io("EMBEDDING", "TYPE_FP32", [cfg.text_dim])], instances)
     out = Path(out)
     for name, config in models.items():
@@ -112,6 +132,6 @@ def export_repository(
         shutil.copyfile(TEMPLATES / name / "model.py", vdir / "model.py")
         if name != "encode_items":  # the encoder is named in its config; it needs no weights of ours
             save_checkpoint(ck, vdir / "checkpoint.pt")
-        (out / name / "config.pbtxt").write_text(config)
+        (out / name / "config.pbtxt").write_text(versioned_config(out / name, config, keep_versions))
     manifest.write(out)
     return manifest

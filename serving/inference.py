@@ -195,10 +195,14 @@ def runner_from_triton_args(args: dict) -> tuple[ModelRunner, dict[str, str]]:
     device = "cpu"
     if args["model_instance_kind"] == "GPU":
         device = f"cuda:{args['model_instance_device_id']}"
-    path = Path(args["model_repository"]) / args["model_version"] / "checkpoint.pt"
+    model_dir = Path(args["model_repository"])
+    path = model_dir / args["model_version"] / "checkpoint.pt"
     runner = ModelRunner(path, device, cpu_threads=int(params.get("cpu_threads", "1")))
-    if runner.model_version != params["model_version"]:
-        raise RuntimeError(f"checkpoint {runner.model_version} != config {params['model_version']}")
+    # the version's manifest names its model (repositories written before manifests/: the config)
+    manifest = model_dir.parent / "manifests" / f"{args['model_version']}.json"
+    expected = json.loads(manifest.read_text())["model_version"] if manifest.is_file() else params.get("model_version")
+    if runner.model_version != expected:
+        raise RuntimeError(f"checkpoint {runner.model_version} != {expected}, the model of version {args['model_version']}")
     # The model and torch stay for the life of the stub process: keep them out of the collector's
     # full passes (170-325 ms each over a process like this; see stream.worker).
     gc.collect()

@@ -49,11 +49,17 @@ class Manifest:
                 + (["encode_items"] if self.catalogue else []))
 
     @classmethod
-    def read(cls, repository: Path) -> "Manifest":
-        """The manifest of ``repository``; fields added since a repository was written take
-        their defaults."""
-        return cls(**json.loads((Path(repository) / MANIFEST).read_text()))
+    def read(cls, repository: Path, version: int = 0) -> "Manifest":
+        """The manifest of ``repository`` (its newest version), or of its Triton ``version``;
+        fields added since a repository was written take their defaults."""
+        path = Path(repository) / (f"manifests/{version}.json" if version else MANIFEST)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: no version {version} exported to {repository}")
+        return cls(**json.loads(path.read_text()))
 
     def write(self, repository: Path) -> None:
-        d = asdict(self) | {"policy": self.policy.value}
-        (Path(repository) / MANIFEST).write_text(json.dumps(d, indent=2))
+        """As the repository's newest version and as ``manifests/N.json``."""
+        text = json.dumps(asdict(self) | {"policy": self.policy.value}, indent=2)
+        (Path(repository) / "manifests").mkdir(parents=True, exist_ok=True)
+        (Path(repository) / "manifests" / f"{self.triton_version}.json").write_text(text)
+        (Path(repository) / MANIFEST).write_text(text)

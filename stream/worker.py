@@ -25,8 +25,9 @@ from .view import WorkerView
 log = logging.getLogger(__name__)
 
 
-def load_serving_model(repository) -> tuple[Manifest, IdMap]:
-    manifest = Manifest.read(repository)
+def load_serving_model(repository, version: int = 0) -> tuple[Manifest, IdMap]:
+    """The manifest and id map of the repository's newest version, or of Triton ``version``."""
+    manifest = Manifest.read(repository, version)
     ck = load_checkpoint(repository / "recommend" / str(manifest.triton_version) / "checkpoint.pt")
     return manifest, IdMap.from_json(ck.id_map_json)
 
@@ -34,7 +35,7 @@ def load_serving_model(repository) -> tuple[Manifest, IdMap]:
 def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.App, Pipeline]:
     install_idle_fetch_backoff(settings.kafka_idle_fetch_backoff_ms / 1000)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
-    manifest, id_map = load_serving_model(settings.model_repository)
+    manifest, id_map = load_serving_model(settings.model_repository, settings.triton_version)
     create_topics(settings.kafka_bootstrap, {
         settings.topic_interactions: settings.partitions,
         settings.topic_recommendations: settings.partitions,

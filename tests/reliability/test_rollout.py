@@ -7,9 +7,9 @@ long: 250 events/s through the whole file, 100,836 events, the switch after 40%)
 README's "Model change" procedure runs, the producer never pausing:
 
 1. checkpoint B (A's config and id map, other weights, so another model version) is exported as
-   Triton version 2 of the same repository and Triton loads it (by its default version policy
-   unloading version 1) while the old worker still runs: the old worker, pinned to version 1,
-   must stall rather than be answered by B;
+   Triton version 2 of the same repository and Triton loads it beside version 1 (the exported
+   version policy keeps the newest two when one config serves both) while the old worker still
+   runs: the old worker, pinned to version 1, goes on being answered by A, never by B;
 2. the old worker is stopped;
 3. ``persrec rebuild-memories REPO/recommend/1/checkpoint.pt`` (the real CLI) recompresses every
    stored memory with model B, keeping watermarks (and A's rows, for a rollback);
@@ -156,7 +156,7 @@ def test_rollout_while_events_flow(served_model, repository, rollout_settings, w
     try:
         wait_alive(lambda: producer.sent >= switch_at, {"old worker": old.pid}, 600, "traffic before the switch")
 
-        # 1. model B as Triton version 2; Triton serves only version 2 from now on
+        # 1. model B as Triton version 2, loaded beside version 1
         export_repository(ck_b, repo, top_k=10, version=2)
         server.load_model("recommend")
         server.load_model("fold")
@@ -241,6 +241,8 @@ def test_rollout_while_events_flow(served_model, repository, rollout_settings, w
     rng = random.Random(SEED)
     a_late = [b for b in bodies if b["model_version"] == version_a and b["emit_ts"] >= loaded_b_at
               and b["items"]]
+    # with both versions loaded the old worker was answered (by A) after B loaded, not stalled
+    assert a_late, "no A answer after B was loaded: the old worker stalled"
     first_b = {}
     for b in bodies:
         if b["model_version"] == version_b and b["user_id"] not in first_b:

@@ -1,0 +1,72 @@
+"""Two model versions served side by side (issue 22): ``persrec export --version N+1`` keeps
+version N loaded when one config serves both, so workers pinned to N go on being answered while
+N+1 loads, and a worker can be started on N again (``PERSREC_TRITON_VERSION``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from persrec.models.checkpoint import make_checkpoint
+from persrec.models.config import ModelConfig
+from persrec.models.data import IdMap
+from persrec.models.inputs import ModelInputs
+from persrec.models.loss import build_model
+from persrec.serving.export import export_repository
+from persrec.serving.inference import ModelRunner
+from persrec.stream.manifest import Manifest
+
+IDS = IdMap([str(i) for i in range(1, 51)])
+
+
+def checkpoint(seed: int, **kw):
+    cfg = ModelConfig(num_items=50, dim=16, num_heads=2, head_dim=8, max_len=20, dropout=0.0, **kw)
+    torch.manual_seed(seed)
+    return make_checkpoint(build_model(cfg), IDS.to_json())
+
+
+def test_config_keeps_the_previous_version_only_when_it_fits(tmp_path) -> None:
+    a, b, c = checkpoint(1), checkpoint(2), checkpoint(3, num_memory_tokens=2, recent_len=5, segment_len=5)
+    config = tmp_path / "recommend" / "config.pbtxt"
+    export_repository(a, tmp_path, version=1)
+    assert "version_policy: { latest: { num_versions: 2 } }" in config.read_text()
+    unchanged = config.read_text()
+    export_repository(b, tmp_path, version=2)
+    export_repository(checkpoint(5), tmp_path, version=3)
+    assert config.read_text() == unchanged  # Triton loads each new version and reloads nothing
+    assert Manifest.read(tmp_path).model_version != b.model_version
+    assert Manifest.read(tmp_path, 1).model_version == a.model_version
+    assert Manifest.read(tmp_path, 2).model_version == b.model_version
+    with pytest.raises(FileNotFoundError, match="no version 7"):
+        Manifest.read(tmp_path, 7)
+    # a model with other inputs (memory) cannot share the config: it is served alone
+    export_repository(c, tmp_path, version=4)
+    assert "num_versions: 1" in config.read_text()
+
+
+@pytest.mark.triton
+def test_triton_answers_both_versions_each_with_its_own_model(tmp_path, triton_factory) -> None:
+    from persrec.stream.triton import TritonModels
+
+    a, b = checkpoint(1), checkpoint(2)
+    export_repository(a, tmp_path, version=1)
+    server = triton_factory(tmp_path, ["recommend"])
+    export_repository(b, tmp_path, version=2)
+    server.load_model("recommend")  # version 2 loads; version 1 stays
+    x = ModelInputs.of_rows([[1, 2, 3], [7, 8]], [[0, 0, 0], [0, 0]])
+
+    async def ask(version: str):
+        models = TritonModels(server.grpc_url, timeout_s=10, max_attempts=2, version=version)
+        try:
+            return await models.ready(), await models.recommend(x)
+        finally:
+            await models.close()
+
+    for ck, version in ((a, "1"), (b, "2")):
+        ready, (ids, scores) = asyncio.run(ask(version))
+        want_ids, want_scores = ModelRunner(ck, "cpu").recommend(x, 10)
+        assert ready and np.array_equal(ids, want_ids) and np.allclose(scores, want_scores, atol=1e-5)
+    server.stop()
