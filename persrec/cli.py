@@ -307,6 +307,107 @@ def api() -> None:
     web.run_app(create_app(s), host=s.api_host, port=s.api_port)
 
 
+@app.command()
+def retrain(
+    checkpoint: Annotated[Path, typer.Argument(help="the served checkpoint")],
+    data: Annotated[Optional[str], typer.Argument(help="interactions file (any format `train` reads); "
+                                                       "omit with --from-topic")] = None,
+    since: Annotated[str, typer.Option(help="the first new event's time: unix seconds or ISO-8601")] = "",
+    until: Annotated[str, typer.Option(help="ignore events after this time (a backtest); default: none")] = "",
+    from_topic: Annotated[bool, typer.Option(help="read the events from PERSREC_TOPIC_INTERACTIONS, as the "
+                                                  "workers applied them")] = False,
+    fmt: Annotated[str, typer.Option("--format", help=FORMATS_HELP)] = "auto",
+    out: Annotated[Path, typer.Option(help="directory for retrained.pt and gate.json")] = Path("runs/retrain"),
+    recipe: Annotated[str, typer.Option(help="training recipe (as for `train`)")] = "best",
+    epochs: int = 3,
+    lr: Annotated[Optional[float], typer.Option(help="default: the recipe's")] = None,
+    margin: Annotated[float, typer.Option(help="hand over unless the new model's NDCG@10 on the newest "
+                                               "events is below the old one's by more than this")] = 0.005,
+    threads: Optional[int] = None,
+) -> None:
+    """Fine-tune CHECKPOINT on the events since --since, then compare it with CHECKPOINT on each
+    recent user's newest event (held out) and hand it over (OUT/retrained.pt, exit 0) only if
+    it passes the gate; otherwise exit 3 and keep nothing. Run it on a schedule (README).
+    Under torchrun it trains with DistributedDataParallel like `train`."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from persrec.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+    from persrec.models.data import IdMap, Interactions, load_interactions
+    from persrec.models.device import pick_device
+    from persrec.models.evaluate import evaluate as run_eval
+    from persrec.models.recipe import recipe_named
+    from persrec.models.retrain import gate, known_sequences, retrain_split
+    from persrec.models.train import fit, leave_process_group
+    from persrec.stream.events import InvalidEvent, parse_time
+
+    if threads:
+        torch.set_num_threads(threads)
+    def when(value: str, hint: str) -> int:
+        try:
+            return int(parse_time(int(value) if value.lstrip("-").isdigit() else value))
+        except InvalidEvent as exc:
+            raise typer.BadParameter(f"{value!r}: {exc.detail}", param_hint=hint) from None
+
+    start = when(since, "--since")
+    end = when(until, "--until") if until else None
+    if (data is None) == (not from_topic):
+        raise typer.BadParameter("give a data file or --from-topic (one of them)", param_hint="DATA")
+    rank, world = _init_distributed()
+    s = Settings()
+    device = pick_device(s.device if world == 1 else ("auto" if rank == 0 else "cpu"))
+    ck = load_checkpoint(checkpoint)
+    id_map = IdMap.from_json(ck.id_map_json)
+    if from_topic:
+        from persrec.serving.rebuild import replayed_histories
+
+        events = [(u, i, t) for u, evs in replayed_histories(s.kafka_bootstrap, s.topic_interactions).items()
+                  for i, t in evs]
+        inter = Interactions(*(np.array(c) for c in zip(*events))) if events else Interactions([], [], [])
+    else:
+        inter = load_interactions(data, fmt)
+    if end is not None and inter.timestamps is not None:
+        inter = Interactions(*(a[inter.timestamps <= end] for a in (inter.users, inter.items, inter.timestamps)))
+    seqs, dropped = known_sequences(inter, id_map)
+    split = retrain_split(seqs, start)
+    if not len(split.holdout):
+        console.print(f"no user has an event since {since} after an earlier one: nothing to retrain on")
+        raise typer.Exit(3)
+    old = ck.build_model(device)
+    before = run_eval(old, split.holdout, device=device)
+    chosen = recipe_named(recipe)
+    tcfg = chosen.train_config(epochs=epochs, patience=None, seed=42, **({} if lr is None else {"lr": lr}))
+    model = ck.build_model(device)
+    result = fit(model, split.train.items, split.train.timestamps, None, tcfg, device=device, id_map_json=ck.id_map_json)
+    after = run_eval(model, split.holdout, device=device)
+    decision = gate(before, after, margin)
+    if rank == 0:
+        console.print(f"{split.new_events} new events since {since} ({dropped} of unknown items dropped); "
+                      f"{len(split.train)} users fine-tuned for {epochs} epochs in {result.seconds:.0f}s; "
+                      f"held out: each one's newest event ({len(split.holdout)} rows)")
+        console.print(_metrics_table("newest events, held out", {"current": before, "retrained": after}))
+        verdict = "handed over" if decision.passed else "refused"
+        console.print(f"gate: {decision.metric} {decision.new:.4f} vs {decision.old:.4f}, margin {margin}: "
+                      f"[bold]{verdict}[/]")
+        out.mkdir(parents=True, exist_ok=True)
+        report = {"checkpoint": str(checkpoint), "old_model_version": ck.model_version, "since": start,
+                  "new_events": split.new_events, "dropped_unknown": dropped, "users": len(split.train),
+                  "holdout_rows": len(split.holdout), "epochs": epochs, "train_seconds": round(result.seconds, 1),
+                  "old": before, "new": after, "metric": decision.metric, "margin": margin,
+                  "passed": decision.passed}
+        if decision.passed:
+            new_ck = make_checkpoint(model, ck.id_map_json, metrics={"retrain_" + k: v for k, v in after.items()})
+            save_checkpoint(new_ck, out / "retrained.pt")
+            report["new_model_version"] = new_ck.model_version
+            console.print(f"checkpoint: {out / 'retrained.pt'} (model {new_ck.model_version})")
+        (out / "gate.json").write_text(json.dumps(report, indent=2))
+    leave_process_group()
+    if not decision.passed:
+        raise typer.Exit(3)
+
+
 @app.command("rebuild-memories")
 def rebuild_memories_cmd(
     old_checkpoint: Annotated[Path, typer.Argument(help="checkpoint of the model that wrote the memories")],

@@ -83,6 +83,12 @@ def _ts(value: object, now: float) -> float:
     return ts
 
 
+def parse_time(value: object, *, now: float = math.inf) -> float:
+    """Unix seconds from unix seconds or an ISO-8601 string (naive = UTC), checked as event times
+    are (``InvalidEvent`` otherwise); ``now`` bounds times from the future."""
+    return _ts(value, now)
+
+
 @dataclass(frozen=True)
 class UserDeletion:
     """``{"op": "delete_user", "user_id": ...}``: erase the user's window and memory."""
