@@ -273,7 +273,7 @@ _STATUS = _object(
                                "items_updated", "items_ignored")},
     seconds_model={"type": "number"}, seconds_publish={"type": "number"}, model_version=_STR,
     catalogue=_object(["items", "trained", "registered", "revision", "newest"], items=_INT, trained=_INT,
-                      registered=_INT, revision=_INT,
+                      registered=_INT, changed=_INT, revision=_INT,
                       newest={"type": "array", "items": _object(["item_id", "dense_id"], item_id=_STR, dense_id=_INT,
                                                                 revision=_INT, updated_at=_STR)}) | {"nullable": True},
     latency={"type": "object", "properties": {"p50_ms": {"type": "number", "nullable": True},

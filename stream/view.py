@@ -52,7 +52,7 @@ class WorkerView:
         cat = None if rt is None else rt.catalogue
         if cat is None:
             return None
-        return {"items": cat.size, "trained": cat.base, "registered": len(cat.added), "revision": cat.revision,
+        return {"items": cat.size, "trained": cat.base, "registered": len(cat.added), "changed": cat.changed, "revision": cat.revision,
                 "newest": [{"item_id": r.item_id, "dense_id": r.dense_id, "revision": r.revision,
                             "updated_at": r.updated_at.isoformat()} for r in cat.newest]}
 
