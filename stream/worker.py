@@ -62,7 +62,8 @@ def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.Ap
     pipeline = Pipeline(app, settings, make_runtime)
     pipeline.attach()
     registry = ItemRegistry(pipeline, SqlCatalogue(db_url) if manifest.catalogue else None)
-    registry.attach()
+    if manifest.catalogue:  # a model that reads items by id only has no use for the items topic
+        registry.attach()
     if with_api:
         from persrec.serving.api import serve_in_worker
 
