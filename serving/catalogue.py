@@ -31,6 +31,15 @@ class CatalogueFollower:
         self.database_url = database_url
         self._store: SqlCatalogue | None = None
 
+    def unavailable(self, x) -> str | None:
+        """Catch up with the newest revision the rows of ``x`` (``ModelInputs``) carry; the
+        error a Triton model answers them with when it cannot, None when it did."""
+        try:
+            self.sync(int(x.catalogue[:, 0].max()))
+        except CatalogueUnavailable as exc:
+            return str(exc)
+        return None
+
     def sync(self, revision: int) -> None:
         """Apply the catalogue up to at least ``revision`` (no-op when already there)."""
         have = self.runner.catalogue_revision

@@ -183,6 +183,14 @@ def width_groups(lengths: np.ndarray, smallest: int = 16) -> list[np.ndarray]:
     return [np.flatnonzero(buckets == b) for b in np.unique(buckets)]
 
 
+def triton_params(args: dict) -> dict[str, str]:
+    """A python-backend model's config parameters (``initialize(args)``), name -> value."""
+    import json
+
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
 def runner_from_triton_args(args: dict) -> tuple[ModelRunner, dict[str, str]]:
     """The runner a python-backend model's ``initialize(args)`` needs, and its config parameters.
 
@@ -190,8 +198,7 @@ def runner_from_triton_args(args: dict) -> tuple[ModelRunner, dict[str, str]]:
     """
     import json
 
-    config = json.loads(args["model_config"])
-    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    params = triton_params(args)
     device = "cpu"
     if args["model_instance_kind"] == "GPU":
         device = f"cuda:{args['model_instance_device_id']}"
@@ -223,11 +230,8 @@ def catalogue_from_triton_args(runner: ModelRunner, params: dict[str, str]):
 
 def encoder_from_triton_args(args: dict):
     """The text encoder an ``encode_items`` model's ``initialize(args)`` needs."""
-    import json
-
     from persrec.models.text import encoder_named
 
-    config = json.loads(args["model_config"])
-    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    params = triton_params(args)
     device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
     return encoder_named(params["text_encoder"], device)

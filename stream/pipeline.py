@@ -67,6 +67,11 @@ class Topics:
     dlq: faust.TopicT
 
 
+def dlq_headers(reason: str, detail: str, source: dict) -> dict[str, bytes]:
+    """The headers of a dead letter: a stable reason code, a sentence, where the input was."""
+    return {"reason": reason.encode(), "detail": detail.encode()[:500], "source": json.dumps(source).encode()}
+
+
 def failure_kind(exc: BaseException) -> Failure:
     """An outage of a service the worker waits for (Triton unreachable, the database or the
     broker down), or an error about this input, which ``stream.poison`` may set aside."""
@@ -169,8 +174,7 @@ class Pipeline:
         try:
             return parse_event(event.value, now=time.time())
         except InvalidEvent as exc:
-            headers = {"reason": exc.reason.encode(), "detail": exc.detail.encode()[:500],
-                       "source": json.dumps(source).encode()}
+            headers = dlq_headers(exc.reason, exc.detail, source)
             log.info("dead-lettering %s:%s@%s: %s", source["topic"], source["partition"], source["offset"], exc.reason)
             await self.forward(self.topics.dlq, event.key, event.value or b"", headers, handle, "dlq")
             return None
@@ -299,8 +303,7 @@ class Pipeline:
     async def dead_letter(self, rt: Runtime, r: RecRequest, exc: BaseException) -> None:
         """An event whose processing fails on its own: to the DLQ, then acknowledged (its window,
         which holds it, is already on its way to the changelog)."""
-        headers = {"reason": b"processing_error", "detail": f"{type(exc).__name__}: {exc}".encode()[:500],
-                   "source": json.dumps(r.source).encode()}
+        headers = dlq_headers("processing_error", f"{type(exc).__name__}: {exc}", r.source)
 
         async def deliver() -> None:
             await (await self.topics.dlq.send(key=r.user_id.encode(), value=r.value, headers=headers))

@@ -21,7 +21,6 @@ others register (``follow``, every ``catalogue_poll_s``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -31,6 +30,7 @@ import faust
 from persrec.memory import SqlCatalogue, text_sha256
 
 from .events import InvalidEvent, Item, parse_item
+from .pipeline import dlq_headers
 from .triton import TritonRejected
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ class ItemRegistry:
     async def dead_letter(self, rt: Runtime, event, reason: str, detail: str) -> None:
         msg = event.message
         source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
-        headers = {"reason": reason.encode(), "detail": detail.encode()[:500], "source": json.dumps(source).encode()}
+        headers = dlq_headers(reason, detail, source)
         log.info("dead-lettering %s:%s@%s: %s", msg.topic, msg.partition, msg.offset, reason)
         topic = self.pipeline.topics.dlq
 

@@ -8,7 +8,6 @@ NEW_MEMORY fp32.
 
 import triton_python_backend_utils as pb_utils
 
-from persrec.serving.catalogue import CatalogueUnavailable
 from persrec.serving.inference import catalogue_from_triton_args, runner_from_triton_args
 from persrec.serving.triton_batch import model_inputs, split_rows
 
@@ -21,11 +20,8 @@ class TritonPythonModel:
     def execute(self, requests):
         names = ["MEMORY", "HAS_MEMORY", "ITEMS", "TIMESTAMPS", "LENGTHS"] + (["CATALOGUE"] if self.catalogue else [])
         x, sizes = model_inputs([{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in names} for r in requests])
-        if self.catalogue:
-            try:
-                self.catalogue.sync(int(x.catalogue[:, 0].max()))
-            except CatalogueUnavailable as exc:
-                return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))) for _ in requests]
+        if self.catalogue and (error := self.catalogue.unavailable(x)):
+            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(error)) for _ in requests]
         return [
             pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("NEW_MEMORY", m)])
             for m in split_rows(self.runner.fold(x), sizes)

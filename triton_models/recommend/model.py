@@ -11,7 +11,6 @@ Requests that Triton's dynamic batcher hands over together run as one batch.
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from persrec.serving.catalogue import CatalogueUnavailable
 from persrec.serving.inference import catalogue_from_triton_args, runner_from_triton_args
 from persrec.serving.triton_batch import model_inputs, split_rows
 
@@ -29,11 +28,8 @@ class TritonPythonModel:
         names = (["ITEMS", "TIMESTAMPS", "LENGTHS"] + (["MEMORY", "HAS_MEMORY"] if self.has_memory else [])
                  + (["REQUEST_TS"] if self.request_time else []) + (["CATALOGUE"] if self.catalogue else []))
         x, sizes = model_inputs([{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in names} for r in requests])
-        if self.catalogue:
-            try:
-                self.catalogue.sync(int(x.catalogue[:, 0].max()))
-            except CatalogueUnavailable as exc:
-                return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))) for _ in requests]
+        if self.catalogue and (error := self.catalogue.unavailable(x)):
+            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(error)) for _ in requests]
         ids, scores = self.runner.recommend(x, self.top_k, self.exclude_seen)
         return [
             pb_utils.InferenceResponse(output_tensors=[
