@@ -62,7 +62,7 @@ def versioned_config(model_dir: Path, config: str, keep: int) -> str:
     which reloads every version once). Triton applies one config.pbtxt to every loaded version, and a changed config makes it
     reload them all: an unchanged one lets it load the new version and leave the old one
     serving. No version-specific value goes in the config (``runner_from_triton_args`` checks a
-    version's checkpoint against ``manifests/N.json``)."""
+    version's checkpoint against its ``manifest.json``)."""
     old = model_dir / "config.pbtxt"
     fits = not old.is_file() or re.sub(r"(?m)^version_policy: .*\n", "", old.read_text()) == config
     return f"{config}version_policy: {{ latest: {{ num_versions: {keep if fits else 1} }} }}\n"
@@ -79,7 +79,7 @@ def export_repository(
     serves them all (``versioned_config``): a worker pinned to the previous version goes on
     being answered while the new one loads, and can be started on it again (rollback:
     ``PERSREC_TRITON_VERSION``). ``manifest.json`` names the newest version;
-    ``manifests/N.json`` each one. Versions must be exported in increasing order."""
+    ``<model>/N/manifest.json`` each one. Versions must be exported in increasing order."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     cfg = ck.config
     if kind == "auto":

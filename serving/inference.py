@@ -205,8 +205,8 @@ def runner_from_triton_args(args: dict) -> tuple[ModelRunner, dict[str, str]]:
     model_dir = Path(args["model_repository"])
     path = model_dir / args["model_version"] / "checkpoint.pt"
     runner = ModelRunner(path, device, cpu_threads=int(params.get("cpu_threads", "1")))
-    # the version's manifest names its model (repositories written before manifests/: the config)
-    manifest = model_dir.parent / "manifests" / f"{args['model_version']}.json"
+    # the version's manifest names its model (repositories written before it: the config)
+    manifest = model_dir / args["model_version"] / "manifest.json"
     expected = json.loads(manifest.read_text())["model_version"] if manifest.is_file() else params.get("model_version")
     if runner.model_version != expected:
         raise RuntimeError(f"checkpoint {runner.model_version} != {expected}, the model of version {args['model_version']}")

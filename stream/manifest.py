@@ -52,14 +52,19 @@ class Manifest:
     def read(cls, repository: Path, version: int = 0) -> "Manifest":
         """The manifest of ``repository`` (its newest version), or of its Triton ``version``;
         fields added since a repository was written take their defaults."""
-        path = Path(repository) / (f"manifests/{version}.json" if version else MANIFEST)
+        path = Path(repository) / (f"recommend/{version}/{MANIFEST}" if version else MANIFEST)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: no version {version} exported to {repository}")
         return cls(**json.loads(path.read_text()))
 
     def write(self, repository: Path) -> None:
-        """As the repository's newest version and as ``manifests/N.json``."""
+        """As the repository's newest version, and in each of its models' version directories
+        (``recommend/N/manifest.json``...). Not in a directory of its own: Triton takes every
+        directory at the top of a repository for a model, and fails to start on one without a
+        config."""
         text = json.dumps(asdict(self) | {"policy": self.policy.value}, indent=2)
-        (Path(repository) / "manifests").mkdir(parents=True, exist_ok=True)
-        (Path(repository) / "manifests" / f"{self.triton_version}.json").write_text(text)
+        for model in self.triton_models:
+            vdir = Path(repository) / model / str(self.triton_version)
+            vdir.mkdir(parents=True, exist_ok=True)
+            (vdir / MANIFEST).write_text(text)
         (Path(repository) / MANIFEST).write_text(text)

@@ -42,6 +42,9 @@ def test_config_keeps_the_previous_version_only_when_it_fits(tmp_path) -> None:
     assert Manifest.read(tmp_path, 2).model_version == b.model_version
     with pytest.raises(FileNotFoundError, match="no version 7"):
         Manifest.read(tmp_path, 7)
+    # Triton takes every directory at the top of a repository for a model and fails to start
+    # (``startup_models *``) on one without a config
+    assert all((d / "config.pbtxt").is_file() for d in tmp_path.iterdir() if d.is_dir())
     # a model with other inputs (memory) cannot share the config: it is served alone
     export_repository(c, tmp_path, version=4)
     assert "num_versions: 1" in config.read_text()
