@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
 import uuid
 
+import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from persrec.embedded.kafka import create_topics
 from persrec.memory import SqlMemoryStore, migrate
+from persrec.models.inputs import ModelInputs
+from persrec.serving.inference import ModelRunner
+from persrec.stream.triton import TritonModels
 
 pytestmark = [pytest.mark.containers, pytest.mark.usefixtures("docker_daemon")]
 
@@ -45,12 +50,24 @@ def test_triton_container_serves_the_exported_models(served_triton, served_model
     client = served_triton.client()
     try:
         index = {m["name"]: m.get("state") for m in client.get_model_repository_index()}
-        config = client.get_model_config("recommend")
     finally:
         client.close()
     assert index == {"recommend": "READY", "fold": "READY"}
-    assert (config["parameters"]["model_version"]["string_value"]
-            == served_model.manifest.model_version)
+    # the container answers with the exported checkpoint: the same as the model run here
+    shape = served_model.manifest.memory_shape
+    x = ModelInputs.of_rows([[1, 2, 3], [7, 8]], [[0, 0, 0], [0, 0]],
+                            memory=np.zeros((2, *shape), np.float32), has_memory=np.zeros(2, bool))
+
+    async def ask():
+        models = TritonModels(served_triton.grpc_url, timeout_s=30, max_attempts=2)
+        try:
+            return await models.recommend(x)
+        finally:
+            await models.close()
+
+    ids, scores = asyncio.run(ask())
+    want_ids, want_scores = ModelRunner(served_model.checkpoint, "cpu").recommend(x, served_model.manifest.top_k)
+    assert np.array_equal(ids, want_ids) and np.allclose(scores, want_scores, atol=1e-5)
 
 
 SWITCHED = """
