@@ -339,16 +339,13 @@ class Pipeline:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def retrying(self, what: str, size: int, step, give_up: tuple[type[BaseException], ...] = ()):
+    async def retrying(self, what: str, size: int, step):
         """``step()`` until it succeeds: for outages of the broker or the database, which a
-        worker waits out (events stay unacknowledged meanwhile). Exceptions of ``give_up``
-        are raised at once."""
+        worker waits out (events stay unacknowledged meanwhile)."""
         delay = 0.1
         while True:
             try:
                 return await step()
-            except give_up:
-                raise
             except Exception:  # noqa: BLE001 - broker/DB trouble: wait and retry
                 log.exception("%s of %d failed; retrying in %.1fs", what, size, delay)
                 await asyncio.sleep(delay)

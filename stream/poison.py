@@ -16,6 +16,10 @@ partition (``Health.alone``), so no other suspect runs at the same time. Triton'
 batcher merges concurrent requests into one ``execute``, and a python-backend model that raises
 fails every request of that call, so an innocent event retried in step with a poison event of
 another partition fails with it. Retry delays are jittered for the same reason.
+
+Where nothing else runs through the same model (the item encoder: one agent, one batch at a
+time), a lone failing item would wait forever for evidence; a ``probe`` (an input known to be
+harmless) answered by the model is that evidence.
 """
 
 from __future__ import annotations
@@ -52,11 +56,18 @@ class Health:
 async def isolate(
     items: Sequence[T], run: Callable[[Sequence[T]], Awaitable[list[Any]]],
     classify: Callable[[BaseException], Failure], health: Health, *, what: str = "processing",
-    attempts: int = 3, delay: float = 0.1, max_delay: float = 2.0,
+    attempts: int = 3, delay: float = 0.1, max_delay: float = 2.0, probe: T | None = None,
 ) -> tuple[list[Any], list[tuple[int, BaseException]]]:
     """``run(items)`` -> results aligned with ``items``; returns the results (None where an item
     was set aside) and the set-aside ``(index, exception)`` pairs, in item order."""
     first_error: list[float] = []
+
+    async def probe_answered() -> None:
+        try:
+            await run([probe])
+        except Exception:  # noqa: BLE001 - the model fails on a harmless input: no evidence
+            return
+        health.succeeded()
 
     async def attempt(part: Sequence[T]) -> list[Any]:
         wait, errors = delay, 0
@@ -85,6 +96,8 @@ async def isolate(
                     mid = len(part) // 2
                     (a, fa), (b, fb) = await solve(part[:mid], offset), await solve(part[mid:], offset + mid)
                     return a + b, fa + fb
+                if probe is not None and health.last_success <= first_error[0]:
+                    await probe_answered()
                 if health.last_success > first_error[0]:
                     async with health.alone:  # the verdict, with no other suspect in Triton's batch
                         try:

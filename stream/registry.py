@@ -14,8 +14,10 @@ Per batch of item messages (``ItemRegistry.register_batch``):
 
 The batch is acknowledged after step 4 (``take_events`` acks once the loop body is done), so a
 crash repeats registrations, which change nothing. Outages of Triton or the database are waited
-out; a batch Triton rejects is dead-lettered item by item. Every worker also follows what the
-others register (``follow``, every ``catalogue_poll_s``).
+out; a batch Triton rejects is bisected (``stream.poison``) so that only a text the encoder
+rejects on its own is dead-lettered, and only once the encoder is seen to answer a harmless text
+(a broken encoder holds the items back instead). Every worker also follows what the others
+register (``follow``, every ``catalogue_poll_s``).
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ import faust
 from persrec.memory import SqlCatalogue, text_sha256
 
 from .events import InvalidEvent, Item, parse_item
-from .pipeline import dlq_headers
-from .triton import TritonRejected
+from .pipeline import dlq_headers, failure_kind
+from .poison import Health, isolate
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
     from .runtime import Runtime
 
 log = logging.getLogger(__name__)
+PROBE_TEXT = "item"  # what any sentence encoder answers: the evidence that the encoder works
 
 
 class ItemRegistry:
@@ -48,6 +51,7 @@ class ItemRegistry:
                                                       key_serializer="raw", value_serializer="raw")
         self.batch, self.within = settings.item_batch, settings.item_batch_wait_ms / 1000
         self._warned = False
+        self.health = Health()  # when the encoder last answered
 
     def attach(self) -> None:
         app = self.pipeline.app
@@ -88,15 +92,17 @@ class ItemRegistry:
             return
         latest = {item.item_id: (item, event) for item, event in items}  # the last text of an item wins
         texts = [item.text for item, _ in latest.values()]
-        try:
-            vectors = await self.pipeline.retrying(  # 2
-                "encoding items", len(texts), lambda: rt.models.encode_items(texts), give_up=(TritonRejected,))
-        except TritonRejected as exc:
-            for _, event in latest.values():
-                await self.dead_letter(rt, event, "processing_error", f"{type(exc).__name__}: {exc}")
+        vectors, rejected = await isolate(  # 2
+            texts, lambda part: self._encode(rt, part), failure_kind, self.health, what="encoding items",
+            probe=PROBE_TEXT)
+        for index, exc in rejected:
+            _, event = list(latest.values())[index]
+            await self.dead_letter(rt, event, "processing_error", f"{type(exc).__name__}: {exc}")
+        if len(rejected) == len(latest):
             return
         trained = {i: d for i in latest if (d := rt.catalogue.index.get(i, 0)) and d <= rt.catalogue.base}
-        rows = [(i, text_sha256(item.text), v) for (i, (item, _)), v in zip(latest.items(), vectors)]
+        rows = [(i, text_sha256(item.text), v) for (i, (item, _)), v in zip(latest.items(), vectors)
+                if v is not None]
         written = await self.pipeline.retrying(  # 3
             "registering items", len(rows), lambda: asyncio.to_thread(
                 self.store.register, rt.manifest.model_version, rt.catalogue.base, rows, trained))
@@ -109,6 +115,10 @@ class ItemRegistry:
         rt.counters.items_registered += new
         rt.counters.items_updated += len(written) - new
         rt.counters.seconds_items += time.perf_counter() - t0
+
+    @staticmethod
+    async def _encode(rt: Runtime, texts) -> list:
+        return list(await rt.models.encode_items(list(texts)))
 
     async def follow(self) -> None:
         """Apply the rows registered since this worker's revision (by any worker)."""

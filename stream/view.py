@@ -39,6 +39,7 @@ class WorkerView:
             "offset_rewinds": c.offset_rewinds,
             "folds": c.folds, "fold_backlog": len(rt.folds.pending), "batches": c.batches,
             "seconds_model": round(c.seconds_model, 3), "seconds_publish": round(c.seconds_publish, 3),
+            "seconds_items": round(c.seconds_items, 3),
             "latency": c.latency_quantiles(), "model_version": rt.manifest.model_version,
             "items_in": c.items_in, "items_registered": c.items_registered, "items_updated": c.items_updated,
             "items_ignored": c.items_ignored, "catalogue": self.catalogue(),

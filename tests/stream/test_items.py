@@ -114,7 +114,7 @@ def check_items(served_model, settings, start_worker, ck, texts) -> None:
             + [(k, v) for k, v, _ in bad])
     wait_for(lambda: (worker.status().get("catalogue") or {}).get("registered") == 2, 120, "two items registered")
     status = worker.status()
-    assert status["items_in"] == 7 and status["items_registered"] == 2
+    assert status["items_in"] == 7 and status["items_registered"] == 2 and status["seconds_items"] > 0
     assert status["catalogue"]["items"] == served_model.id_map.num_items + 2
     assert {n["item_id"] for n in status["catalogue"]["newest"]} == {"twin-film", "late-film"}
     dlq = [m for m in whole_topic(boot, settings.topic_dlq)

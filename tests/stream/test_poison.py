@@ -130,3 +130,35 @@ def test_an_event_batched_with_another_partitions_poison_event_is_not_set_aside(
     (poison_results, poison_failed), (fine_results, fine_failed) = run(both())
     assert poison_results == [None] and [i for i, _ in poison_failed] == [0]
     assert fine_results == ["fine"] and fine_failed == []
+
+
+def test_a_lone_poison_item_is_set_aside_once_the_model_answers_the_probe() -> None:
+    """Nothing else runs through the item encoder: a harmless probe input, answered, is the
+    evidence that the lone item is at fault; a broken model fails the probe too and is waited on."""
+    state = {"broken": False, "calls": 0}
+
+    async def encoder(part):
+        state["calls"] += 1
+        if state["broken"] or "poison" in part:
+            raise ValueError("rejected")
+        return [len(t) for t in part]
+
+    results, failed = run(isolate(["poison"], encoder, classify, Health(), attempts=2, delay=0.001, probe="item"))
+    assert results == [None] and [i for i, _ in failed] == [0]
+    results, failed = run(isolate(["a", "poison", "ccc"], encoder, classify, Health(), attempts=2, delay=0.001,
+                                  probe="item"))
+    assert results == [1, None, 3] and [i for i, _ in failed] == [1]
+
+    state["broken"] = True
+
+    async def broken():
+        stuck = asyncio.create_task(isolate(["fine"], encoder, classify, Health(), attempts=2, delay=0.001,
+                                            max_delay=0.01, probe="item"))
+        await asyncio.sleep(0.2)
+        calls = state["calls"]
+        assert not stuck.done()  # the probe fails too: nothing is set aside
+        state["broken"] = False  # repaired
+        return calls, await stuck
+
+    calls, (results, failed) = run(broken())
+    assert calls > 4 and results == [4] and failed == []
