@@ -459,7 +459,9 @@ def retire_memories_cmd(
     from persrec.stream.manifest import MANIFEST, Manifest
 
     s = Settings()
-    manifest = Manifest.read(s.model_repository) if (s.model_repository / MANIFEST).exists() else None
+    # the version served: the newest, or PERSREC_TRITON_VERSION's after a rollback
+    manifest = (Manifest.read(s.model_repository, s.triton_version)
+                if (s.model_repository / MANIFEST).exists() else None)
     if manifest is not None and manifest.model_version == model_version and not force:
         console.print(f"{model_version} is the version {s.model_repository} serves; not retired (--force to insist)")
         raise typer.Exit(2)

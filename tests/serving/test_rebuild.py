@@ -81,3 +81,46 @@ def test_a_shadow_rebuild_then_a_catch_up_redoes_only_the_users_the_old_model_mo
         expected = new.model.compress(torch.tensor([[5, 6, 7, 8]]), torch.tensor([4]))[0].numpy()
     assert np.abs(row.tensor - expected).max() < 1e-6
     assert rebuild_memories(store, old, new).rebuilt == 0
+
+
+def test_a_rollback_catches_the_old_models_memories_up_and_retires_the_new_ones(tmp_path) -> None:
+    """The README's rollback, through the CLI: once model B (version 2) served and folded on,
+    ``PERSREC_TRITON_VERSION=1 persrec rebuild-memories B.pt`` recompresses, with model A, just
+    the users B moved past A's rows; retire-memories then keeps A (served) and deletes B."""
+    from typer.testing import CliRunner
+
+    from persrec.cli import app
+    from persrec.memory import SqlMemoryStore, migrate
+    from persrec.serving.export import export_repository
+
+    items = [f"m{i}" for i in range(30)]
+    a, b = checkpoint(items, 0), checkpoint(items, 1)
+    repo, db = tmp_path / "repository", f"sqlite:///{tmp_path / 'memories.db'}"
+    export_repository(a, repo, version=1)
+    export_repository(b, repo, version=2)
+    migrate(db)
+    store = SqlMemoryStore(db, storage_dtype="float32")
+    tensor = np.zeros(a.config.memory_shape, np.float32)
+    store.put_many([MemoryRecord(u, a.model_version, tensor, 20, 20, np.array([1, 2, 3 + k]))
+                    for k, u in enumerate("abc")])
+    env = {"PERSREC_MODEL_REPOSITORY": str(repo), "PERSREC_DATABASE_URL": db, "PERSREC_STORAGE_DTYPE": "float32",
+           "COLUMNS": "300"}
+    cli = lambda *args, **extra: CliRunner().invoke(app, list(args), env=env | extra)  # noqa: E731
+
+    done = cli("rebuild-memories", str(repo / "recommend" / "1" / "checkpoint.pt"))  # A -> B, version 2
+    assert done.exit_code == 0 and "rebuilt 3 memories" in done.output, done.output
+    store.put_many([MemoryRecord("c", b.model_version, tensor, 30, 30, np.array([5, 6, 7, 8]))])  # B folds on
+
+    done = cli("rebuild-memories", str(repo / "recommend" / "2" / "checkpoint.pt"), PERSREC_TRITON_VERSION="1")
+    assert done.exit_code == 0 and f"rebuilt 1 memories for {a.model_version}" in done.output, done.output
+    rows = store.get_many(list("abc"), a.model_version)
+    assert [rows[u].watermark for u in "abc"] == [20, 20, 30] and rows["c"].history.tolist() == [5, 6, 7, 8]
+    with torch.no_grad():
+        expected = a.build_model("cpu").compress(torch.tensor([[5, 6, 7, 8]]), torch.tensor([4]))[0].numpy()
+    assert np.abs(rows["c"].tensor - expected).max() < 1e-6
+    assert np.array_equal(rows["a"].tensor, tensor)  # A's rows B did not pass are as they were
+
+    refused = cli("retire-memories", a.model_version, PERSREC_TRITON_VERSION="1")
+    assert refused.exit_code == 2 and store.count(a.model_version) == 3  # A is served again
+    done = cli("retire-memories", b.model_version, PERSREC_TRITON_VERSION="1")
+    assert done.exit_code == 0 and store.count(b.model_version) == 0 and store.count() == 3, done.output
