@@ -3,7 +3,8 @@
 A user's long history is compressed into a small memory tensor (L, 2, M, H, D/H) that is valid
 only for the model version that wrote it. `MemoryStore` is the interface; `SqlMemoryStore`
 (SQLite or PostgreSQL, after `migrate(url)`) and `InMemoryMemoryStore` implement it.
-`SqlCatalogue` keeps the items registered while a model serves (table `item_catalogue`).
+`SqlCatalogue` keeps the items registered while a model serves (table `item_catalogue`);
+`SqlSwitches` the model changes made while the workers run (`model_switch`, `switch_offset`).
 This package imports neither torch nor the model, stream or serving packages.
 """
 
@@ -15,6 +16,7 @@ from persrec.memory.migrator import current_revision, downgrade, migrate
 from persrec.memory.record import MemoryRecord, MemoryStats, StaleMemoryError
 from persrec.memory.schema import Base, UserMemory
 from persrec.memory.sql_store import SqlMemoryStore
+from persrec.memory.switches import SqlSwitches, SwitchRequest
 from persrec.memory.store import MemoryStore
 
 __all__ = [
@@ -27,7 +29,9 @@ __all__ = [
     "MemoryStore",
     "SqlCatalogue",
     "SqlMemoryStore",
+    "SqlSwitches",
     "StaleMemoryError",
+    "SwitchRequest",
     "UserMemory",
     "create_engine_for",
     "current_revision",

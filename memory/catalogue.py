@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import Engine, func, select, text
-from sqlalchemy.engine import URL
+from sqlalchemy import func, select, text
 
-from persrec.memory.engine import SQLITE_WRITE, create_engine_for
+from persrec.memory.engine import EngineUser
 from persrec.memory.rows import utc_now
 from persrec.memory.schema import ItemCatalogue
 
@@ -47,19 +46,8 @@ class CatalogueSummary:
     newest: list[CatalogueItem]  # the latest registered, newest first
 
 
-class SqlCatalogue:
+class SqlCatalogue(EngineUser):
     """Thread-safe like ``SqlMemoryStore``: each call is one short transaction."""
-
-    def __init__(self, url_or_engine: str | URL | Engine) -> None:
-        if isinstance(url_or_engine, Engine):
-            self._engine, self._owns_engine = url_or_engine, False
-        else:
-            self._engine, self._owns_engine = create_engine_for(url_or_engine), True
-        self._writer = self._engine.execution_options(**SQLITE_WRITE)
-
-    def close(self) -> None:
-        if self._owns_engine:
-            self._engine.dispose()
 
     def register(self, model_version: str, base: int, items: Sequence[tuple[str, str, np.ndarray]],
                  trained: Mapping[str, int] | None = None, clock=utc_now) -> list[CatalogueItem]:

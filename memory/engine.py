@@ -55,3 +55,19 @@ def configure_sqlite(engine: Engine, busy_timeout_ms: int = 30_000) -> None:
     def _on_begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get("sqlite_begin_immediate", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class EngineUser:
+    """Base of the stores over one engine: the engine given, or one made from a URL (and
+    disposed of by ``close``); ``_writer`` begins write transactions (SQLite: BEGIN IMMEDIATE)."""
+
+    def __init__(self, url_or_engine: str | URL | Engine) -> None:
+        if isinstance(url_or_engine, Engine):
+            self._engine, self._owns_engine = url_or_engine, False
+        else:
+            self._engine, self._owns_engine = create_engine_for(url_or_engine), True
+        self._writer = self._engine.execution_options(**SQLITE_WRITE)
+
+    def close(self) -> None:
+        if self._owns_engine:
+            self._engine.dispose()

@@ -1,4 +1,4 @@
-"""The `user_memory` and `item_catalogue` tables (SQLAlchemy 2 typed declarative).
+"""The `user_memory`, `item_catalogue`, `model_switch` and `switch_offset` tables (SQLAlchemy 2 typed declarative).
 
 The Alembic revisions build exactly this table; tests check that the migrated schema and this
 metadata agree on SQLite and PostgreSQL. Change both together, through a new revision.
@@ -73,3 +73,29 @@ class ItemCatalogue(Base):
         UniqueConstraint("model_version", "dense_id", name="uq_item_catalogue_dense"),
         UniqueConstraint("model_version", "revision", name="uq_item_catalogue_revision"),
     )
+
+
+class ModelSwitch(Base):
+    """The model change a worker group (``app_id``) is making, if any: from one Triton version
+    of the repository to another, without stopping (revision 0005)."""
+
+    __tablename__ = "model_switch"
+
+    app_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    from_triton_version: Mapped[int] = mapped_column(Integer)
+    to_triton_version: Mapped[int] = mapped_column(Integer)
+    to_model_version: Mapped[str] = mapped_column(String(128))
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # UTC
+
+
+class SwitchOffset(Base):
+    """Per input partition, the first offset the new model answers (the first worker to switch
+    the partition records it; every later owner keeps it). Revision 0005."""
+
+    __tablename__ = "switch_offset"
+
+    app_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    to_model_version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    partition_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    first_offset: Mapped[int] = mapped_column(BigInteger)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # UTC

@@ -478,6 +478,15 @@ class IdMap:
             raise KeyError(f"dense id {int(bad[0])} is outside 1..{self.num_items}")
         return self._items[flat - 1].tolist()
 
+    def translate(self, ids: Iterable[int], to: IdMap) -> tuple[np.ndarray, np.ndarray]:
+        """Dense ids of this map -> ``to``'s dense ids (0 where ``to`` lacks the item), and the
+        mask of those it has: a memory's stored items, read by another model."""
+        flat = np.asarray(ids, dtype=np.int64).ravel()
+        if to is self or self == to:
+            return flat.copy(), np.ones(flat.shape, bool)
+        new = to.encode(self.decode(flat), unknown=0) if flat.size else np.zeros(0, np.int64)
+        return new, new > 0
+
     def to_json(self) -> str:
         """Canonical JSON: same map, same bytes."""
         content = {"format": self.FORMAT, "items": self._items.tolist()}

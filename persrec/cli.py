@@ -472,6 +472,83 @@ def retire_memories_cmd(
                   + (", ".join(f"{v} {n}" for v, n in sorted(left.items())) or "none"))
 
 
+switch_app = typer.Typer(no_args_is_help=True, help="A model change made while the workers run (stream/switch.py).")
+app.add_typer(switch_app, name="switch")
+
+
+@switch_app.command("start")
+def switch_start(
+    to_version: Annotated[int, typer.Argument(help="the Triton version the workers move to")],
+    from_version: Annotated[int, typer.Option("--from", help="the Triton version they serve now")],
+    repository: Annotated[Optional[Path], typer.Option(help="the repository (default: PERSREC_MODEL_REPOSITORY)")] = None,
+) -> None:
+    """Ask the worker group PERSREC_APP_ID to move from one loaded Triton version to another
+    without stopping: per input partition, events from the first one a worker reads after it
+    took the request up are answered by the new model, the ones before by the old; the new
+    model's memories are made from the old rows as users come. Both versions must stay loaded
+    until ``persrec switch finish``. A rollback is ``switch start`` the other way."""
+    from persrec.memory import SqlSwitches, migrate
+    from persrec.stream.manifest import Manifest
+    from persrec.stream.switch import incompatibility
+
+    s = Settings()
+    repo = repository or s.model_repository
+    old, new = Manifest.read(repo, from_version), Manifest.read(repo, to_version)
+    if why := incompatibility(old, new):
+        console.print(f"[red]cannot switch {from_version} -> {to_version} while the workers run: {why}.[/] "
+                      "Use the stop-rebuild-start procedure (README, Model change).")
+        raise typer.Exit(2)
+    migrate(s.resolved_database_url)
+    store = SqlSwitches(s.resolved_database_url)
+    try:
+        store.request(s.app_id, from_version, to_version, new.model_version)
+    finally:
+        store.close()
+    console.print(f"{s.app_id}: switching from version {from_version} ({old.model_version}) to {to_version} "
+                  f"({new.model_version}); workers take it up within PERSREC_SWITCH_POLL_S ({s.switch_poll_s} s)")
+
+
+@switch_app.command("status")
+def switch_status() -> None:
+    """The switch under way, and the offset each input partition switched at."""
+    from persrec.memory import SqlSwitches, migrate
+
+    s = Settings()
+    migrate(s.resolved_database_url)
+    store = SqlSwitches(s.resolved_database_url)
+    try:
+        req = store.current(s.app_id)
+        offsets = {} if req is None else store.offsets(s.app_id, req.to_model_version)
+    finally:
+        store.close()
+    if req is None:
+        console.print(f"{s.app_id}: no switch under way")
+        return
+    console.print(f"{s.app_id}: version {req.from_triton_version} -> {req.to_triton_version} "
+                  f"({req.to_model_version}), requested {req.requested_at.isoformat()}")
+    table = Table("partition", "first offset of the new model")
+    for partition in range(s.partitions):
+        table.add_row(str(partition), str(offsets.get(partition, "not yet")))
+    console.print(table)
+
+
+@switch_app.command("finish")
+def switch_finish() -> None:
+    """Forget the switch once every partition has switched and no rollback is wanted; then
+    unload the old version from Triton and ``persrec retire-memories`` its rows. Workers started
+    from then on serve PERSREC_TRITON_VERSION (or the newest version)."""
+    from persrec.memory import SqlSwitches, migrate
+
+    s = Settings()
+    migrate(s.resolved_database_url)
+    store = SqlSwitches(s.resolved_database_url)
+    try:
+        done = store.finish(s.app_id)
+    finally:
+        store.close()
+    console.print(f"{s.app_id}: " + ("switch finished" if done else "no switch under way"))
+
+
 @app.command()
 def replay(
     file: Path,

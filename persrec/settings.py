@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     item_batch_wait_ms: float = Field(20.0, ge=0, description="how long an items batch waits to fill")
     catalogue_poll_s: float = Field(
         0.5, gt=0, description="how often a worker reads the items other workers registered")
+    switch_poll_s: float = Field(
+        1.0, gt=0, description="how often a worker looks for a model switch (persrec switch)")
     worker_web_port: int = Field(6066, description="Faust's own web server")
 
     # memory store

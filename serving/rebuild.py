@@ -53,10 +53,9 @@ def rebuild_memories(store: MemoryStore, old: Checkpoint, new: ModelRunner, *, b
             continue
         histories, times = [], []
         for r in usable:
-            known = np.array([i in new_map for i in old_map.decode(r.history.tolist())], bool)
-            original = old_map.decode(r.history[known].tolist())
+            ids, known = old_map.translate(r.history, new_map)
             ts = r.history_ts if r.history_ts is not None else np.zeros(len(r.history), np.int64)
-            histories.append(new_map.encode(original)[-history_len:])
+            histories.append(ids[known][-history_len:])
             times.append(ts[known][-history_len:])
         memory = np.zeros((len(usable), *new.cfg.memory_shape), np.float32)
         tensors = new.fold(ModelInputs.of_rows(histories, times, memory=memory, has_memory=np.zeros(len(usable), bool)))

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from persrec.memory import MemoryStore
+from persrec.memory import MemoryRecord, MemoryStore
 
 if TYPE_CHECKING:
     from .runtime import RecRequest
@@ -31,6 +33,10 @@ class Memories:
 
     def __init__(self, store: MemoryStore, model_version: str, cache_size: int) -> None:
         self.store, self.model_version, self.cache_size = store, model_version, cache_size
+        # while the workers switch to this model: makes the memories it lacks from the old
+        # model's rows (stream.switch.CatchUp)
+        self.catch_up: Callable[[list[str], dict[str, MemoryRecord]], Awaitable[dict[str, MemoryRecord]]] | None = None
+        self._making = asyncio.Lock()
         self.cache: collections.OrderedDict[str, CachedMemory] = collections.OrderedDict()
         # seq of the window snapshot of each queued request without a memory, per user
         self.in_flight: dict[str, list[int]] = {}
@@ -46,14 +52,18 @@ class Memories:
 
     async def load(self, user_ids: list[str]) -> dict[str, CachedMemory]:
         """Each user's memory: from the cache, the others in one batched read of the store."""
-        missing = [u for u in user_ids if u not in self.cache]
-        if missing:
-            rows = await asyncio.to_thread(self.store.get_many, missing, self.model_version)
-            for u in missing:
-                r = rows.get(u)
-                self.remember(u, CachedMemory(None) if r is None else CachedMemory(
-                    r.tensor.astype(np.float32), r.events_folded, r.watermark, r.history, r.row_version,
-                    r.history_ts))
+        if any(u not in self.cache for u in user_ids):
+            # during a switch, two loads never make the same user's memory (stream.switch)
+            async with self._making if self.catch_up is not None else contextlib.nullcontext():
+                missing = [u for u in user_ids if u not in self.cache]
+                rows = await asyncio.to_thread(self.store.get_many, missing, self.model_version) if missing else {}
+                if missing and self.catch_up is not None:
+                    rows = await self.catch_up(missing, rows)
+                for u in missing:
+                    r = rows.get(u)
+                    self.remember(u, CachedMemory(None) if r is None else CachedMemory(
+                        r.tensor.astype(np.float32), r.events_folded, r.watermark, r.history, r.row_version,
+                        r.history_ts))
         out = {}
         for u in user_ids:
             out[u] = self.cache[u]

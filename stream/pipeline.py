@@ -26,6 +26,8 @@ Per batch of requests, in the batcher (``Pipeline.handle_batch``):
 Offsets are committed after that (and after the changelog is flushed), so a crash can repeat a
 recommendation (same event id) but never loses an acknowledged event, and a restored window
 holds every acknowledged event. Folds run beside this, in their own task (``Pipeline.folder``).
+During a model switch (``stream.switch``) each event goes to the runtime of the model that
+answers it, by its offset; a batch is answered by each of its runtimes in turn.
 Faust itself is reached only through ``stream.faust_adapter``.
 """
 
@@ -45,6 +47,7 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from kafka.errors import KafkaError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from persrec.memory import SqlSwitches
 from persrec.settings import Settings
 
 from . import faust_adapter as fa
@@ -55,6 +58,7 @@ from .events import Event, InvalidEvent, UserDeletion, parse_event
 from .offsets import BarrierScheduler, OffsetGuard, Rewinder
 from .poison import Failure, Health, isolate
 from .runtime import RecRequest, Runtime
+from .switch import Switcher
 from .triton import TritonUnavailable
 
 log = logging.getLogger(__name__)
@@ -90,9 +94,11 @@ def create_app(settings: Settings) -> faust.App:
 class Pipeline:
     """The agent, batcher and fold loop of one worker, and what they share."""
 
-    def __init__(self, app: faust.App, settings: Settings,
-                 make_runtime: Callable[[Callable[[str], win.Window]], Awaitable[Runtime]]) -> None:
-        self.app, self.settings, self._make_runtime = app, settings, make_runtime
+    def __init__(self, app: faust.App, settings: Settings, make_runtime: Callable[..., Awaitable[Runtime]],
+                 switches: SqlSwitches | None = None) -> None:
+        """``make_runtime(read_window, triton_version=None, counters=None)``: a runtime for the
+        configured model version, or for another (a switch, from ``switches``)."""
+        self.app, self.settings, self._make_runtime, self.switches = app, settings, make_runtime, switches
         raw = dict(key_serializer="raw", value_serializer="raw")
         self.topics = Topics(
             app.topic(settings.topic_interactions, partitions=settings.partitions, **raw),
@@ -102,6 +108,7 @@ class Pipeline:
         decode = lambda v: v if isinstance(v, win.Window) else win.decode(v)  # noqa: E731
         self.windows = fa.WindowStore(app, settings.partitions, decode, win.encode)
         self.runtime: Runtime | None = None  # built in the worker's event loop (``ready``)
+        self.switcher: Switcher | None = None  # with ``switches``: the model switch taken up, if any
         self._building: asyncio.Future | None = None
         self.queue: asyncio.Queue[RecRequest] = asyncio.Queue(maxsize=4 * settings.max_batch)
         # Only events this agent finished are acknowledged (AckGate), in read order per
@@ -121,6 +128,8 @@ class Pipeline:
         app.task(self.batcher)
         app.task(self.folder)
         app.timer(interval=self.guard.due_every_s)(self.rewind_due)
+        if self.switches is not None:
+            app.timer(interval=self.settings.switch_poll_s)(self.poll_switch)
         app.on_partitions_revoked.connect(self._revoked)
         app.on_partitions_assigned.connect(self._assigned)
 
@@ -128,21 +137,46 @@ class Pipeline:
         """The runtime, built once by whichever task asks first (the others wait for it)."""
         if self.runtime is None:
             if self._building is None:
-                self._building = asyncio.ensure_future(
-                    self._make_runtime(lambda user_id: self.windows.get(user_id.encode())))
+                self._building = asyncio.ensure_future(self._build())
             runtime = await asyncio.shield(self._building)
             self.runtime = self.runtime or runtime
         return self.runtime
 
+    async def _build(self) -> Runtime:
+        read = lambda user_id: self.windows.get(user_id.encode())  # noqa: E731
+        rt = await self._make_runtime(read)
+        if self.switches is not None:  # a switch under way: the worker joins it before reading
+            self.switcher = Switcher(self.switches, self.settings.app_id,
+                                     lambda version: self._make_runtime(read, version, rt.counters),
+                                     self.settings.storage_dtype)
+            rt = await self.switcher.poll(rt)
+        return rt
+
+    def runtimes(self) -> list[Runtime]:
+        """The runtime of new events, and during a switch the old model's."""
+        switching = None if self.switcher is None else self.switcher.switching
+        return [r for r in (self.runtime, switching and switching.old) if r is not None]
+
+    async def poll_switch(self) -> None:
+        """Take up a model switch requested since (``persrec switch``)."""
+        if self.runtime is None or self.switcher is None:
+            return
+        try:
+            self.runtime = await self.switcher.poll(self.runtime)
+        except Exception:  # noqa: BLE001 - the database or Triton is down: the next tick tries again
+            log.warning("cannot take up the model switch; retrying", exc_info=True)
+
     # ---------------------------------------------------------------- per event (the agent)
     async def process(self, stream) -> None:
-        rt = await self.ready()
+        await self.ready()
         self.stream = stream
         fa.wrap_ack(self.app.consumer, self.gate.allows)
         async for event in stream.noack().events():
             msg = event.message
             if not await self.admit(msg):  # 1
                 continue
+            switching = self.switcher and self.switcher.switching
+            rt = self.runtime if not switching else await switching.runtime_for(msg.partition, msg.offset)
             handle = self.acks.track(msg.tp, event)
             source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
             rt.counters.events_in += 1
@@ -195,7 +229,8 @@ class Pipeline:
             self.windows.delete(key)
             # A database outage is waited out: the erasure happens, late, never skipped.
             await self.retrying("erasing a user", 1, lambda: asyncio.to_thread(rt.store.delete_many, [ev.user_id]))
-            rt.forget([ev.user_id])
+            for r in self.runtimes():
+                r.forget([ev.user_id])
             log.info("erased user %r", ev.user_id)
             await self.acks.finish(handle)
             return None
@@ -209,7 +244,7 @@ class Pipeline:
             w = rt.trimmed(ev.user_id, win.append(w, event_id, ev.item_id, int(ev.ts), where))
             self.windows.set(key, msg.partition, w)
         return RecRequest(ev.user_id, w, event_id, ev.ts, source, time.monotonic(), duplicate,
-                          ack=functools.partial(self.acks.finish, handle), value=event.value)
+                          ack=functools.partial(self.acks.finish, handle), value=event.value, runtime=rt)
 
     # ------------------------------------------------------------- per batch (the batcher)
     async def batcher(self) -> None:
@@ -217,7 +252,7 @@ class Pipeline:
         publishing of another. Messages are still sent in event order (each batch sends after
         the previous one has sent), so a user's recommendations arrive in the order of their
         events."""
-        rt = await self.ready()
+        await self.ready()
         slots = asyncio.Semaphore(self.settings.max_in_flight_batches)
         running: set[asyncio.Task] = set()
         previous: asyncio.Future | None = None
@@ -225,7 +260,7 @@ class Pipeline:
             batch = await self.next_batch()
             await slots.acquire()
             sent = asyncio.get_running_loop().create_future()
-            task = asyncio.create_task(self.handle_batch(rt, batch, previous, sent))
+            task = asyncio.create_task(self.handle_batch(batch, previous, sent))
             running.add(task)
             task.add_done_callback(lambda t: (running.discard(t), slots.release()))
             previous = sent
@@ -248,22 +283,22 @@ class Pipeline:
                 break
         return batch
 
-    async def handle_batch(self, rt: Runtime, batch: list[RecRequest], previous: asyncio.Future | None,
+    async def handle_batch(self, batch: list[RecRequest], previous: asyncio.Future | None,
                            sent: asyncio.Future) -> None:
         try:
             t0 = time.perf_counter()
-            answered, messages, failed = await self.recommend(rt, batch)  # 6
+            answered, messages, failed = await self.recommend(batch)  # 6
             t1 = time.perf_counter()
             if previous is not None:
                 await previous
             await self.publish(answered, messages, sent)  # 7
             self.windows.write({r.user_id.encode() for r in batch})  # 8: the set-aside events' windows too
             for r, exc in failed:
-                await self.dead_letter(rt, r, exc)
+                await self.dead_letter(r, exc)
         finally:
             if not sent.done():
                 sent.set_result(None)
-        c = rt.counters
+        c = batch[0].runtime.counters
         c.seconds_model += t1 - t0
         c.seconds_publish += time.perf_counter() - t1
         c.batches += 1
@@ -273,16 +308,26 @@ class Pipeline:
             await r.ack()
         c.recs_out += len(answered)
 
-    async def recommend(self, rt: Runtime, batch: list[RecRequest]):
+    async def recommend(self, batch: list[RecRequest]):
         """6. The requests answered, their messages, and the (request, exception) of each event
         the model fails on alone (``stream.poison``), to be dead-lettered once its window is in
-        the changelog (step 8): it was applied to the window like any other."""
-        messages, failed = await isolate(batch, rt.recommend_batch, failure_kind, self.health, what="recommending")
-        for r in batch:  # their window snapshots are read: folds may pass them now
-            rt.request_done(r)
-        gone = {i for i, _ in failed}
-        answered = [(r, m) for i, (r, m) in enumerate(zip(batch, messages)) if i not in gone]
-        return [r for r, _ in answered], [m for _, m in answered], [(batch[i], exc) for i, exc in failed]
+        the changelog (step 8): it was applied to the window like any other. During a switch,
+        each runtime answers its requests (a user's old-model events come before its new-model
+        ones, so answering the old model's first keeps each user's order)."""
+        parts: dict[int, list[RecRequest]] = {}
+        for r in batch:
+            parts.setdefault(id(r.runtime), []).append(r)
+        answered, messages, failed = [], [], []
+        for part in parts.values():
+            rt = part[0].runtime
+            out, bad = await isolate(part, rt.recommend_batch, failure_kind, self.health, what="recommending")
+            for r in part:  # their window snapshots are read: folds may pass them now
+                rt.request_done(r)
+            gone = {i for i, _ in bad}
+            answered += [r for i, r in enumerate(part) if i not in gone]
+            messages += [m for i, m in enumerate(out) if i not in gone]
+            failed += [(part[i], exc) for i, exc in bad]
+        return answered, messages, failed
 
     async def publish(self, batch: list[RecRequest], messages: list[dict], sent: asyncio.Future) -> None:
         """7. One message per request, straight to the producer (Faust's Topic.send adds a
@@ -300,7 +345,7 @@ class Pipeline:
 
         await self.retrying("publishing", len(batch), deliver)
 
-    async def dead_letter(self, rt: Runtime, r: RecRequest, exc: BaseException) -> None:
+    async def dead_letter(self, r: RecRequest, exc: BaseException) -> None:
         """An event whose processing fails on its own: to the DLQ, then acknowledged (its window,
         which holds it, is already on its way to the changelog)."""
         headers = dlq_headers("processing_error", f"{type(exc).__name__}: {exc}", r.source)
@@ -309,7 +354,7 @@ class Pipeline:
             await (await self.topics.dlq.send(key=r.user_id.encode(), value=r.value, headers=headers))
 
         await self.retrying("dead-lettering", 1, deliver)
-        rt.counters.dlq += 1
+        r.runtime.counters.dlq += 1
         await r.ack()
 
     # ----------------------------------------------------------------------------- helpers
@@ -364,6 +409,8 @@ class Pipeline:
         self.rewinder.reset()
         # the member id this process holds now, for a later worker to remove if we die
         members.record(members.registry(self.settings.work_dir, self.settings.app_id), fa.member_id(app))
+        # a partition switched by its previous owner keeps that owner's switch offset
+        await self.poll_switch()
 
     async def _revoked(self, app, *args, **kwargs) -> None:  # noqa: ARG002 - Faust's signal
         # The next owner restores windows from the changelog: it must hold every window this
@@ -376,13 +423,14 @@ class Pipeline:
     async def folder(self) -> None:
         """Fold every pending user, pause ``fold_interval_s``, again (a pass may take longer
         than the pause under load: a Faust timer would then warn on every tick)."""
-        rt = await self.ready()
+        await self.ready()
         while True:
             await asyncio.sleep(self.settings.fold_interval_s)
-            try:
-                while rt.folds.pending:
-                    if not await rt.folds.once():
-                        break
-            except Exception:  # noqa: BLE001 - the users stay pending; the next pass retries
-                log.exception("fold failed; %d users pending", len(rt.folds.pending))
+            for rt in self.runtimes():
+                try:
+                    while rt.folds.pending:
+                        if not await rt.folds.once():
+                            break
+                except Exception:  # noqa: BLE001 - the users stay pending; the next pass retries
+                    log.exception("fold failed; %d users pending", len(rt.folds.pending))
 

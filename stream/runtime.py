@@ -57,14 +57,15 @@ class RecRequest:
     # the user's memory when the request was queued (None: not loaded yet); see Memories.for_request
     memory: CachedMemory | None = None
     value: bytes = b""  # the event as it came, for the dead-letter topic if it cannot be processed
+    runtime: Runtime | None = None  # the model that answers it (two during a switch: stream.switch)
 
 
 class Runtime:
     def __init__(self, store: MemoryStore, models: TritonModels, id_map: IdMap, manifest: Manifest,
-                 cfg: StreamConfig, read_window: Callable[[str], win.Window]) -> None:
+                 cfg: StreamConfig, read_window: Callable[[str], win.Window], counters: Counters | None = None) -> None:
         self.store, self.models, self.id_map, self.manifest, self.cfg = store, models, id_map, manifest, cfg
         self.read_window = read_window
-        self.counters = Counters()
+        self.counters = Counters() if counters is None else counters  # shared by the runtimes of a switch
         self.memories = Memories(store, manifest.model_version, cfg.cache_size)
         self.reader = ItemReader(id_map, max(manifest.window_len, manifest.recent_len + manifest.history_len))
         # items registered since training (the items topic), for a model that reads their text

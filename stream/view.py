@@ -44,7 +44,13 @@ class WorkerView:
             "items_in": c.items_in, "items_registered": c.items_registered, "items_updated": c.items_updated,
             "items_ignored": c.items_ignored, "catalogue": self.catalogue(),
             "item_latency": c.latency_quantiles("item_latencies_ms"),
+            "switch": self.switch(),
         }
+
+    def switch(self) -> dict[str, Any] | None:
+        """The model switch this worker takes part in (stream.switch), if any."""
+        switcher = self._pipeline.switcher
+        return None if switcher is None or switcher.switching is None else switcher.switching.view()
 
     def catalogue(self) -> dict[str, Any] | None:
         """The items the model serves: trained, registered since, the newest registered (None

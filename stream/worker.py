@@ -7,7 +7,7 @@ import logging
 
 import faust
 
-from persrec.memory import SqlCatalogue, SqlMemoryStore, migrate
+from persrec.memory import SqlCatalogue, SqlMemoryStore, SqlSwitches, migrate
 from persrec.models.checkpoint import load_checkpoint
 from persrec.models.data import IdMap
 from persrec.settings import Settings
@@ -50,16 +50,19 @@ def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.Ap
     cfg = StreamConfig(storage_dtype=settings.storage_dtype)
     registry: ItemRegistry | None = None
 
-    async def make_runtime(read_window):
+    async def make_runtime(read_window, triton_version: int | None = None, counters=None):
+        """The configured model's runtime, or Triton version ``triton_version``'s (a switch)."""
+        m, ids = (manifest, id_map) if triton_version is None else load_serving_model(
+            settings.model_repository, triton_version)
         store = SqlMemoryStore(db_url, storage_dtype=settings.storage_dtype)
         models = TritonModels(settings.triton_grpc_url, timeout_s=settings.triton_timeout_s, max_attempts=None,
-                              version=str(manifest.triton_version), fold_model=manifest.fold_model)
-        rt = Runtime(store, models, id_map, manifest, cfg, read_window)
+                              version=str(m.triton_version), fold_model=m.fold_model)
+        rt = Runtime(store, models, ids, m, cfg, read_window, counters)
         await registry.load(rt)
         return rt
 
     app = create_app(settings)
-    pipeline = Pipeline(app, settings, make_runtime)
+    pipeline = Pipeline(app, settings, make_runtime, SqlSwitches(db_url))
     pipeline.attach()
     registry = ItemRegistry(pipeline, SqlCatalogue(db_url) if manifest.catalogue else None)
     if manifest.catalogue:  # a model that reads items by id only has no use for the items topic

@@ -140,3 +140,50 @@ def check_user_states(apis: list[str], by_user: dict[str, list[dict]]) -> int:
         assert state["window"]["items"] == [e["item_id"] for e in events[folded:]], user_id
         total_folded += folded
     return total_folded
+
+
+def other_weights(checkpoint, seed: int = 1):
+    """Model B: ``checkpoint``'s config and id map, other weights (a model change to test)."""
+    from persrec.models.checkpoint import make_checkpoint
+    from persrec.models.loss import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(checkpoint.config)
+    with torch.no_grad():
+        model.backbone.bias.pos_w.normal_(0, 0.5)
+    return make_checkpoint(model, checkpoint.id_map_json)
+
+
+def check_answer(checkpoints: dict, id_map, by_user: dict, body: dict,
+                 loaded_b_at: float) -> None:
+    """The message equals the answer of the model it names, recomputed offline: memory of the
+    user's first ``memory_version`` events, window of the ``window`` latest events up to ``seq``
+    (the worker reads at most max_len of them, from ``read_start``; every item is known: one id
+    map for all)."""
+    watermark, seq, n = body["memory_version"], body["seq"], body["window"]
+    after = seq - watermark
+    assert n == after - read_start(after, checkpoints[body["model_version"]].config.max_len), body["event_id"]
+    events = by_user[body["user_id"]][:watermark] + by_user[body["user_id"]][seq - n:seq]
+    ids, scores = offline_top10(checkpoints[body["model_version"]], id_map, events, watermark, watermark + n)
+    if not same_top(body["items"], ids, scores):
+        by = [v for v, ck in checkpoints.items()
+              if same_top(body["items"], *offline_top10(ck, id_map, events, watermark, watermark + n))]
+        raise AssertionError(f"answer of {body['event_id']} ({body['emit_ts'] - loaded_b_at:.1f} s after B "
+                             f"was loaded) names {body['model_version']}, computed by {by or 'neither model'}")
+
+
+def check_memory_rows(store, checkpoints: dict, id_map, by_user: dict) -> int:
+    """Every RECOMPRESS memory row of the models in ``checkpoints`` (version -> checkpoint) is its
+    model's compression of the user's aged-out events (the last ``history_len`` before the
+    watermark; one id map for all). Returns the rows checked."""
+    checked = 0
+    for version, ck in checkpoints.items():
+        model, keep = ck.build_model("cpu"), ck.config.max_len - ck.config.recent_len
+        for user, row in store.get_many(list(by_user), version).items():
+            aged = [e["item_id"] for e in by_user[user][:row.watermark]][-keep:]
+            assert row.history.tolist() == id_map.encode(aged).tolist(), (version, user)
+            with torch.no_grad():
+                expected = model.compress(torch.from_numpy(row.history)[None], torch.tensor([len(row.history)]))[0]
+            assert np.abs(row.tensor - expected.numpy()).max() < 1e-5, (version, user)
+            checked += 1
+    return checked

@@ -51,28 +51,17 @@ import torch
 from persrec.embedded._proc import free_ports
 from persrec.embedded.kafka import create_topics
 from persrec.memory import SqlMemoryStore
-from persrec.models.checkpoint import Checkpoint, make_checkpoint
-from persrec.models.loss import build_model
 from persrec.replay import events_in_time_order
 from persrec.serving.export import export_repository
 from persrec.settings import Settings
 from persrec.stack import WorkerProcess, settings_env, wait_for
 from persrec.stream.window import read_start
 from persrec.testing.load import Collector, PacedProducer, wait_alive
-from persrec.testing.pipeline import check_user_states, events_by_user, offline_top10, same_top
+from persrec.testing.pipeline import check_answer, check_user_states, events_by_user, other_weights
 
 pytestmark = [pytest.mark.reliability, pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
 
 SEED = 7
-
-
-def checkpoint_b(served_model) -> Checkpoint:
-    """Model B: model A's config and id map, other weights."""
-    torch.manual_seed(1)
-    model = build_model(served_model.checkpoint.config)
-    with torch.no_grad():
-        model.backbone.bias.pos_w.normal_(0, 0.5)
-    return make_checkpoint(model, served_model.id_map.to_json())
 
 
 @pytest.fixture
@@ -112,24 +101,6 @@ def workers(tmp_path):
         w.stop()
 
 
-def check_answer(checkpoints: dict[str, Checkpoint], id_map, by_user: dict, body: dict,
-                 loaded_b_at: float) -> None:
-    """The message equals the answer of the model it names, recomputed offline: memory of the
-    user's first ``memory_version`` events, window of the ``window`` latest events up to ``seq``
-    (the worker reads at most max_len of them, from ``read_start``; every item is known: one id
-    map for all)."""
-    watermark, seq, n = body["memory_version"], body["seq"], body["window"]
-    after = seq - watermark
-    assert n == after - read_start(after, checkpoints[body["model_version"]].config.max_len), body["event_id"]
-    events = by_user[body["user_id"]][:watermark] + by_user[body["user_id"]][seq - n:seq]
-    ids, scores = offline_top10(checkpoints[body["model_version"]], id_map, events, watermark, watermark + n)
-    if not same_top(body["items"], ids, scores):
-        by = [v for v, ck in checkpoints.items()
-              if same_top(body["items"], *offline_top10(ck, id_map, events, watermark, watermark + n))]
-        raise AssertionError(f"answer of {body['event_id']} ({body['emit_ts'] - loaded_b_at:.1f} s after B "
-                             f"was loaded) names {body['model_version']}, computed by {by or 'neither model'}")
-
-
 def test_rollout_while_events_flow(served_model, repository, rollout_settings, workers, scale, figures) -> None:
     settings = rollout_settings
     repo, server = repository
@@ -138,7 +109,7 @@ def test_rollout_while_events_flow(served_model, repository, rollout_settings, w
     n_max, rate = (100_836, 250.0) if scale == "long" else (20_000, 100.0)
     switch_at = int(n_max * 0.4) if scale == "long" else int(rate * 20)
     events = list(events_in_time_order(served_model.interactions, n_max))
-    ck_a, ck_b = served_model.checkpoint, checkpoint_b(served_model)
+    ck_a, ck_b = served_model.checkpoint, other_weights(served_model.checkpoint)
     version_a, version_b = ck_a.model_version, ck_b.model_version
     assert version_a != version_b
     checkpoints = {version_a: ck_a, version_b: ck_b}
