@@ -155,11 +155,12 @@ def _user_id(request: web.Request) -> str:
 async def user(request: web.Request) -> web.Response:
     app = request.app
     user_id = _user_id(request)
-    manifest = app[MANIFEST].get("manifest")
+    manifest, worker = app[MANIFEST].get("manifest"), app[WORKER]
+    # inside a worker, the memory its next answer starts from (stream.view.memory_versions)
+    versions = (worker.memory_versions if worker is not None else []) or ([manifest.model_version] if manifest else [])
     body: dict[str, Any] = {"user_id": user_id, "memory": None}
-    if manifest is not None:
-        rows = await asyncio.to_thread(app[STORE].get_many, [user_id], manifest.model_version)
-        r = rows.get(user_id)
+    for version in versions:
+        r = (await asyncio.to_thread(app[STORE].get_many, [user_id], version)).get(user_id)
         if r is not None:
             body["memory"] = {
                 "model_version": r.model_version, "shape": list(r.tensor.shape),
@@ -168,7 +169,7 @@ async def user(request: web.Request) -> web.Response:
                 "updated_at": r.updated_at.isoformat() if r.updated_at else None,
                 "row_version": r.row_version,
             }
-    worker = app[WORKER]
+            break
     window = None if worker is None else worker.window(user_id, body["memory"]["watermark"] if body["memory"] else 0)
     if window is not None:
         body["window"] = dataclasses.asdict(window)

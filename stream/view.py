@@ -24,6 +24,12 @@ class WorkerView:
         self._pipeline = pipeline
 
     @property
+    def memory_versions(self) -> list[str]:
+        """Whose memory row holds a user's state, in order: the model answering new events, and
+        during a switch the old one (a user the new model has not met yet is still in its rows)."""
+        return [rt.manifest.model_version for rt in self._pipeline.runtimes()]
+
+    @property
     def running(self) -> bool:
         """The worker's runtime exists (its event loop runs and its models are known)."""
         return self._pipeline.runtime is not None

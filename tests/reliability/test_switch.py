@@ -141,7 +141,7 @@ def test_switch_while_events_flow(served_model, stack, scale, figures) -> None:
     assert store.count(version_a) > 0 and store.count(version_b) > 0
     made = status["switch"]["memories_made"]
     assert made > 0
-    total_folded = check_user_states([worker.api], by_user)
+    total_folded = check_user_states([worker.api], by_user)  # A's rows for users B has not met yet
 
     # answers recomputed offline: the first B answers of users with a memory made from A's rows
     rng = random.Random(SEED)

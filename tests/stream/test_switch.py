@@ -5,8 +5,9 @@ Model A (Triton version 1) answers a first part of the traffic; ``persrec switch
 1``; model B answers the rest without the worker stopping. Per input partition, every event before
 the recorded switch offset is answered by A and every one from it by B; the event at the offset
 is B's. B's memories are made from A's rows as users come, and every memory row of either model
-is its model's compression of the user's aged-out events. Then a rollback (``switch start 1 --from
-2``) hands the next events back to A, whose rows catch up from B's the same way."""
+is its model's compression of the user's aged-out events. A worker started during the switch
+joins it with the recorded offsets. Then a rollback (``switch start 1 --from 2``) hands the next
+events back to A, whose rows catch up from B's the same way."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def test_a_switch_while_the_worker_runs_splits_each_partition_at_one_offset(
     worker = start_worker(settings)
     boot, out = settings.kafka_bootstrap, settings.topic_recommendations
     events = list(events_in_time_order(served_model.interactions, 4500))
-    phases = [events[:2000], events[2000:3500], events[3500:]]
+    phases = [events[:2000], events[2000:3500], events[3500:3800], events[3800:]]
     cli = lambda *args: CliRunner().invoke(app, list(args), env=settings_env(settings) | {"COLUMNS": "300"})  # noqa: E731
     store = SqlMemoryStore(settings.resolved_database_url, storage_dtype="float32")
 
@@ -71,21 +72,26 @@ def test_a_switch_while_the_worker_runs_splits_each_partition_at_one_offset(
     assert switch(2, 1, version_b)["partitions"] == {}  # no event read since
     run(phases[1], 2000)
     to_b = worker.status()["switch"]
-    run_back = switch(1, 2, version_a)  # the rollback
+    # a worker started during the switch (restart, crash, scale-out) joins it with the recorded offsets
+    worker.stop()
+    worker = start_worker(settings, "restarted")
+    wait_for(lambda: (worker.status().get("switch") or {}).get("partitions") == to_b["partitions"], 60, "the switch joined")
     run(phases[2], 3500)
+    run_back = switch(1, 2, version_a)  # the rollback
+    run(phases[3], 3800)
     back = worker.status()["switch"]
 
     bodies = [json.loads(m.value) for m in consume(boot, out, len(events), timeout=60, settle=2)]
     assert {b["event_id"] for b in bodies} == {e["event_id"] for e in events}
-    first = [{}, {}, {}]  # per phase: partition -> its first offset
+    first = [{}, {}, {}, {}]  # per phase: partition -> its first offset
     phase_of = {e["event_id"]: i for i, p in enumerate(phases) for e in p}
     for b in bodies:
         i, (p, o) = phase_of[b["event_id"]], (b["event"]["partition"], b["event"]["offset"])
         first[i][p] = min(o, first[i].get(p, o))
-        assert b["model_version"] == (version_b if i == 1 else version_a), b["event_id"]
+        assert b["model_version"] == (version_b if i in (1, 2) else version_a), b["event_id"]
     # each partition switched at the first event read after the switch was taken up: that event is the new model's
     assert {int(p): o for p, o in to_b["partitions"].items()} == first[1]
-    assert {int(p): o for p, o in back["partitions"].items()} == first[2] and run_back["partitions"] == {}
+    assert {int(p): o for p, o in back["partitions"].items()} == first[3] and run_back["partitions"] == {}
     # B's memories were made from A's rows for the users A had folded and B then answered
     phase_users = [{e["user_id"] for e in p} for p in phases]
     assert to_b["memories_made"] == len(set(a_rows) & phase_users[1]) > 0
