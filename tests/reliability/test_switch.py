@@ -75,10 +75,15 @@ def quantiles(values: list[float]) -> dict[str, float | None]:
     return {"p50_ms": round(float(np.percentile(values, 50)), 1), "p99_ms": round(float(np.percentile(values, 99)), 1)}
 
 
-def test_switch_while_events_flow(served_model, stack, scale, figures) -> None:
+@pytest.mark.parametrize("load", ["steady", "fast"])
+def test_switch_while_events_flow(served_model, stack, scale, figures, load) -> None:
+    """``steady``: the rate of the rollout scenario (250 events/s long, 100 short); ``fast``
+    (long only): 1,000 events/s."""
+    if load == "fast" and scale != "long":
+        pytest.skip("the fast level runs at the long scale only (--reliability=long)")
     settings, server, worker = stack
     repo = settings.model_repository
-    n_max, rate = (100_836, 250.0) if scale == "long" else (6_000, 100.0)
+    n_max, rate = (100_836, 250.0 if load == "steady" else 1000.0) if scale == "long" else (6_000, 100.0)
     switch_at = int(n_max * 0.4)
     events = list(events_in_time_order(served_model.interactions, n_max))
     ck_a, ck_b = served_model.checkpoint, other_weights(served_model.checkpoint)
