@@ -493,7 +493,11 @@ def switch_start(
 
     s = Settings()
     repo = repository or s.model_repository
-    old, new = Manifest.read(repo, from_version), Manifest.read(repo, to_version)
+    try:
+        old, new = Manifest.read(repo, from_version), Manifest.read(repo, to_version)
+    except FileNotFoundError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
     if why := incompatibility(old, new):
         console.print(f"[red]cannot switch {from_version} -> {to_version} while the workers run: {why}.[/] "
                       "Use the stop-rebuild-start procedure (README, Model change).")

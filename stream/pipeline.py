@@ -149,7 +149,7 @@ class Pipeline:
             self.switcher = Switcher(self.switches, self.settings.app_id,
                                      lambda version: self._make_runtime(read, version, rt.counters),
                                      self.settings.storage_dtype)
-            rt = await self.switcher.poll(rt)
+            rt = await self.retrying("reading the model switch", 1, lambda: self.switcher.poll(rt))
         return rt
 
     def runtimes(self) -> list[Runtime]:
@@ -176,7 +176,8 @@ class Pipeline:
             if not await self.admit(msg):  # 1
                 continue
             switching = self.switcher and self.switcher.switching
-            rt = self.runtime if not switching else await switching.runtime_for(msg.partition, msg.offset)
+            rt = self.runtime if not switching else await self.retrying(  # a database outage is waited out
+                "recording the switch offset", 1, lambda: switching.runtime_for(msg.partition, msg.offset))
             handle = self.acks.track(msg.tp, event)
             source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
             rt.counters.events_in += 1

@@ -159,7 +159,10 @@ class Switcher:
         if active.manifest.triton_version not in versions:
             return await self._refuse(request, f"this worker serves version {active.manifest.triton_version}, "
                                                f"not {versions}", active)
-        other = await self.make_runtime(versions[active.manifest.triton_version == request.from_triton_version])
+        try:
+            other = await self.make_runtime(versions[active.manifest.triton_version == request.from_triton_version])
+        except (OSError, ValueError, KeyError) as exc:  # the version is not in this worker's repository
+            return await self._refuse(request, f"{type(exc).__name__}: {exc}", active)
         old, new = (active, other) if active.manifest.triton_version == request.from_triton_version else (other, active)
         why = incompatibility(old.manifest, new.manifest)
         if new.manifest.model_version != request.to_model_version:

@@ -124,3 +124,5 @@ def test_a_switch_that_changes_the_streams_shape_is_refused(served_model, worker
     done = CliRunner().invoke(app, ["switch", "start", "2", "--from", "1"],
                               env=settings_env(settings) | {"COLUMNS": "300"})
     assert done.exit_code == 2 and "shape changes" in done.output, done.output
+    done = CliRunner().invoke(app, ["switch", "start", "7", "--from", "1"], env=settings_env(settings) | {"COLUMNS": "300"})
+    assert done.exit_code == 2 and "no version 7" in done.output, done.output
