@@ -102,7 +102,10 @@ async def readyz(request: web.Request) -> web.Response:
         await asyncio.to_thread(app[STORE].count)
 
     async def triton():
-        return await app[TRITON].ready("recommend")
+        # inside a worker: the version it answers new events with (the new one once switched)
+        worker = app[WORKER]
+        active = None if worker is None or worker.triton_version is None else str(worker.triton_version)
+        return await app[TRITON].ready("recommend", active)
 
     checks = {"broker": await _check(broker()), "database": await _check(database()),
               "triton": await _check(triton())}

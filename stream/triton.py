@@ -76,11 +76,11 @@ class TritonModels:
     async def close(self) -> None:
         await self._client.close()
 
-    async def ready(self, model: str = "recommend") -> bool:
-        """The pinned version of ``model`` is loaded (another version being served is not ready:
-        this client would get no answer)."""
+    async def ready(self, model: str = "recommend", version: str | None = None) -> bool:
+        """The pinned version (or ``version``) of ``model`` is loaded (another version being
+        served is not ready: this client would get no answer)."""
         try:
-            return bool(await self._client.is_model_ready(model, model_version=self.version,
+            return bool(await self._client.is_model_ready(model, model_version=self.version if version is None else version,
                                                          client_timeout=self.timeout_s))
         except Exception:  # noqa: BLE001 - any failure means "not ready"
             return False

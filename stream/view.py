@@ -24,6 +24,12 @@ class WorkerView:
         self._pipeline = pipeline
 
     @property
+    def triton_version(self) -> int | None:
+        """The Triton version answering new events (after a switch: the new one)."""
+        rt = self._pipeline.runtime
+        return None if rt is None else rt.manifest.triton_version
+
+    @property
     def memory_versions(self) -> list[str]:
         """Whose memory row holds a user's state, in order: the model answering new events, and
         during a switch the old one (a user the new model has not met yet is still in its rows)."""

@@ -22,7 +22,7 @@ from persrec.cli import app
 from persrec.memory import SqlMemoryStore
 from persrec.replay import events_in_time_order
 from persrec.serving.export import export_repository
-from persrec.stack import settings_env, wait_for
+from persrec.stack import get_json, settings_env, wait_for
 from persrec.testing.pipeline import check_answer, check_memory_rows, consume, events_by_user, other_weights, publish
 
 from .test_worker_behaviour import topics
@@ -77,6 +77,7 @@ def test_a_switch_while_the_worker_runs_splits_each_partition_at_one_offset(
     worker = start_worker(settings, "restarted")
     wait_for(lambda: (worker.status().get("switch") or {}).get("partitions") == to_b["partitions"], 60, "the switch joined")
     run(phases[2], 3500)
+    assert get_json(f"{worker.api}/readyz")[0] == 200  # it asks Triton for version 2 now
     run_back = switch(1, 2, version_a)  # the rollback
     run(phases[3], 3800)
     back = worker.status()["switch"]
