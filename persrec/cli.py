@@ -436,7 +436,7 @@ def rebuild_memories_cmd(
     old = load_checkpoint(old_checkpoint)
     with SqlMemoryStore(s.resolved_database_url, storage_dtype=s.storage_dtype) as store:
         if new.cfg.policy is MemoryPolicy.RECOMPRESS:
-            report = rebuild_memories(store, old, new, storage_dtype=s.storage_dtype)
+            report = rebuild_memories(store, old, new)
         else:
             console.print(f"reading every event of {s.topic_interactions} again...")
             histories = replayed_histories(s.kafka_bootstrap, s.topic_interactions)

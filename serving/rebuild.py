@@ -24,6 +24,7 @@ from persrec.models.checkpoint import Checkpoint
 from persrec.models.config import MemoryPolicy
 from persrec.models.data import IdMap
 from persrec.models.inputs import ModelInputs
+from persrec.stream.memories import carried
 
 from .inference import ModelRunner
 
@@ -37,8 +38,7 @@ class RebuildReport:
     seconds: float
 
 
-def rebuild_memories(store: MemoryStore, old: Checkpoint, new: ModelRunner, *, batch_size: int = 256,
-                     storage_dtype: str = "float16") -> RebuildReport:
+def rebuild_memories(store: MemoryStore, old: Checkpoint, new: ModelRunner, *, batch_size: int = 256) -> RebuildReport:
     if new.cfg.policy is not MemoryPolicy.RECOMPRESS:
         raise ValueError("only RECOMPRESS memories can be rebuilt from stored history; replay events instead")
     old_map, new_map = IdMap.from_json(old.id_map_json), IdMap.from_json(new.checkpoint.id_map_json)
@@ -51,19 +51,8 @@ def rebuild_memories(store: MemoryStore, old: Checkpoint, new: ModelRunner, *, b
         skipped += len(users) - len(usable)
         if not usable:
             continue
-        histories, times = [], []
-        for r in usable:
-            ids, known = old_map.translate(r.history, new_map)
-            ts = r.history_ts if r.history_ts is not None else np.zeros(len(r.history), np.int64)
-            histories.append(ids[known][-history_len:])
-            times.append(ts[known][-history_len:])
-        memory = np.zeros((len(usable), *new.cfg.memory_shape), np.float32)
-        tensors = new.fold(ModelInputs.of_rows(histories, times, memory=memory, has_memory=np.zeros(len(usable), bool)))
-        store.put_many([
-            MemoryRecord(r.user_id, new.model_version, tensors[i], r.events_folded, r.watermark, histories[i],
-                         history_ts=times[i] if r.history_ts is not None else None)
-            for i, r in enumerate(usable)
-        ])
+        carry = carried(usable, old_map, new_map, history_len)
+        store.put_many(carry.records(new.model_version, new.fold(carry.fold_inputs(new.cfg.memory_shape))))
         rebuilt += len(usable)
         log.info("rebuilt %d memories", rebuilt)
     return RebuildReport(rebuilt, skipped, time.monotonic() - started)

@@ -1,5 +1,6 @@
-"""Users' memories in the worker: an LRU cache in front of the memory store, and which memory a
-queued request may read (folds run while requests wait)."""
+"""Users' memories in the worker: an LRU cache in front of the memory store, which memory a
+queued request may read (folds run while requests wait), and what a new model recompresses of an
+old model's rows."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from persrec.memory import MemoryRecord, MemoryStore
+from persrec.models.data import IdMap
+from persrec.models.inputs import ModelInputs
 
 if TYPE_CHECKING:
     from .runtime import RecRequest
@@ -110,3 +113,37 @@ class Memories:
         # database, and redelivered events are re-applied to a window the memory has already
         # folded. No memory without those events exists; this one leaves nothing to read.
         return current
+
+
+@dataclass(frozen=True)
+class Carried:
+    """Old rows' aged-out items as a new model reads them: ids translated to its map, items it
+    lacks dropped, the last ``keep`` kept. A switch (``stream.switch.CatchUp``) and a rebuild
+    (``serving.rebuild``) recompress these with the new model's fold."""
+
+    rows: list[MemoryRecord]
+    histories: list[np.ndarray]
+    times: list[np.ndarray]
+
+    def fold_inputs(self, memory_shape: tuple[int, ...]) -> ModelInputs:
+        """A fold from no memory over each row's carried items."""
+        n = len(self.rows)
+        return ModelInputs.of_rows(self.histories, self.times, memory=np.zeros((n, *memory_shape), np.float32),
+                                   has_memory=np.zeros(n, bool))
+
+    def records(self, model_version: str, tensors) -> list[MemoryRecord]:
+        """The new model's rows: its fold's tensors, the old rows' counters and watermarks."""
+        return [MemoryRecord(r.user_id, model_version, tensors[i], r.events_folded, r.watermark, self.histories[i],
+                             history_ts=self.times[i] if r.history_ts is not None else None)
+                for i, r in enumerate(self.rows)]
+
+
+def carried(rows: list[MemoryRecord], old_map: IdMap, new_map: IdMap, keep: int) -> Carried:
+    """``rows`` (each with a stored history) as the model of ``new_map`` reads them."""
+    histories, times = [], []
+    for r in rows:
+        ids, known = old_map.translate(r.history, new_map)
+        ts = r.history_ts if r.history_ts is not None else np.zeros(len(r.history), np.int64)
+        histories.append(ids[known][-keep:])
+        times.append(ts[known][-keep:])
+    return Carried(list(rows), histories, times)

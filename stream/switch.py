@@ -28,17 +28,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 from persrec.memory import MemoryRecord, MemoryStore, SqlSwitches, StaleMemoryError, SwitchRequest
 from persrec.models.config import MemoryPolicy
 from persrec.models.data import IdMap
-from persrec.models.inputs import ModelInputs
 
 from .folds import as_stored
 from .manifest import Manifest
+from .memories import carried
 from .triton import TritonModels
 
 if TYPE_CHECKING:
@@ -78,19 +77,10 @@ class CatchUp:
                   and (u not in rows or rows[u].watermark < olds[u].watermark)]
         if not behind:
             return rows
-        histories, times = [], []
-        for r in behind:
-            ids, known = self.old_map.translate(r.history, self.new_map)
-            ts = r.history_ts if r.history_ts is not None else np.zeros(len(r.history), np.int64)
-            histories.append(ids[known][-self.manifest.history_len:])
-            times.append(ts[known][-self.manifest.history_len:])
-        memory = np.zeros((len(behind), *self.manifest.memory_shape), np.float32)
-        tensors = await self.models.fold(ModelInputs.of_rows(
-            histories, times, memory=memory, has_memory=np.zeros(len(behind), bool)))
-        made = {r.user_id: MemoryRecord(r.user_id, self.manifest.model_version, as_stored(tensors[i], self.storage_dtype),
-                                        r.events_folded, r.watermark, histories[i],
-                                        history_ts=times[i] if r.history_ts is not None else None)
-                for i, r in enumerate(behind)}
+        carry = carried(behind, self.old_map, self.new_map, self.manifest.history_len)
+        tensors = await self.models.fold(carry.fold_inputs(self.manifest.memory_shape))
+        made = {rec.user_id: replace(rec, tensor=as_stored(rec.tensor, self.storage_dtype))
+                for rec in carry.records(self.manifest.model_version, tensors)}
         # compare-and-set, 0 for a row that must not exist yet: a writer that came first wins
         expected = {u: rows[u].row_version if u in rows else 0 for u in made}
         try:
@@ -99,8 +89,7 @@ class CatchUp:
             rows |= await asyncio.to_thread(self.store.get_many, list(made), self.manifest.model_version)
             return rows
         for u, rec in made.items():
-            rows[u] = MemoryRecord(u, rec.model_version, rec.tensor, rec.events_folded, rec.watermark,
-                                   rec.history, row_version=written[u], history_ts=rec.history_ts)
+            rows[u] = replace(rec, row_version=written[u])
         self.made += len(written)
         log.debug("made %d memories of %s from %s's rows: %s", len(written), self.manifest.model_version,
                   self.old_version, sorted(written))

@@ -32,7 +32,7 @@ def test_rebuild_recompresses_stored_history_with_the_new_model() -> None:
         MemoryRecord("a", old.model_version, tensor, 40, 40, hist),
         MemoryRecord("b", old.model_version, tensor, 9, 9, None),  # no history: cannot rebuild
     ])
-    report = rebuild_memories(store, old, new, storage_dtype="float32")
+    report = rebuild_memories(store, old, new)
     assert (report.rebuilt, report.skipped_no_history) == (1, 1)
     row = store.get_many(["a", "b"], new.model_version)
     assert list(row) == ["a"] and (row["a"].events_folded, row["a"].watermark) == (40, 40)
