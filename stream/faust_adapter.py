@@ -12,6 +12,8 @@ offers (each function says why it is needed):
 - ``committed_offset``, ``set_read_offset``, ``forget_gaps``: the consumer's record of committed
   offsets, read offsets and skipped gaps (``offsets``);
 - ``member_id``: the consumer group member id this process holds (``members``);
+- ``install_abandoned_member_leave``: a member id the consumer gives up is taken out of the
+  group at once (``members``);
 - ``WindowStore``: the window table's local store and changelog, written separately.
 
 Another version of either library fails here, at import, with what to do, rather than
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Callable, Hashable
 from importlib.metadata import version
@@ -36,8 +39,13 @@ if _found != TESTED:
         "persrec/stream/faust_adapter.py against the new ones before changing the pins.")
 
 import faust  # noqa: E402 - after the version check
+from aiokafka.client import ConnectionGroup  # noqa: E402
 from aiokafka.consumer import fetcher  # noqa: E402
+from aiokafka.consumer.group_coordinator import GroupCoordinator  # noqa: E402
+from aiokafka.protocol.group import LeaveGroupRequest  # noqa: E402
 from faust.sensors.monitor import Monitor  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 class EventlessMonitor(Monitor):
@@ -115,6 +123,50 @@ def install_idle_fetch_backoff(backoff_s: float) -> None:
         return has_data
 
     fetcher.Fetcher._proc_fetch_request = proc_fetch_request
+
+
+_ORIGINAL_RESET = getattr(GroupCoordinator.reset_generation, "__wrapped__", GroupCoordinator.reset_generation)
+_leaving: set[asyncio.Task] = set()  # LeaveGroup requests in flight (a reference keeps each alive)
+
+
+def install_abandoned_member_leave() -> None:
+    """When the broker refuses the consumer's generation or member id (a commit or heartbeat
+    answered IllegalGeneration, say, after a rebalance it took part in too slowly), aiokafka
+    drops its member id and joins again as a new member. The old id stays in the group until
+    the broker expires it, and the rebalance that follows waits for it: up to the session
+    timeout on Apache Kafka, and on noida-db 0.2.2 a whole rebalance timeout (60 s) every
+    time, so a busy group never settles. This wraps aiokafka's ``reset_generation`` so that
+    the id it drops is also sent a LeaveGroup (best effort: an id the broker no longer has is
+    answered with an error, which is ignored). Not on close: aiokafka has left by then.
+    Idempotent."""
+
+    @functools.wraps(_ORIGINAL_RESET)
+    def reset_generation(self) -> None:
+        abandoned, node = self.member_id, self.coordinator_id
+        _ORIGINAL_RESET(self)
+        if not abandoned or node is None or self._closing.done():
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(_leave(self, node, abandoned))
+        except RuntimeError:  # no running loop: nothing to send with
+            return
+        _leaving.add(task)
+        task.add_done_callback(_leaving.discard)
+
+    GroupCoordinator.reset_generation = reset_generation
+
+
+async def _leave(coordinator: GroupCoordinator, node: int, member: str) -> None:
+    # the client itself, not the coordinator's _send_req, which takes a failed send for a dead
+    # coordinator
+    try:
+        response = await coordinator._client.send(node, LeaveGroupRequest(coordinator.group_id, member),
+                                                  group=ConnectionGroup.COORDINATION)
+    except Exception as exc:  # noqa: BLE001 - best effort; the broker's expiry is the fallback
+        log.info("could not take abandoned member %s out of group %s: %s", member, coordinator.group_id, exc)
+        return
+    log.info("took abandoned member %s out of group %s (error code %s)", member, coordinator.group_id,
+             response.error_code)
 
 
 def member_id(app: faust.App) -> str:

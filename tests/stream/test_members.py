@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from persrec.stream import members
 
 
@@ -30,3 +32,49 @@ def test_a_record_is_rewritten_atomically_per_member(tmp_path) -> None:
     body = json.loads((tmp_path / "m_1.json").read_text())
     assert body["pid"] == os.getpid() and body["member_id"] == "m/1"
     assert [p.name for p in tmp_path.iterdir()] == ["m_1.json"]
+
+
+@pytest.mark.kafka
+def test_a_member_id_the_consumer_gives_up_leaves_the_group(kafka_bootstrap) -> None:
+    """aiokafka drops its member id when the broker refuses its generation and joins again as a
+    new member; the old id must not stay behind for the next rebalance to wait for (on noida-db
+    it stayed until the rebalance timeout, every time, so a busy group never settled)."""
+    import asyncio
+    import uuid
+
+    from aiokafka import AIOKafkaConsumer
+    from kafka import KafkaAdminClient
+
+    from persrec.embedded.kafka import create_topics
+    from persrec.stream.faust_adapter import install_abandoned_member_leave
+
+    install_abandoned_member_leave()
+    topic, group = f"members-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    create_topics(kafka_bootstrap, {topic: 2})
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+
+    def in_group() -> list[str]:
+        return [m["member_id"] for m in admin.describe_groups([group])[group]["members"]]
+
+    async def scenario() -> tuple[str, str, list[str]]:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, group_id=group)
+        await consumer.start()
+        try:
+            coordinator = consumer._coordinator
+            while not consumer.assignment():
+                await asyncio.sleep(0.1)
+            old = coordinator.member_id
+            coordinator.reset_generation()  # what a refused commit or heartbeat does
+            deadline = asyncio.get_running_loop().time() + 30
+            while coordinator.member_id in ("", old) or not consumer.assignment() or old in in_group():
+                assert asyncio.get_running_loop().time() < deadline, (old, coordinator.member_id, in_group())
+                await asyncio.sleep(0.2)
+            return old, coordinator.member_id, in_group()
+        finally:
+            await consumer.stop()
+
+    try:
+        old, new, members_now = asyncio.run(scenario())
+    finally:
+        admin.close()
+    assert old != new and members_now == [new]
