@@ -33,13 +33,18 @@ def pick(scale: str, short, long):
 
 
 class Figures:
-    """Measured figures of one scenario, merged into the results file as they are recorded."""
+    """Measured figures of one scenario, written into the results file as they are recorded:
+    the run's first record replaces the scenario's row (no figure of an earlier run survives
+    in it), later ones add to it."""
 
     def __init__(self, path: Path, scenario: str, scale: str) -> None:
         self.path, self.scenario, self.scale = path, scenario, scale
+        self._fresh = True
 
     def record(self, **values) -> None:
         data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if self._fresh:
+            data[self.scenario], self._fresh = {}, False
         row = data.setdefault(self.scenario, {})
         row.update(values)
         row.update(scale=self.scale, recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
