@@ -29,7 +29,7 @@ def test_a_poison_item_is_found_by_bisection_and_the_rest_proceeds() -> None:
     results, failed = run(isolate(items, model, classify, Health(), attempts=2, delay=0.001))
     assert [i for i, _ in failed] == [5, 13] and all(isinstance(e, ValueError) for _, e in failed)
     assert results == [None if i in (5, 13) else i * 10 for i in items]
-    assert calls.count(items) == 2  # the whole batch was tried `attempts` times before bisecting
+    assert calls.count(items) == 1 + 2  # the whole batch: once as usual, then `attempts` times alone, then bisected
     assert len(calls) < 40  # bisection, not one call per item
 
 
@@ -130,6 +130,48 @@ def test_an_event_batched_with_another_partitions_poison_event_is_not_set_aside(
     (poison_results, poison_failed), (fine_results, fine_failed) = run(both())
     assert poison_results == [None] and [i for i, _ in poison_failed] == [0]
     assert fine_results == ["fine"] and fine_failed == []
+
+
+def merging_model(window: float = 0.005):
+    """A model behind Triton's dynamic batcher: requests that arrive within ``window`` s share one
+    ``execute``, and one poison row fails them all. Returns the model and the list of calls made."""
+    pending: list[tuple[list, asyncio.Future]] = []
+    calls: list[list[list]] = []
+
+    async def model(part):
+        future = asyncio.get_running_loop().create_future()
+        pending.append((list(part), future))
+        if len(pending) == 1:
+            await asyncio.sleep(window)
+            merged, pending[:] = list(pending), []
+            calls.append([p for p, _ in merged])
+            poisoned = any(x == "poison" for p, _ in merged for x in p)
+            for p, f in merged:
+                f.set_exception(ValueError("bad input")) if poisoned else f.set_result(list(p))
+        return await future
+
+    return model, calls
+
+
+def test_partitions_that_all_carry_poison_each_set_aside_only_their_poison() -> None:
+    """Every partition's batch holds a poison event and nothing else is answered meanwhile (CI
+    saw this stall: retries of all four partitions kept meeting in one ``execute``, so nothing
+    ever succeeded, and no event could be judged). Once a batch has failed, its calls run alone."""
+    model, calls = merging_model()
+    health = Health()
+    batches = [[f"{p}-{i}" for i in range(8)] for p in range(4)]
+    for p, batch in enumerate(batches):
+        batch[(3 * p + 1) % 8] = "poison"
+
+    async def partitions():
+        return await asyncio.gather(*(isolate(b, model, classify, health, attempts=2, delay=0.01, max_delay=0.05)
+                                      for b in batches))
+
+    for batch, (results, failed) in zip(batches, run(partitions())):
+        assert [i for i, _ in failed] == [batch.index("poison")]
+        assert results == [None if x == "poison" else x for x in batch]
+    merged_after_failure = [c for c in calls[1:] if len(c) > 1]
+    assert merged_after_failure == []  # once batches fail, no call shares an execute with another
 
 
 def test_a_lone_poison_item_is_set_aside_once_the_model_answers_the_probe() -> None:

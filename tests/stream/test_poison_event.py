@@ -64,7 +64,8 @@ def test_a_poison_event_is_dead_lettered_and_the_rest_answered(served_model, wor
     recs = consume(settings.kafka_bootstrap, settings.topic_recommendations, len(events) - len(poisoned), timeout=300)
     dlq = consume(settings.kafka_bootstrap, settings.topic_dlq, len(poisoned), timeout=120)
     answered = collections.Counter(json.loads(m.value)["event_id"] for m in recs)
-    assert set(answered) == {e["event_id"] for e in events} - poisoned and max(answered.values()) == 1
+    assert set(answered) == {e["event_id"] for e in events} - poisoned, (len(answered), len(dlq), worker.log_tail(60))
+    assert max(answered.values()) == 1
     dead = {json.loads(m.value)["event_id"]: dict(m.headers) for m in dlq}
     assert set(dead) == poisoned
     for headers in dead.values():
