@@ -56,6 +56,10 @@ class WorkerProcess:
         return f"http://{self.settings.api_host}:{self.settings.api_port}"
 
     @property
+    def log_path(self) -> Path:
+        return self._proc.log_path
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid
 

@@ -18,7 +18,7 @@ Per batch of requests, in the batcher (``Pipeline.handle_batch``):
   6. recommend: one Triton call for the batch; an event the model fails on alone goes to the
      dead-letter topic (``stream.poison``); outages are waited out;
   7. publish: one message per event, sent after the previous batch's, and waited for until the
-     broker has them;
+     broker has them (``stream.outbox``: everything the worker sends);
   8. changelog: the latest window of each of the batch's users goes to the table's changelog
      (once per user: a burst of one user's events costs one write, not one per event);
   9. acknowledge: the events are acknowledged, in offset order per partition (``acks``).
@@ -28,24 +28,19 @@ recommendation (same event id) but never loses an acknowledged event, and a rest
 holds every acknowledged event. Folds run beside this, in their own task (``Pipeline.folder``).
 During a model switch (``stream.switch``) each event goes to the runtime of the model that
 answers it, by its offset; a batch is answered by each of its runtimes in turn.
-Faust itself is reached only through ``stream.faust_adapter``.
+Faust itself is reached only through ``stream.faust_adapter``. An outage of the broker, Triton
+or the database is waited out, never skipped (``stream.failures``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import faust
-import orjson
-from aiokafka.errors import KafkaError as AIOKafkaError
-from kafka.errors import KafkaError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from persrec.memory import SqlSwitches
 from persrec.settings import Settings
@@ -55,36 +50,14 @@ from . import members
 from . import window as win
 from .acks import AckGate, OrderedAcks
 from .events import Event, InvalidEvent, UserDeletion, parse_event
+from .failures import failure_kind, retrying
 from .offsets import BarrierScheduler, OffsetGuard, Rewinder
-from .poison import Failure, Health, isolate
+from .outbox import Outbox, Topics, dlq_headers
+from .poison import Health, isolate
 from .runtime import RecRequest, Runtime
 from .switch import Switcher
-from .triton import TritonUnavailable
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Topics:
-    interactions: faust.TopicT
-    recommendations: faust.TopicT
-    dlq: faust.TopicT
-
-
-def dlq_headers(reason: str, detail: str, source: dict) -> dict[str, bytes]:
-    """The headers of a dead letter: a stable reason code, a sentence, where the input was."""
-    return {"reason": reason.encode(), "detail": detail.encode()[:500], "source": json.dumps(source).encode()}
-
-
-def failure_kind(exc: BaseException) -> Failure:
-    """An outage of a service the worker waits for (Triton unreachable, the database or the
-    broker down), or an error about this input, which ``stream.poison`` may set aside."""
-    if isinstance(exc, (TritonUnavailable, KafkaError, AIOKafkaError, OSError, asyncio.TimeoutError,
-                        OperationalError, InterfaceError)):
-        return Failure.OUTAGE
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return Failure.OUTAGE
-    return Failure.ERROR
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -117,9 +90,8 @@ class Pipeline:
         self.rewinder = Rewinder(self.guard, lambda: app.consumer)
         self.acks = OrderedAcks(self._release)
         self.stream: faust.StreamT | None = None
+        self.outbox = Outbox(app, self.topics)
         self.health = Health()  # when a batch was last answered: proof a failing event is at fault
-        self.forwarding = asyncio.Semaphore(1024)  # messages being forwarded at once (backpressure)
-        self.background: set[asyncio.Task] = set()
 
     def attach(self) -> None:
         """Register the agent, the tasks and the rebalance handlers on the app."""
@@ -149,7 +121,7 @@ class Pipeline:
             self.switcher = Switcher(self.switches, self.settings.app_id,
                                      lambda version: self._make_runtime(read, version, rt.counters),
                                      self.settings.storage_dtype)
-            rt = await self.retrying("reading the model switch", 1, lambda: self.switcher.poll(rt))
+            rt = await retrying("reading the model switch", 1, lambda: self.switcher.poll(rt))
         return rt
 
     def runtimes(self) -> list[Runtime]:
@@ -176,7 +148,7 @@ class Pipeline:
             if not await self.admit(msg):  # 1
                 continue
             switching = self.switcher and self.switcher.switching
-            rt = self.runtime if not switching else await self.retrying(  # a database outage is waited out
+            rt = self.runtime if not switching else await retrying(  # a database outage is waited out
                 "recording the switch offset", 1, lambda: switching.runtime_for(msg.partition, msg.offset))
             handle = self.acks.track(msg.tp, event)
             source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
@@ -229,7 +201,7 @@ class Pipeline:
         if isinstance(ev, UserDeletion):
             self.windows.delete(key)
             # A database outage is waited out: the erasure happens, late, never skipped.
-            await self.retrying("erasing a user", 1, lambda: asyncio.to_thread(rt.store.delete_many, [ev.user_id]))
+            await retrying("erasing a user", 1, lambda: asyncio.to_thread(rt.store.delete_many, [ev.user_id]))
             for r in self.runtimes():
                 r.forget([ev.user_id])
             log.info("erased user %r", ev.user_id)
@@ -292,7 +264,7 @@ class Pipeline:
             t1 = time.perf_counter()
             if previous is not None:
                 await previous
-            await self.publish(answered, messages, sent)  # 7
+            await self.outbox.answers(messages, sent)  # 7: in event order, after the previous batch's
             self.windows.write({r.user_id.encode() for r in batch})  # 8: the set-aside events' windows too
             for r, exc in failed:
                 await self.dead_letter(r, exc)
@@ -330,31 +302,11 @@ class Pipeline:
             failed += [(part[i], exc) for i, exc in bad]
         return answered, messages, failed
 
-    async def publish(self, batch: list[RecRequest], messages: list[dict], sent: asyncio.Future) -> None:
-        """7. One message per request, straight to the producer (Faust's Topic.send adds a
-        channel, codecs and a FutureMessage per message, which cost more than the send itself),
-        appended in event order; waited for until the broker has every one. A retry sends the
-        whole batch again (same event ids)."""
-        payload = [(m["user_id"].encode(), orjson.dumps(m)) for m in messages]
-        out = self.settings.topic_recommendations
-
-        async def deliver() -> None:
-            futures = [await self.app.producer.send(out, k, v, None, None, None) for k, v in payload]
-            if not sent.done():
-                sent.set_result(None)
-            await asyncio.gather(*futures)
-
-        await self.retrying("publishing", len(batch), deliver)
-
     async def dead_letter(self, r: RecRequest, exc: BaseException) -> None:
         """An event whose processing fails on its own: to the DLQ, then acknowledged (its window,
         which holds it, is already on its way to the changelog)."""
-        headers = dlq_headers("processing_error", f"{type(exc).__name__}: {exc}", r.source)
-
-        async def deliver() -> None:
-            await (await self.topics.dlq.send(key=r.user_id.encode(), value=r.value, headers=headers))
-
-        await self.retrying("dead-lettering", 1, deliver)
+        await self.outbox.dead_letter(r.user_id.encode(), r.value, "processing_error",
+                                      f"{type(exc).__name__}: {exc}", r.source)
         r.runtime.counters.dlq += 1
         await r.ack()
 
@@ -366,36 +318,13 @@ class Pipeline:
     async def forward(self, topic, key: bytes | None, value: bytes, headers: dict | None, handle,
                       counter: str) -> None:
         """Send one message (a dead letter, a re-keyed event) without waiting for the broker;
-        the input event is acknowledged once the broker has it (retried until then)."""
-        await self.forwarding.acquire()
+        the input event is acknowledged once the broker has it."""
+        async def sent() -> None:
+            rt = await self.ready()
+            setattr(rt.counters, counter, getattr(rt.counters, counter) + 1)
+            await self.acks.finish(handle)
 
-        async def run() -> None:
-            try:
-                async def deliver() -> None:
-                    await (await topic.send(key=key, value=value, headers=headers))
-
-                await self.retrying(f"forwarding to {topic.get_topic_name()}", 1, deliver)
-                rt = await self.ready()
-                setattr(rt.counters, counter, getattr(rt.counters, counter) + 1)
-                await self.acks.finish(handle)
-            finally:
-                self.forwarding.release()
-
-        task = asyncio.create_task(run())
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
-
-    async def retrying(self, what: str, size: int, step):
-        """``step()`` until it succeeds: for outages of the broker or the database, which a
-        worker waits out (events stay unacknowledged meanwhile)."""
-        delay = 0.1
-        while True:
-            try:
-                return await step()
-            except Exception:  # noqa: BLE001 - broker/DB trouble: wait and retry
-                log.exception("%s of %d failed; retrying in %.1fs", what, size, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        await self.outbox.forward(topic, key, value, headers, sent)
 
     async def rewind(self, offsets: dict) -> None:
         (await self.ready()).counters.offset_rewinds += len(offsets)

@@ -32,7 +32,7 @@ import faust
 from persrec.memory import SqlCatalogue, text_sha256
 
 from .events import InvalidEvent, Item, parse_item
-from .pipeline import dlq_headers, failure_kind
+from .failures import failure_kind, retrying
 from .poison import Health, isolate
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class ItemRegistry:
     async def load(self, rt: Runtime) -> None:
         """The whole catalogue of the served version, before the worker answers anything."""
         if rt.catalogue is not None and self.store is not None:
-            rows = await self.pipeline.retrying(
+            rows = await retrying(
                 "reading the item catalogue", 1, lambda: asyncio.to_thread(self.store.since, rt.manifest.model_version, 0, embeddings=False))
             rt.catalogue.apply(rows)
             log.info("item catalogue: %d items registered since training (revision %d)",
@@ -103,7 +103,7 @@ class ItemRegistry:
         trained = {i: d for i in latest if (d := rt.catalogue.index.get(i, 0)) and d <= rt.catalogue.base}
         rows = [(i, text_sha256(item.text), v) for (i, (item, _)), v in zip(latest.items(), vectors)
                 if v is not None]
-        written = await self.pipeline.retrying(  # 3
+        written = await retrying(  # 3
             "registering items", len(rows), lambda: asyncio.to_thread(
                 self.store.register, rt.manifest.model_version, rt.catalogue.base, rows, trained))
         await self.follow()  # 4: with whatever other workers wrote before these rows
@@ -136,12 +136,6 @@ class ItemRegistry:
     async def dead_letter(self, rt: Runtime, event, reason: str, detail: str) -> None:
         msg = event.message
         source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
-        headers = dlq_headers(reason, detail, source)
         log.info("dead-lettering %s:%s@%s: %s", msg.topic, msg.partition, msg.offset, reason)
-        topic = self.pipeline.topics.dlq
-
-        async def deliver() -> None:
-            await (await topic.send(key=event.key, value=event.value or b"", headers=headers))
-
-        await self.pipeline.retrying("dead-lettering an item", 1, deliver)
+        await self.pipeline.outbox.dead_letter(event.key, event.value, reason, detail, source)
         rt.counters.dlq += 1

@@ -202,7 +202,9 @@ def test_kill_9_during_replay_loses_nothing(served_model, crash_settings, worker
         assert b["seq"] == seq if not b["duplicate"] else b["seq"] >= seq, (
             f"event {b['event_id']} of user {user_id} (event {seq} of theirs) answered at seq {b['seq']}, "
             f"duplicate {b['duplicate']}, memory_watermark {b['memory_watermark']}, partition {b['event']}; "
-            f"worker log {worker.log_path if hasattr(worker, 'log_path') else ''}")
+            f"kills {kills}; the user's answers in arrival order (event, seq, duplicate, offset): "
+            f"{[(a['event_id'], a['seq'], a['duplicate'], a['event']['offset']) for a in bodies if a['user_id'] == user_id]}; "
+            f"worker log {worker.log_path}")
     applied = collections.Counter(b["event_id"] for b in bodies if not b["duplicate"])
     # Re-applied: the window's changelog write was lost with the worker, so the redelivered
     # event was applied again at the same position (the seq check above holds).
