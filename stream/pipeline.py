@@ -58,6 +58,7 @@ from .runtime import RecRequest, Runtime
 from .switch import Switcher
 
 log = logging.getLogger(__name__)
+SEEK_WAIT_S = 10.0  # longest wait for Faust's seek after a rebalance (see ``Pipeline._after_seek``)
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -167,7 +168,10 @@ class Pipeline:
             return True
         # Faust's own record of the committed offsets (of acknowledged, i.e. finished, events
         # only: AckGate). No await on the hot path: most events are "process".
-        verdict = self.guard.admit(msg.tp, msg.offset, fa.committed_offset(self.app, msg.tp))
+        committed = fa.committed_offset(self.app, msg.tp)
+        if committed is None and not fa.sought(self.app):
+            committed = await self._after_seek(msg.tp)
+        verdict = self.guard.admit(msg.tp, msg.offset, committed)
         if verdict == "process":
             return True
         if verdict != "drop":
@@ -175,6 +179,21 @@ class Pipeline:
                         msg.topic, msg.partition, msg.offset, verdict, verdict)
             await self.rewind({msg.tp: verdict})
         return False
+
+    async def _after_seek(self, tp) -> int | None:
+        """The committed offset of ``tp`` once Faust has sought it after a rebalance (a record
+        can come before that seek: ``faust_adapter.install_seek_record``); None if the group
+        never committed there."""
+        start = time.monotonic()
+        while not fa.sought(self.app) and time.monotonic() < start + SEEK_WAIT_S:
+            await asyncio.sleep(0.01)
+        committed = fa.committed_offset(self.app, tp)
+        if not fa.sought(self.app):
+            log.warning("%s: no seek to the committed offset within %.0fs; going on without it", tp, SEEK_WAIT_S)
+        else:
+            log.info("%s: a record came before Faust's seek; waited %.0f ms for it (committed offset %s)",
+                     tp, (time.monotonic() - start) * 1000, committed)
+        return committed
 
     async def parse(self, event, handle, source: dict) -> Event | UserDeletion | None:
         """2. The event, or None once a bad one is on its way to the dead-letter topic."""

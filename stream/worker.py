@@ -13,7 +13,7 @@ from persrec.models.data import IdMap
 from persrec.settings import Settings
 
 from . import members
-from .faust_adapter import install_abandoned_member_leave, install_idle_fetch_backoff
+from .faust_adapter import install_abandoned_member_leave, install_idle_fetch_backoff, install_seek_record
 from .manifest import Manifest
 from .pipeline import Pipeline, create_app
 from .registry import ItemRegistry
@@ -35,6 +35,7 @@ def load_serving_model(repository, version: int = 0) -> tuple[Manifest, IdMap]:
 def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.App, Pipeline]:
     install_idle_fetch_backoff(settings.kafka_idle_fetch_backoff_ms / 1000)
     install_abandoned_member_leave()
+    install_seek_record()
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     manifest, id_map = load_serving_model(settings.model_repository, settings.triton_version)
     create_topics(settings.kafka_bootstrap, {

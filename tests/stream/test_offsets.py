@@ -186,3 +186,35 @@ def test_a_rewind_forgets_faust_gaps_from_its_offset_on() -> None:
     forget_gaps(Consumer, "p1", 9)
     assert sorted((g.begin, g.end) for g in Consumer._gap["p1"]) == [(4, 9)]
     forget_gaps(Consumer, "p2", 0)  # no gaps at all
+
+
+def test_the_seek_after_a_rebalance_is_recorded_per_consumer_generation() -> None:
+    """faust-streaming resumes partitions before it seeks them to the committed offsets; the
+    pipeline waits for that seek when it has no committed offset (``faust_adapter.sought``)."""
+    import asyncio
+    import types
+
+    from faust.transport.consumer import Consumer
+    from faust.types import TP
+
+    from persrec.stream import faust_adapter as fa
+
+    tp = TP("interactions", 0)
+
+    fa.install_seek_record()
+
+    class Stub:
+        def __init__(self) -> None:
+            self.app = types.SimpleNamespace(consumer_generation_id=3)
+            self._read_offset, self._committed_offset = {}, {}
+
+        async def seek_to_committed(self):
+            return {tp: 41}
+
+    consumer = Stub()
+    app = types.SimpleNamespace(consumer=consumer, consumer_generation_id=3)
+    assert not fa.sought(app)
+    asyncio.run(Consumer.perform_seek(consumer))
+    assert fa.sought(app) and consumer._committed_offset == {tp: 41}
+    app.consumer_generation_id = consumer.app.consumer_generation_id = 4  # the next rebalance
+    assert not fa.sought(app)
