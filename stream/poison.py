@@ -119,14 +119,13 @@ async def isolate(
     async def attempt(part: Sequence[T]) -> list[Any]:
         wait, errors = delay, 0
         while True:
-            alone = bool(first_error)
             try:
-                out = await call(part)
+                out = await call(part)  # alone once this batch has failed (``first_error``)
                 health.succeeded()
                 return out
             except Exception as exc:  # noqa: BLE001 - classified below
                 if classify(exc) is Failure.ERROR:
-                    if not alone:  # perhaps another request's fault: only failures alone count
+                    if not first_error:  # it shared the model: perhaps another request's fault
                         first_error.append(time.monotonic())
                     else:
                         errors += 1
