@@ -32,6 +32,10 @@ class Settings(BaseSettings):
                           "again from it (stream/offsets.py); off for topics written by transactional "
                           "producers, whose commit markers take offsets: each would cost a few seeks")
 
+    partition_stall_s: float = Field(
+        30.0, gt=0, description="an input partition whose records wait at the broker but have not reached a "
+                                "free agent for this long is read again (stream/stalls.py)")
+
     # stream worker
     app_id: str = Field("persrec", description="Faust app id = Kafka consumer group")
     model_repository: Path = Field(Path("var/model_repository"), description="from `persrec export`")

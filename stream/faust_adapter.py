@@ -12,6 +12,8 @@ offers (each function says why it is needed):
 - ``committed_offset``, ``set_read_offset``, ``forget_gaps``: the consumer's record of committed
   offsets, read offsets and skipped gaps (``offsets``);
 - ``member_id``: the consumer group member id this process holds (``members``);
+- ``partition_state``, ``refetch``: Faust's view of a partition, and putting a partition back
+  among those it fetches (``stalls``);
 - ``install_abandoned_member_leave``: a member id the consumer gives up is taken out of the
   group at once (``members``);
 - ``WindowStore``: the window table's local store and changelog, written separately.
@@ -239,6 +241,25 @@ def forget_gaps(consumer: Any, tp: Hashable, offset: int) -> None:
         end = max(g.end for g in gaps)
         if end > offset:
             gaps.chop(offset, end)
+
+
+def partition_state(consumer: Any, tp: Hashable) -> dict[str, Any]:
+    """What Faust's consumer holds about ``tp``, for the log of a stalled partition."""
+    active = consumer._active_partitions
+    return {"assigned": tp in consumer.assignment(), "active": active is None or tp in active,
+            "paused": tp in consumer._paused_partitions, "buffered": tp in consumer._buffered_partitions,
+            "read_offset": consumer._read_offset.get(tp), "committed": consumer._committed_offset.get(tp),
+            "flow_active": consumer.flow_active}
+
+
+def refetch(consumer: Any, tp: Hashable) -> None:
+    """Put ``tp`` back among the partitions Faust fetches. Faust fetches only its "active"
+    partitions and drops the fetched records of the others (``Consumer.getmany``); rebalances,
+    recovery (pause/resume) and stream back-pressure (``on_buffer_full``/``on_buffer_drop``)
+    take partitions out and put them back, and one left out is never read again."""
+    consumer._paused_partitions.discard(tp)
+    consumer._buffered_partitions.discard(tp)
+    consumer._get_active_partitions().add(tp)
 
 
 class WindowStore:

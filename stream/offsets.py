@@ -122,6 +122,14 @@ class OffsetGuard:
             self._restart(r)
             r.began, r.answer, r.passed = True, (offset if offset != r.to else None), passed
 
+    def next_offset(self, tp: Hashable, committed: int | None) -> int | None:
+        """The offset of ``tp`` the agent needs next (``committed``: Faust's committed offset)."""
+        return self._next.get(tp, committed)
+
+    def rewinding(self, tp: Hashable) -> bool:
+        """A seek of ``tp`` is pending: its re-read has not begun (``due`` watches it)."""
+        return tp in self._rewinds
+
     def due(self) -> dict[Hashable, int]:
         """Pending rewinds to seek again (marked sought now)."""
         now, out = self._clock(), {}

@@ -55,6 +55,7 @@ from .offsets import BarrierScheduler, OffsetGuard, Rewinder
 from .outbox import Outbox, Topics, dlq_headers
 from .poison import Health, isolate
 from .runtime import RecRequest, Runtime
+from .stalls import PartitionWatch, StallWatch
 from .switch import Switcher
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,9 @@ class Pipeline:
         # partition (OrderedAcks), and none is missing from what the agent reads (OffsetGuard).
         self.gate, self.guard = AckGate({settings.topic_interactions}), OffsetGuard()
         self.rewinder = Rewinder(self.guard, lambda: app.consumer)
+        # ... and no partition stops reaching it (PartitionWatch)
+        self.partitions = PartitionWatch(app, settings.topic_interactions, self.guard,
+                                         StallWatch(settings.partition_stall_s), self.rewinder.seek)
         self.acks = OrderedAcks(self._release)
         self.stream: faust.StreamT | None = None
         self.outbox = Outbox(app, self.topics)
@@ -101,6 +105,7 @@ class Pipeline:
         app.task(self.batcher)
         app.task(self.folder)
         app.timer(interval=self.guard.due_every_s)(self.rewind_due)
+        app.timer(interval=self.partitions.every_s)(self.partitions.check)
         if self.switches is not None:
             app.timer(interval=self.settings.switch_poll_s)(self.poll_switch)
         app.on_partitions_revoked.connect(self._revoked)
@@ -145,22 +150,28 @@ class Pipeline:
         self.stream = stream
         fa.wrap_ack(self.app.consumer, self.gate.allows)
         async for event in stream.noack().events():
-            msg = event.message
-            if not await self.admit(msg):  # 1
-                continue
-            switching = self.switcher and self.switcher.switching
-            rt = self.runtime if not switching else await retrying(  # a database outage is waited out
-                "recording the switch offset", 1, lambda: switching.runtime_for(msg.partition, msg.offset))
-            handle = self.acks.track(msg.tp, event)
-            source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
-            rt.counters.events_in += 1
-            ev = await self.parse(event, handle, source)  # 2
-            if ev is None or not await self.route(event, ev, handle):  # 3
-                continue
-            request = await self.apply(rt, event, ev, handle, source)  # 4
-            if request is not None:
-                rt.request_queued(request)  # 5
-                await self.queue.put(request)
+            self.partitions.took()
+            await self.take(event)
+            self.partitions.done()
+
+    async def take(self, event) -> None:
+        """Steps 1-5 for one event."""
+        msg = event.message
+        if not await self.admit(msg):  # 1
+            return
+        switching = self.switcher and self.switcher.switching
+        rt = self.runtime if not switching else await retrying(  # a database outage is waited out
+            "recording the switch offset", 1, lambda: switching.runtime_for(msg.partition, msg.offset))
+        handle = self.acks.track(msg.tp, event)
+        source = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+        rt.counters.events_in += 1
+        ev = await self.parse(event, handle, source)  # 2
+        if ev is None or not await self.route(event, ev, handle):  # 3
+            return
+        request = await self.apply(rt, event, ev, handle, source)  # 4
+        if request is not None:
+            rt.request_queued(request)  # 5
+            await self.queue.put(request)
 
     async def admit(self, msg) -> bool:
         """1. OffsetGuard's verdict: process, drop (a repeat), or read the partition again."""
@@ -356,6 +367,7 @@ class Pipeline:
 
     async def _assigned(self, app, *args, **kwargs) -> None:  # noqa: ARG002 - Faust's signal
         self.rewinder.reset()
+        self.partitions.watch.reset()
         # the member id this process holds now, for a later worker to remove if we die
         members.record(members.registry(self.settings.work_dir, self.settings.app_id), fa.member_id(app))
         # a partition switched by its previous owner keeps that owner's switch offset
@@ -367,6 +379,7 @@ class Pipeline:
         self.windows.write(self.windows.pending())
         await app.producer.flush()
         self.rewinder.reset()
+        self.partitions.watch.reset()
 
     # ------------------------------------------------------------------------------- folds
     async def folder(self) -> None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from persrec.testing.faust_worker import run_on_filled_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -41,7 +41,7 @@ def worker() -> None:
     topic = app.topic(s.topic_interactions, key_serializer="raw", value_serializer="raw", partitions=s.partitions)
     guard = OffsetGuard()
     rewinder = Rewinder(guard, lambda: app.consumer)
-    out = Path(os.environ["REWIND_OUT"])
+    out = Path(os.environ["WORKER_REPORT"])
     seen: dict[int, list[int]] = {p: [] for p in range(s.partitions)}
     report = {"seeks": 0, "agent_dropped": 0, "gaps": [], "commits_past_processed": []}
     lost = set(LOST)
@@ -106,31 +106,7 @@ def worker() -> None:
 
 
 def test_one_seek_rereads_what_was_lost_under_load(tmp_path, kafka_bootstrap) -> None:
-    from confluent_kafka import Producer
-
-    from persrec.embedded._proc import free_ports
-    from persrec.embedded.kafka import create_topics
-
-    tag = f"rewind-{os.getpid()}-{int(time.time())}"
-    topic = f"in-{tag}"
-    create_topics(kafka_bootstrap, {topic: PARTITIONS})
-    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 20})
-    for i in range(PER_PARTITION):
-        for p in range(PARTITIONS):
-            producer.produce(topic, key=b"u", value=b"x" * 100, partition=p)
-        producer.poll(0)
-    assert producer.flush(30) == 0
-    out = tmp_path / "report.json"
-    (tmp_path / "work").mkdir()
-    env = dict(os.environ, PERSREC_APP_ID=tag, PERSREC_KAFKA_BOOTSTRAP=kafka_bootstrap,
-               PERSREC_TOPIC_INTERACTIONS=topic, PERSREC_PARTITIONS=str(PARTITIONS),
-               PERSREC_WORK_DIR=str(tmp_path / "work"), PERSREC_WORKER_WEB_PORT=str(free_ports(1)[0]),
-               REWIND_OUT=str(out))
-    with open(tmp_path / "worker.log", "w") as log:
-        proc = subprocess.run([sys.executable, __file__], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=180, check=False)
-    assert out.is_file(), f"worker exited {proc.returncode}: {(tmp_path / 'worker.log').read_text()[-3000:]}"
-    report = json.loads(out.read_text())
+    report, _ = run_on_filled_topic(__file__, tmp_path, kafka_bootstrap, PARTITIONS, PER_PARTITION)
 
     for p, offsets in report["seen"].items():
         assert sorted(set(offsets)) == list(range(PER_PARTITION)), f"partition {p}"
