@@ -11,7 +11,11 @@ at a time on one thread:
   attends to every earlier item's cached keys and values (exact; NVIDIA recsys-examples' way);
 - ``persrec-incremental``: ``recommend(memory, recent)`` plus the amortised fold: one
   ``fold(memory, segment)`` every ``segment_len`` events, its cost divided by them;
-- ``persrec-recompress``: the same with ``compress`` of the last 150 aged-out items.
+- ``persrec-recompress``: the same with ``compress`` of the last 150 aged-out items;
+- ``persrec-cached``: INCREMENTAL with its recent items' keys/values cached behind the memory
+  (``PerSRec.extend_cache(..., memory)``, exact): an event is one position; after each fold the
+  recent items' keys/values are rebuilt against the new memory, amortised like the fold. The
+  stream does not serve this yet: it re-runs the recent window for every event.
 
 FLOPs are analytic (``models/flops.py``: matrix products, causal pairs only); times are medians.
 State per user: raw ids as int32, keys/values and memories as float16.
@@ -53,6 +57,7 @@ DATASETS = {"ml1m": "ml-1m/ml-1m_sequences_original_ids.txt.gz", "mlsmall": "ml-
 LENGTHS = (50, 100, 200, 400, 800, 1600, 2400, 2698)
 ID_BYTES, HALF = 4, 2
 BUDGET = 1000  # RECOMPRESS's longer history budget
+NAMES = ("full-200", "full-whole", "kv-cache", "persrec-incremental", "persrec-recompress", "persrec-cached")
 
 
 def config(num_items: int, **over) -> ModelConfig:
@@ -88,7 +93,7 @@ def cost(args) -> dict:
         users = [s[:n] for s in seqs if len(s) >= n][: args.users]
         if not users:
             continue
-        t = {k: [] for k in ("full-200", "full-whole", "kv-cache", "persrec-incremental", "persrec-recompress")}
+        t = {k: [] for k in NAMES}
         for h in users:
             row = lambda x: torch.from_numpy(np.asarray(x))[None]  # noqa: E731
             last200 = h[-200:]
@@ -106,6 +111,12 @@ def cost(args) -> dict:
             aged = h[: folds * cfg.segment_len][-(cfg.max_len - cfg.recent_len):] if folds else h[:1]
             comp_s = _median_s(lambda: rec.compress(row(aged), torch.tensor([len(aged)])), args.repeats)
             t["persrec-recompress"].append(serve_s + comp_s / cfg.segment_len)
+            one = lambda x: torch.tensor([x])  # noqa: E731
+            _, rcache = inc.extend_cache(None, one(0), row(recent[:-1]), one(len(recent) - 1), memory)
+            event_s = _median_s(lambda: inc.extend_cache(rcache, one(len(recent) - 1), row(recent[-1:]), one(1), memory)[0] @ table.T, args.repeats)
+            kept = row(recent[: cfg.recent_len - 1])  # what a fold leaves in the window
+            rebuild_s = _median_s(lambda: inc.extend_cache(None, one(0), kept, one(kept.shape[1]), memory), args.repeats)
+            t["persrec-cached"].append(event_s + (fold_s + rebuild_s) / cfg.segment_len)
         recent_n = n - whole_segments(n, cfg) * cfg.segment_len
         hist_n = min(whole_segments(n, cfg) * cfg.segment_len, cfg.max_len - cfg.recent_len)
         mflops = {
@@ -114,11 +125,14 @@ def cost(args) -> dict:
             "kv-cache": flops.encoder_flops(full.cfg, 1, prefix=n - 1) + flops.score_flops(full.cfg),
             "persrec-incremental": flops.memory_request_flops(cfg, recent_n) + flops.fold_flops(cfg, cfg.segment_len) / cfg.segment_len,
             "persrec-recompress": flops.memory_request_flops(cfg, recent_n) + flops.compress_flops(cfg, hist_n) / cfg.segment_len,
+            "persrec-cached": flops.cached_request_flops(cfg, recent_n) + flops.cached_update_flops(cfg) / cfg.segment_len,
         }
         state = {
             "full-200": min(n, 200) * ID_BYTES, "full-whole": n * ID_BYTES, "kv-cache": n * kv_per_item,
             "persrec-incremental": memory_bytes + (cfg.recent_len + cfg.segment_len - 1) * ID_BYTES,
             "persrec-recompress": memory_bytes + (cfg.recent_len + cfg.segment_len - 1 + cfg.max_len - cfg.recent_len) * ID_BYTES,
+            # the most the window holds between folds, with every item's keys/values
+            "persrec-cached": memory_bytes + (cfg.recent_len + cfg.segment_len - 1) * (ID_BYTES + kv_per_item),
         }
         rows.append(dict(history=n, users_timed=len(users), ms={k: 1000 * statistics.median(v) for k, v in t.items()},
                          mflops={k: v / 1e6 for k, v in mflops.items()}, state_bytes=state))
@@ -128,8 +142,10 @@ def cost(args) -> dict:
     cycle = range(cfg.recent_len, cfg.recent_len + cfg.segment_len)
     mean_mflops = statistics.fmean(flops.memory_request_flops(cfg, r) for r in cycle) / 1e6 \
         + flops.fold_flops(cfg, cfg.segment_len) / cfg.segment_len / 1e6
+    cached_mflops = statistics.fmean(flops.cached_request_flops(cfg, r) for r in cycle) / 1e6 \
+        + flops.cached_update_flops(cfg) / cfg.segment_len / 1e6
     return dict(mode="cost", rows=rows, model=cfg.to_dict() | {"num_memory_tokens": 8},
-                persrec_incremental_cycle_mean_mflops=mean_mflops,
+                persrec_incremental_cycle_mean_mflops=mean_mflops, persrec_cached_cycle_mean_mflops=cached_mflops,
                 full_200_mflops=flops.full_request_flops(full.cfg, 200) / 1e6,
                 machine=dict(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__),
                 command=f"benchmarks/lifelong_bench.py cost --threads {args.threads} --users {args.users} --repeats {args.repeats}",
@@ -138,7 +154,7 @@ def cost(args) -> dict:
 
 
 def cost_report(res: dict, out: Path) -> None:
-    names = ["full-200", "full-whole", "kv-cache", "persrec-incremental", "persrec-recompress"]
+    names = [n for n in NAMES if n in res["rows"][0]["ms"]]
     lines = ["| history | users timed | " + " | ".join(f"{n} ms / MFLOPs / state B" for n in names) + " |",
              "|---" * (len(names) + 2) + "|"]
     for r in res["rows"]:
@@ -149,6 +165,10 @@ def cost_report(res: dict, out: Path) -> None:
                   f"{res['persrec_incremental_cycle_mean_mflops']:.2f} MFLOPs per request on average, "
                   f"{res['persrec_incremental_cycle_mean_mflops'] / res['full_200_mflops']:.0%} of HSTU over 200 events "
                   f"({res['full_200_mflops']:.1f})."]
+    if "persrec_cached_cycle_mean_mflops" in res:
+        lines += ["", f"With the recent items' keys/values cached (persrec-cached): "
+                      f"{res['persrec_cached_cycle_mean_mflops']:.2f} MFLOPs per request on average over the cycle, "
+                      f"{res['persrec_cached_cycle_mean_mflops'] / res['full_200_mflops']:.0%} of HSTU over 200 events."]
     (out / "lifelong_cost.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -295,6 +315,15 @@ def accuracy_report(res: dict, out: Path) -> None:
     print("\n".join(lines))
 
 
+def _commit() -> str:
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "models", "benchmarks/lifelong_bench.py"],
+                           capture_output=True, text=True, cwd=RESULTS.parents[1]).stdout.strip()
+    return head + ("+uncommitted" if dirty else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["cost", "accuracy"])
@@ -308,7 +337,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mode == "cost":
-        res = cost(args)
+        res = cost(args) | dict(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), code=_commit())
         (args.out / "lifelong_cost.json").write_text(json.dumps(res, indent=1))
         cost_report(res, args.out)
     else:

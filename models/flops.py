@@ -55,3 +55,16 @@ def fold_flops(cfg: ModelConfig, segment: int) -> int:
     """``fold(memory, S)``: one pass over ``[S | T]`` after M cached keys (INCREMENTAL policy)."""
     M = cfg.num_memory_tokens
     return encoder_flops(cfg, segment + M, prefix=M)
+
+
+def cached_request_flops(cfg: ModelConfig, recent: int) -> int:
+    """Serve from a memory with the recent items' keys/values cached: the newest of ``recent``
+    items is one query after the M memory keys and the ``recent - 1`` cached ones."""
+    return encoder_flops(cfg, 1, prefix=cfg.num_memory_tokens + recent - 1) + score_flops(cfg)
+
+
+def cached_update_flops(cfg: ModelConfig) -> int:
+    """What a fold costs a cached PerSRec: the fold, and the keys/values of the ``recent_len - 1``
+    items the fold leaves in the window, rebuilt against the new memory."""
+    M = cfg.num_memory_tokens
+    return fold_flops(cfg, cfg.segment_len) + encoder_flops(cfg, cfg.recent_len - 1, prefix=M)

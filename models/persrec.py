@@ -184,28 +184,44 @@ class PerSRec(ItemScoring, nn.Module):
 
     def extend_cache(
         self, cache: torch.Tensor | None, cached: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor,
+        memory: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full history with a per-user key/value cache (how NVIDIA recsys-examples serves HSTU):
+        """Serving from a per-user key/value cache (how NVIDIA recsys-examples serves HSTU):
         ``cache`` ``[B, L, 2, P, H, Dh]`` holds every layer's keys and values of each user's
         ``cached`` ``[B]`` earlier items (right-padded; None when P = 0); the new ``items``
         ``[B, N]`` (``lengths``) attend to them and to each other. Returns the user vectors after
         each row's last new item ``[B, D]`` and the new items' keys/values ``[B, L, 2, N, H, Dh]``
-        to append. Equals one pass over the whole history (a model without memory tokens or
-        time bias: a cached key must not depend on anything after it)."""
-        if self.cfg.has_memory or self.cfg.time_bias:
-            raise ValueError("the key/value cache is for plain HSTU without a time bias")
+        to append.
+
+        Plain HSTU: the cache is the whole history, and this equals one pass over it. With memory
+        tokens, ``memory`` ``[B, L, 2, M, H, Dh]`` comes first and the cache holds the recent
+        items after it: this equals ``recommend(memory, cached items + new items)``. After a
+        fold the memory changes, and so do the recent items' keys and values: rebuild the cache
+        then (``extend_cache(None, 0, recent, ..., memory)``). Not for time-bias models: a
+        cached key must not depend on anything after it, and a request-time query does."""
+        if self.cfg.time_bias:
+            raise ValueError("the key/value cache is for models without a time bias")
+        if (memory is None) == self.cfg.has_memory:
+            raise ValueError("pass a memory exactly when the model has memory tokens")
         B, N = items.shape
         dev = items.device
+        M = 0 if memory is None else self.cfg.num_memory_tokens
         P = 0 if cache is None else cache.shape[3]
         ar = torch.arange(N, device=dev)
         kind = torch.where(ar[None] < lengths[:, None], ITEM, PAD)
-        pos = cached[:, None] + ar[None]  # each row's new items follow its own cached ones
+        pos = M + cached[:, None] + ar[None]  # each row's new items follow its own cached ones
         x = self._embed(items, kind, torch.zeros_like(items))
-        prefix = {}
+        parts = []  # (keys/values, kind, segment, position) of the prefix: the memory, then the cache
+        if M:
+            pm = torch.arange(M, device=dev).expand(B, M)
+            parts.append((memory, torch.full_like(pm, TOKEN), torch.zeros_like(pm), pm))
         if P:
             pp = torch.arange(P, device=dev).expand(B, P)
-            prefix = dict(prefix=cache.to(x.dtype), prefix_kind=torch.where(pp < cached[:, None], ITEM, PAD),
-                          prefix_seg=torch.ones_like(pp), prefix_pos=pp)
+            parts.append((cache, torch.where(pp < cached[:, None], ITEM, PAD), torch.ones_like(pp), M + pp))
+        prefix = {}
+        if parts:
+            kv, k_kind, k_seg, k_pos = (torch.cat(t, dim) for t, dim in zip(zip(*parts), (3, 1, 1, 1)))
+            prefix = dict(prefix=kv.to(x.dtype), prefix_kind=k_kind, prefix_seg=k_seg, prefix_pos=k_pos)
         h, kv = self.backbone(x, kind, torch.ones_like(kind), pos, keep=slice(0, N), **prefix)
         return F.normalize(h[torch.arange(B, device=dev), lengths - 1], dim=-1), kv
 

@@ -153,3 +153,33 @@ def test_whole_history_user_vectors_read_every_item_in_one_pass() -> None:
     assert (user_vectors(model, changed, ts, "cpu", request, whole=True)[0] - together[0]).abs().max() > 1e-4
     cut = user_vectors(model, changed, ts, "cpu", request)  # the last max_len items only
     assert (cut[0] - user_vectors(model, seqs, ts, "cpu", request)[0]).abs().max() == 0
+
+
+@torch.no_grad()
+def test_a_memory_and_a_cache_of_the_recent_items_answer_like_recommend() -> None:
+    """PerSRec with its recent items' keys/values cached behind the memory: each event costs
+    one position, and answers exactly like ``recommend(memory, recent)``; after a fold the
+    cache is rebuilt against the new memory."""
+    torch.manual_seed(5)
+    cfg = ModelConfig(num_items=90, dim=16, num_heads=2, head_dim=8, max_len=30, dropout=0.0,
+                      num_memory_tokens=4, recent_len=10, segment_len=10, policy="incremental")
+    model = PerSRec(cfg).eval()
+    with torch.no_grad():
+        model.backbone.bias.pos_w.normal_()
+    rng = np.random.default_rng(5)
+    history = torch.from_numpy(rng.integers(1, 91, size=45))
+    memory = model.fold(None, None, history[None, :10], torch.tensor([10]))
+    recent, cache = history[10:12], None  # the stream's window after one fold
+    _, cache = model.extend_cache(None, torch.tensor([0]), recent[None], torch.tensor([len(recent)]), memory)
+    for step in range(12, 45):
+        item = history[step: step + 1]
+        vec, kv = model.extend_cache(cache, torch.tensor([len(recent)]), item[None], torch.tensor([1]), memory)
+        cache, recent = torch.cat([cache, kv], dim=3), torch.cat([recent, item])
+        want = model.recommend(memory, recent[None], torch.tensor([len(recent)]))
+        assert (vec - want).abs().max().item() <= TOL, step
+        if len(recent) == cfg.recent_len + cfg.segment_len - 1:  # the stream folds the oldest segment
+            memory = model.fold(memory, torch.tensor([True]), recent[None, : cfg.segment_len], torch.tensor([cfg.segment_len]))
+            recent = recent[cfg.segment_len:]
+            _, cache = model.extend_cache(None, torch.tensor([0]), recent[None], torch.tensor([len(recent)]), memory)
+    with pytest.raises(ValueError, match="memory exactly"):
+        model.extend_cache(None, torch.tensor([0]), recent[None], torch.tensor([len(recent)]))
