@@ -106,12 +106,17 @@ def plan(name: str) -> list[Job]:
                           for split in ("cold10", "loo") for s in (1, 2, 3) for items in ("id", "text", "id+text")
                           if (items, split) != ("id", "loo")]
            for d in ("mlsmall", "ml1m")},
+        # id+text with the id part dropped for half the items in each training step
+        **{f"items-dropout-{d}": [Job(d, "hstu", "best+id_dropout=0.5", "heldout", s, "id+text", split)
+                                  for split in ("cold10", "loo") for s in (1, 2, 3)]
+           for d in ("mlsmall", "ml1m")},
         # smoke test: synthetic data, two epochs
         "quick": [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")],
     }
     if name == "cpu":  # this order on a 2-core machine: cheapest claims first
         return (plans["timed-mlsmall"] + plans["mlsmall-lifelong"] + plans["ml1m-persrec"] + plans["ml1m-lifelong"] + plans["timed-ml1m-ts"]
-                + plans["ml1m-published"] + plans["ml1m-screening"] + plans["items-mlsmall"] + plans["items-ml1m"])
+                + plans["ml1m-published"] + plans["ml1m-screening"] + plans["items-mlsmall"] + plans["items-dropout-mlsmall"]
+                + plans["items-ml1m"] + plans["items-dropout-ml1m"])
     if name not in plans:
         raise SystemExit(f"unknown plan {name!r}; known: {sorted(plans) + ['cpu']}")
     return plans[name]

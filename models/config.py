@@ -67,6 +67,9 @@ class ModelConfig:
     # text_dim numbers (a frozen sentence encoder's), or both summed
     item_repr: ItemRepr = ItemRepr.ID
     text_dim: int = 0
+    # id+text, in training: each step drops the id part of a random share of the items (the
+    # model sees them by text alone, as it will see an item published after training)
+    id_dropout: float = 0.0
     # the encoder that made the text embeddings (models.text.encoder_named): what a served model
     # encodes new items with; "" for a model trained on embeddings of an unnamed encoder
     text_encoder: str = ""
@@ -77,6 +80,10 @@ class ModelConfig:
         object.__setattr__(self, "item_repr", ItemRepr(self.item_repr))
         if self.item_repr.has_text and self.text_dim < 1:
             raise ValueError(f"item_repr {self.item_repr.value!r} needs text_dim >= 1")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
+        if self.id_dropout and self.item_repr is not ItemRepr.ID_TEXT:
+            raise ValueError("id_dropout needs item_repr 'id+text' (an item must keep its text)")
         if self.num_items < 1:
             raise ValueError(f"num_items must be >= 1, got {self.num_items}")
         if self.num_memory_tokens < 0:

@@ -35,11 +35,18 @@ class ItemTower(nn.Module):
     projection. Row 0 is padding: zero in both tables, so its vector is zero.
 
     Behaves like the ``nn.Embedding`` it replaces: ``tower(ids)`` and ``tower.weight`` (every
-    item's vector, ``[I+1, D]``)."""
+    item's vector, ``[I+1, D]``).
 
-    def __init__(self, num_items: int, dim: int, repr_: ItemRepr, text_dim: int) -> None:
+    ``id_dropout`` (id+text, training only): each ``tower(ids)`` draws which items lose their id
+    part, and the next ``weight`` uses the same draw, so in a training step (inputs, then the
+    output table) a dropped item is text-only on both sides, like an item published after
+    training. Nothing is rescaled: a text-only vector is what a new item gets."""
+
+    def __init__(self, num_items: int, dim: int, repr_: ItemRepr, text_dim: int, id_dropout: float = 0.0) -> None:
         super().__init__()
         self.repr = ItemRepr(repr_)
+        self.id_dropout = id_dropout
+        self._keep: torch.Tensor | None = None  # this step's items that keep their id part
         self.id_emb = nn.Embedding(num_items + 1, dim, padding_idx=0) if self.repr.has_id else None
         self.proj = None
         if self.repr.has_text:
@@ -50,6 +57,9 @@ class ItemTower(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.id_emb(ids) if self.id_emb is not None else None
+        if self._dropping:
+            self._keep = torch.rand(self.id_emb.num_embeddings, device=ids.device) >= self.id_dropout
+            x = x * self._keep[ids].unsqueeze(-1)
         if self.proj is not None:
             t = self.proj(self.text[ids])
             x = t if x is None else x + t
@@ -61,7 +71,16 @@ class ItemTower(nn.Module):
         if self.proj is None:
             return self.id_emb.weight
         t = self.proj(self.text)
-        return t if self.id_emb is None else self.id_emb.weight + t
+        if self.id_emb is None:
+            return t
+        ids = self.id_emb.weight
+        if self._dropping and self._keep is not None and len(self._keep) == len(ids):
+            ids = ids * self._keep.unsqueeze(-1)
+        return ids + t
+
+    @property
+    def _dropping(self) -> bool:
+        return self.training and self.id_dropout > 0 and self.id_emb is not None
 
     @property
     def num_items(self) -> int:
@@ -118,14 +137,14 @@ def forget_items(tower: nn.Module, ids) -> None:
         table.weight[torch.as_tensor(np.asarray(ids, np.int64), device=table.weight.device)] = 0
 
 
-def item_tower(num_items: int, dim: int, repr_: ItemRepr, text_dim: int = 0) -> nn.Module:
+def item_tower(num_items: int, dim: int, repr_: ItemRepr, text_dim: int = 0, id_dropout: float = 0.0) -> nn.Module:
     """A model's item table: a plain ``nn.Embedding`` for ids only (as checkpoints of earlier
     releases hold it), else an ``ItemTower``. Id embeddings start at N(0, .02) truncated, row 0
     zero."""
     from .hstu import init_embedding_
 
     repr_ = ItemRepr(repr_)
-    tower = nn.Embedding(num_items + 1, dim, padding_idx=0) if repr_ is ItemRepr.ID else ItemTower(num_items, dim, repr_, text_dim)
+    tower = nn.Embedding(num_items + 1, dim, padding_idx=0) if repr_ is ItemRepr.ID else ItemTower(num_items, dim, repr_, text_dim, id_dropout)
     ids = tower if repr_ is ItemRepr.ID else tower.id_emb
     if ids is not None:
         init_embedding_(ids.weight)

@@ -56,6 +56,7 @@ class Recipe:
     official_init: bool = False
     bias_init_std: float = 0.0
     attention_norm_extra: int | None = None  # divide attention by max_len + this (None: max_len)
+    id_dropout: float = 0.0  # id+text models: share of items seen by text alone in each step
     # reading the result
     seen_window: int | None = None  # exclude the last this-many history items (None: all)
     selection: Selection = Selection.VALID
@@ -84,6 +85,7 @@ class Recipe:
             norm_affine=self.norm_affine, projection_bias=self.projection_bias,
             official_init=self.official_init, bias_init_std=self.bias_init_std,
             attention_norm=0 if self.attention_norm_extra is None else max_len + self.attention_norm_extra,
+            **({"id_dropout": self.id_dropout} if self.id_dropout else {}),
         )
 
     def train_config(self, **overrides: Any) -> TrainConfig:

@@ -179,3 +179,26 @@ def test_persrec_train_reads_item_texts_and_names_the_encoder(tmp_path, monkeypa
     assert (ck.config.item_repr.value, ck.config.text_dim, ck.config.text_encoder) == ("text", 16, "hashing-16")
     bad = CliRunner().invoke(app, ["train", "synthetic", "--items", "text", "--epochs", "1", "--out", str(out)])
     assert bad.exit_code != 0 and "--item-texts" in bad.output
+
+
+def test_id_dropout_shows_a_share_of_the_items_by_text_alone_in_training_only() -> None:
+    m = text_model("id+text", id_dropout=0.5)
+    tower = m.item_emb
+    with torch.no_grad():
+        tower.id_emb.weight[1:].normal_()  # every item has a visible id part
+    ids = torch.arange(1, 31)
+    text_only = tower.proj(tower.text[ids])
+    full = tower.id_emb(ids) + text_only
+    assert torch.allclose(tower(ids), full) and torch.allclose(tower.weight[1:], full)  # eval: never dropped
+    m.train()
+    torch.manual_seed(3)
+    dropped = []
+    for _ in range(40):
+        x, table = tower(ids), tower.weight[1:]
+        gone = torch.isclose(x, text_only).all(-1)
+        assert torch.equal(torch.isclose(table, text_only).all(-1), gone)  # the output table: the same draw
+        assert torch.allclose(x[~gone], full[~gone])  # the others keep their id part
+        dropped.append(gone.float().mean().item())
+    assert 0.4 <= float(np.mean(dropped)) <= 0.6
+    with pytest.raises(ValueError, match="id\\+text"):
+        ModelConfig(num_items=3, id_dropout=0.5)
