@@ -57,14 +57,23 @@ def fold_flops(cfg: ModelConfig, segment: int) -> int:
     return encoder_flops(cfg, segment + M, prefix=M)
 
 
+def _resent(cfg: ModelConfig) -> int:
+    """Items a cached request sends again: under ``request_time`` the previous item's query is
+    asked at the new event's time, so its keys/values are computed again (``extend_cache``)."""
+    return 1 if cfg.time_bias and cfg.request_time else 0
+
+
 def cached_request_flops(cfg: ModelConfig, recent: int) -> int:
     """Serve from a memory with the recent items' keys/values cached: the newest of ``recent``
-    items is one query after the M memory keys and the ``recent - 1`` cached ones."""
-    return encoder_flops(cfg, 1, prefix=cfg.num_memory_tokens + recent - 1) + score_flops(cfg)
+    items (and under ``request_time`` the one before it) after the M memory keys and the
+    cached items."""
+    n = 1 + _resent(cfg)
+    return encoder_flops(cfg, n, prefix=cfg.num_memory_tokens + recent - n) + score_flops(cfg)
 
 
 def cached_update_flops(cfg: ModelConfig) -> int:
     """What a fold costs a cached PerSRec: the fold, and the keys/values of the ``recent_len - 1``
-    items the fold leaves in the window, rebuilt against the new memory."""
+    items the fold leaves in the window (all but the last under ``request_time``), rebuilt
+    against the new memory."""
     M = cfg.num_memory_tokens
-    return fold_flops(cfg, cfg.segment_len) + encoder_flops(cfg, cfg.recent_len - 1, prefix=M)
+    return fold_flops(cfg, cfg.segment_len) + encoder_flops(cfg, cfg.recent_len - 1 - _resent(cfg), prefix=M)

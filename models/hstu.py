@@ -200,7 +200,7 @@ class HSTUStack(nn.Module):
         ts: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
         prefix_kind: torch.Tensor | None = None, prefix_seg: torch.Tensor | None = None,
         prefix_pos: torch.Tensor | None = None, keep: slice | None = None,
-        q_ts: torch.Tensor | None = None, plain: bool = False,
+        q_ts: torch.Tensor | None = None, plain: bool = False, prefix_ts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x ``[B, N, D]`` with attributes kind/seg/pos/ts ``[B, N]``; ``prefix`` ``[B, L, 2, P,
         H, Dh]`` with attributes ``[B, P]``. Returns the output ``[B, N, D]`` and, if ``keep`` is
@@ -209,6 +209,7 @@ class HSTUStack(nn.Module):
         own). ``plain``: the caller guarantees a plain causal layout without a prefix (rows of
         right-padded items of one segment at positions 0..N-1, as ``collate`` lays out a model
         without memory tokens), so no check reads the tensors (each would wait for the GPU).
+        ``prefix_ts`` ``[B, P]``: the prefix's times (cached items; default 0: tokens have none).
         Outputs at padding positions are unspecified (nothing reads them).
         """
         if prefix is None:
@@ -217,7 +218,8 @@ class HSTUStack(nn.Module):
             k_kind = torch.cat([prefix_kind, kind], 1)
             k_seg = torch.cat([prefix_seg, seg], 1)
             k_pos = torch.cat([prefix_pos, pos], 1)
-            k_ts = None if ts is None else torch.cat([torch.zeros_like(prefix_pos), ts], 1)
+            k_ts = None if ts is None else torch.cat([torch.zeros_like(prefix_pos) if prefix_ts is None
+                                                      else prefix_ts.to(ts.dtype), ts], 1)
         if plain and prefix is None:
             q_pos = k_pos = pos[:1]
             chunk, N = self.causal_chunk, pos.shape[1]

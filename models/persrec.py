@@ -184,7 +184,8 @@ class PerSRec(ItemScoring, nn.Module):
 
     def extend_cache(
         self, cache: torch.Tensor | None, cached: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor,
-        memory: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None, ts: torch.Tensor | None = None, cache_ts: torch.Tensor | None = None,
+        request_ts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Serving from a per-user key/value cache (how NVIDIA recsys-examples serves HSTU):
         ``cache`` ``[B, L, 2, P, H, Dh]`` holds every layer's keys and values of each user's
@@ -197,12 +198,17 @@ class PerSRec(ItemScoring, nn.Module):
         tokens, ``memory`` ``[B, L, 2, M, H, Dh]`` comes first and the cache holds the recent
         items after it: this equals ``recommend(memory, cached items + new items)``. After a
         fold the memory changes, and so do the recent items' keys and values: rebuild the cache
-        then (``extend_cache(None, 0, recent, ..., memory)``). Not for time-bias models: a
-        cached key must not depend on anything after it, and a request-time query does."""
-        if self.cfg.time_bias:
-            raise ValueError("the key/value cache is for models without a time bias")
+        then (``extend_cache(None, 0, recent, ..., memory)``).
+
+        Time-bias models take the new items' times ``ts`` ``[B, N]`` and the cached ones'
+        ``cache_ts`` ``[B, P]``. A ``request_time`` model asks each item's query at the next
+        item's time and the last one's at ``request_ts`` ``[B]`` (default: its own time): so the
+        keys/values of a row's last item hold only until the next event, which must send that
+        item again with itself (cache all but the last; each event is then two positions)."""
         if (memory is None) == self.cfg.has_memory:
             raise ValueError("pass a memory exactly when the model has memory tokens")
+        if self.cfg.time_bias and (ts is None or (cache is not None and cache_ts is None)):
+            raise ValueError("a time-bias model needs the new items' times and the cached items' times")
         B, N = items.shape
         dev = items.device
         M = 0 if memory is None else self.cfg.num_memory_tokens
@@ -211,18 +217,22 @@ class PerSRec(ItemScoring, nn.Module):
         kind = torch.where(ar[None] < lengths[:, None], ITEM, PAD)
         pos = M + cached[:, None] + ar[None]  # each row's new items follow its own cached ones
         x = self._embed(items, kind, torch.zeros_like(items))
-        parts = []  # (keys/values, kind, segment, position) of the prefix: the memory, then the cache
+        parts = []  # (keys/values, kind, segment, position, time) of the prefix: the memory, then the cache
         if M:
             pm = torch.arange(M, device=dev).expand(B, M)
-            parts.append((memory, torch.full_like(pm, TOKEN), torch.zeros_like(pm), pm))
+            parts.append((memory, torch.full_like(pm, TOKEN), torch.zeros_like(pm), pm, torch.zeros_like(pm)))
         if P:
             pp = torch.arange(P, device=dev).expand(B, P)
-            parts.append((cache, torch.where(pp < cached[:, None], ITEM, PAD), torch.ones_like(pp), M + pp))
+            parts.append((cache, torch.where(pp < cached[:, None], ITEM, PAD), torch.ones_like(pp), M + pp,
+                          torch.zeros_like(pp) if cache_ts is None else cache_ts))
         prefix = {}
         if parts:
-            kv, k_kind, k_seg, k_pos = (torch.cat(t, dim) for t, dim in zip(zip(*parts), (3, 1, 1, 1)))
-            prefix = dict(prefix=kv.to(x.dtype), prefix_kind=k_kind, prefix_seg=k_seg, prefix_pos=k_pos)
-        h, kv = self.backbone(x, kind, torch.ones_like(kind), pos, keep=slice(0, N), **prefix)
+            kv, k_kind, k_seg, k_pos, k_ts = (torch.cat(t, dim) for t, dim in zip(zip(*parts), (3, 1, 1, 1, 1)))
+            prefix = dict(prefix=kv.to(x.dtype), prefix_kind=k_kind, prefix_seg=k_seg, prefix_pos=k_pos,
+                          prefix_ts=k_ts if self.cfg.time_bias else None)
+        q_ts = query_times(ts, lengths, request_ts) if self.cfg.time_bias and self.cfg.request_time else None
+        ts, q_ts = self._times(ts, q_ts)
+        h, kv = self.backbone(x, kind, torch.ones_like(kind), pos, ts, keep=slice(0, N), q_ts=q_ts, **prefix)
         return F.normalize(h[torch.arange(B, device=dev), lengths - 1], dim=-1), kv
 
     def _need_memory(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from persrec.models import flops
 from persrec.models.config import ModelConfig
 
@@ -25,3 +27,11 @@ def test_a_fold_costs_a_cached_model_the_fold_and_the_rebuilt_window() -> None:
     # rebuild: recent_len - 1 = 2 items after 1 memory key: 2 + 3 = 5 pairs -> 2 * 40 + 2*5*2*2 = 120
     assert flops.fold_flops(cfg(), 2) == 192
     assert flops.cached_update_flops(cfg()) == 192 + 120
+
+
+def test_a_request_time_model_sends_the_previous_item_again() -> None:
+    timed = dataclasses.replace(cfg(), time_bias=True, request_time=True)
+    # 2 queries after 1 memory key + 1 cached item: 2 * 2 + 3 = 7 pairs -> 2 * 40 + 2*7*2*2 = 136; scores 20
+    assert flops.cached_request_flops(timed, 3) == 136 + 20
+    # the rebuild re-encodes recent_len - 2 = 1 item after the memory key: 1 + 1 = 2 pairs -> 40 + 16
+    assert flops.cached_update_flops(timed) == 192 + 56

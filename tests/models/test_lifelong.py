@@ -156,30 +156,50 @@ def test_whole_history_user_vectors_read_every_item_in_one_pass() -> None:
 
 
 @torch.no_grad()
-def test_a_memory_and_a_cache_of_the_recent_items_answer_like_recommend() -> None:
+@pytest.mark.parametrize("timing", ["none", "time_bias", "request_time"])
+def test_a_memory_and_a_cache_of_the_recent_items_answer_like_recommend(timing: str) -> None:
     """PerSRec with its recent items' keys/values cached behind the memory: each event costs
-    one position, and answers exactly like ``recommend(memory, recent)``; after a fold the
-    cache is rebuilt against the new memory."""
+    one position (two under ``request_time``: the previous item is sent again, its query now
+    asked at the new event's time), and answers exactly like ``recommend(memory, recent)`` as
+    the stream asks it, with real irregular times; after a fold the cache is rebuilt against
+    the new memory."""
     torch.manual_seed(5)
+    timed = timing != "none"
     cfg = ModelConfig(num_items=90, dim=16, num_heads=2, head_dim=8, max_len=30, dropout=0.0,
-                      num_memory_tokens=4, recent_len=10, segment_len=10, policy="incremental")
+                      num_memory_tokens=4, recent_len=10, segment_len=10, policy="incremental",
+                      time_bias=timed, request_time=timing == "request_time", bias_init_std=0.5)
     model = PerSRec(cfg).eval()
     with torch.no_grad():
         model.backbone.bias.pos_w.normal_()
     rng = np.random.default_rng(5)
     history = torch.from_numpy(rng.integers(1, 91, size=45))
-    memory = model.fold(None, None, history[None, :10], torch.tensor([10]))
-    recent, cache = history[10:12], None  # the stream's window after one fold
-    _, cache = model.extend_cache(None, torch.tensor([0]), recent[None], torch.tensor([len(recent)]), memory)
-    for step in range(12, 45):
-        item = history[step: step + 1]
-        vec, kv = model.extend_cache(cache, torch.tensor([len(recent)]), item[None], torch.tensor([1]), memory)
-        cache, recent = torch.cat([cache, kv], dim=3), torch.cat([recent, item])
-        want = model.recommend(memory, recent[None], torch.tensor([len(recent)]))
-        assert (vec - want).abs().max().item() <= TOL, step
-        if len(recent) == cfg.recent_len + cfg.segment_len - 1:  # the stream folds the oldest segment
-            memory = model.fold(memory, torch.tensor([True]), recent[None, : cfg.segment_len], torch.tensor([cfg.segment_len]))
-            recent = recent[cfg.segment_len:]
-            _, cache = model.extend_cache(None, torch.tensor([0]), recent[None], torch.tensor([len(recent)]), memory)
+    times = torch.from_numpy(irregular_times(rng, 45))
+    t = (lambda a, b: times[None, a:b]) if timed else (lambda a, b: None)  # noqa: E731
+    one = lambda v: torch.tensor([v])  # noqa: E731
+    settle = 1 if cfg.request_time else 0  # the last item's keys/values hold until the next event
+
+    def rebuild(memory, start: int, end: int):
+        """The cache of the window history[start:end] (all but its last ``settle`` items)."""
+        n = end - start - settle
+        if n == 0:
+            return None
+        return model.extend_cache(None, one(0), history[None, start:start + n], one(n), memory, t(start, start + n),
+                                  request_ts=times[start + n: start + n + 1] if cfg.request_time else None)[1]
+
+    memory = model.fold(None, None, history[None, :10], one(10), t(0, 10))
+    start, cache = 10, rebuild(memory, 10, 12)  # the window after one fold: history[10:12]
+    for end in range(13, 46):  # event end-1 arrives
+        first = end - 1 - settle  # what this event sends: its item, and under request_time the previous one
+        cached = first - start
+        vec, kv = model.extend_cache(cache, one(cached), history[None, first:end], one(end - first), memory,
+                                     t(first, end), t(start, first) if cache is not None else None)
+        settled = kv[:, :, :, : kv.shape[3] - settle]
+        cache = settled if cache is None else torch.cat([cache, settled], dim=3)
+        want = model.recommend(memory, history[None, start:end], one(end - start), t(start, end))
+        assert (vec - want).abs().max().item() <= TOL, end
+        if end - start == cfg.recent_len + cfg.segment_len - 1:  # the stream folds the oldest segment
+            memory = model.fold(memory, torch.tensor([True]), history[None, start:start + 10], one(10), t(start, start + 10))
+            start += cfg.segment_len
+            cache = rebuild(memory, start, end)
     with pytest.raises(ValueError, match="memory exactly"):
-        model.extend_cache(None, torch.tensor([0]), recent[None], torch.tensor([len(recent)]))
+        model.extend_cache(None, one(0), history[None, :3], one(3))
