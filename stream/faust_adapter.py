@@ -47,6 +47,7 @@ from aiokafka.consumer.group_coordinator import GroupCoordinator  # noqa: E402
 from aiokafka.protocol.group import LeaveGroupRequest  # noqa: E402
 from faust.sensors.monitor import Monitor  # noqa: E402
 from faust.transport.consumer import Consumer as FaustConsumer  # noqa: E402
+from faust.transport.consumer import ensure_TP  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +258,7 @@ def refetch(consumer: Any, tp: Hashable) -> None:
     partitions and drops the fetched records of the others (``Consumer.getmany``); rebalances,
     recovery (pause/resume) and stream back-pressure (``on_buffer_full``/``on_buffer_drop``)
     take partitions out and put them back, and one left out is never read again."""
+    tp = ensure_TP(tp)  # Faust asserts its own type there (an aiokafka TopicPartition crashes its fetcher)
     consumer._paused_partitions.discard(tp)
     consumer._buffered_partitions.discard(tp)
     consumer._get_active_partitions().add(tp)

@@ -19,6 +19,7 @@ Reading a partition again costs at most the records in flight; the offset guard 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping
@@ -105,11 +106,12 @@ class PartitionWatch:
             return []
         tps = [tp for tp in consumer.assignment() if tp.topic == self.topic]
         try:
-            ends = await consumer.highwaters(*tps) if tps else {}
+            answer = await asyncio.wait_for(consumer.highwaters(*tps), self.every_s) if tps else {}
+            ends = {tp: answer[tp] for tp in tps if answer.get(tp) is not None}  # Faust's TP keys, not aiokafka's
             needs = {tp: self.guard.next_offset(tp, fa.committed_offset(app, tp)) for tp in tps}
             if unknown := [tp for tp, need in needs.items() if need is None]:  # never committed: from the start
-                needs.update(await consumer.earliest_offsets(*unknown))
-        except Exception as exc:  # noqa: BLE001 - the broker is away: the next check asks again
+                needs.update(await asyncio.wait_for(consumer.earliest_offsets(*unknown), self.every_s))
+        except Exception as exc:  # noqa: BLE001 - the broker is away or slow: the next check asks again
             log.debug("stall check: no offsets from the broker (%s)", exc)
             return []
         stalled = [tp for tp in self.watch.check(ends, needs, self.received, self.idle) if not self.guard.rewinding(tp)]

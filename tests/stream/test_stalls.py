@@ -138,7 +138,9 @@ def worker() -> None:
                 report["state_at_stop"] = fa.partition_state(app.consumer, msg.tp)
             watch.done()
             if all(len(v) >= PER_PARTITION for v in seen.values()):
-                report.update(seen=seen, stalls=watch.stalls)
+                active = app.consumer._get_active_partitions()  # Faust asserts every member is its TP type
+                report.update(seen=seen, stalls=watch.stalls,
+                              active=sorted(tp.partition for tp in active if tp.topic == s.topic_interactions))
                 out.write_text(json.dumps(report))
                 os._exit(0)
 
@@ -156,6 +158,7 @@ def test_a_partition_faust_stops_fetching_is_read_again(tmp_path, kafka_bootstra
     for p, offsets in report["seen"].items():
         assert sorted(offsets) == list(range(PER_PARTITION)), f"partition {p}"
     assert report["stalls"] == 1 and [p for p, _ in report["stalled"]] == [0]
+    assert report["active"] == list(range(PARTITIONS))  # back in Faust's active set, as Faust's own type
     assert 3 <= report["stalled"][0][1] <= 3 + 2 * 0.5 + 5  # stall_s, two checks, and the drain of the others
     assert "reading it again" in worker_log and "'active': False" in worker_log
 
