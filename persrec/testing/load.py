@@ -19,21 +19,30 @@ from persrec.stack import wait_for
 class PacedProducer(threading.Thread):
     """Publishes ``events`` (dicts with ``user_id``), keyed by user id, at ``rate`` events/s
     (after the first ``burst``, sent at once) until they run out, ``limit`` are sent or
-    ``stop()`` is called. ``sent`` counts events the
-    broker acknowledged once ``join()`` returns; ``error`` holds what stopped it early."""
+    ``stop()`` is called. With ``hold_at``, it waits after that many events until ``release()``
+    (then goes on at ``rate``): a test that must act while events still flow keeps some for
+    after its action, however slow the machine. ``sent`` counts events the broker acknowledged
+    once ``join()`` returns; ``error`` holds what stopped it early."""
 
     def __init__(self, bootstrap: str, topic: str, events: Iterator[dict], rate: float,
-                 limit: int | None = None, burst: int = 0) -> None:
+                 limit: int | None = None, burst: int = 0, hold_at: int | None = None) -> None:
         super().__init__(daemon=True)
         self.bootstrap, self.topic, self.events, self.rate, self.limit = bootstrap, topic, events, rate, limit
-        self.burst = burst
+        self.burst, self.hold_at = burst, hold_at
         self.sent = 0
         self.last_event: dict | None = None
         self.error: BaseException | None = None
+        self.held = False  # waiting at ``hold_at`` now
+        self.held_s = 0.0  # how long it waited there
         self._halt = threading.Event()
+        self._released = threading.Event()
 
     def stop(self) -> None:
         self._halt.set()
+        self._released.set()
+
+    def release(self) -> None:
+        self._released.set()
 
     def run(self) -> None:
         producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5)
@@ -45,6 +54,13 @@ class PacedProducer(threading.Thread):
                 producer.send(self.topic, key=event["user_id"].encode(), value=json.dumps(event).encode())
                 self.sent += 1
                 self.last_event = event
+                if self.sent == self.hold_at:
+                    self.held = True
+                    waited = time.monotonic()
+                    self._released.wait()
+                    self.held = False
+                    self.held_s = time.monotonic() - waited
+                    start += self.held_s  # then on at ``rate``, not in a burst
                 ahead = (self.sent - self.burst) / self.rate - (time.monotonic() - start)
                 if ahead > 0:
                     time.sleep(ahead)
