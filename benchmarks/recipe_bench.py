@@ -380,11 +380,11 @@ def cmd_report(args) -> int:
         lines += ["## Cold start", "",
                   "Test rows whose target item was held out of training (cold) and the rest (warm), at the "
                   "validation-selected epoch, every history item excluded.", "",
-                  "| data set | model | items | seeds | cold rows | NDCG@10 cold | HR@200 cold | NDCG@10 warm | cold / warm |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| data set | model | recipe | items | seeds | cold rows | NDCG@10 cold | HR@200 cold | NDCG@10 warm | cold / warm |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for g in cold:
             ratio = g["cold/ndcg@10"]["mean"] / g["warm/ndcg@10"]["mean"] if g["warm/ndcg@10"]["mean"] else float("nan")
-            lines.append(f"| {g['dataset']} | {g['model']} | {g['items']} | {len(g['seeds'])} | "
+            lines.append(f"| {g['dataset']} | {g['model']} | {g['recipe']} | {g['items']} | {len(g['seeds'])} | "
                          f"{', '.join(map(str, g['cold_rows']))} | {_fmt(g, 'cold/ndcg@10')} | {_fmt(g, 'cold/hr@200')} | "
                          f"{_fmt(g, 'warm/ndcg@10')} | {ratio:.2f} |")
         lines.append("")
