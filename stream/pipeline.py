@@ -367,7 +367,7 @@ class Pipeline:
 
     async def _assigned(self, app, *args, **kwargs) -> None:  # noqa: ARG002 - Faust's signal
         self.rewinder.reset()
-        self.partitions.watch.reset()
+        self.partitions.reset()
         # the member id this process holds now, for a later worker to remove if we die
         members.record(members.registry(self.settings.work_dir, self.settings.app_id), fa.member_id(app))
         # a partition switched by its previous owner keeps that owner's switch offset
@@ -379,7 +379,7 @@ class Pipeline:
         self.windows.write(self.windows.pending())
         await app.producer.flush()
         self.rewinder.reset()
-        self.partitions.watch.reset()
+        self.partitions.reset()
 
     # ------------------------------------------------------------------------------- folds
     async def folder(self) -> None:

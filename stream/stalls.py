@@ -13,7 +13,7 @@ stalled when the broker has records past the offset the agent needs next, that o
 moved for ``stall_s``, and all that time the agent could have taken its records (it was idle,
 or it took other partitions' events). An agent that is busy with nothing new (an outage being
 waited out) blames no partition. A stalled partition is logged with Faust's view of it, put back
-in the consumer's active set, and sought to the offset the agent needs (``Pipeline.watch``).
+in the consumer's active set, and sought to the offset the agent needs (``PartitionWatch.check``, a timer of the ``Pipeline``).
 Reading a partition again costs at most the records in flight; the offset guard drops repeats.
 """
 
@@ -90,6 +90,10 @@ class PartitionWatch:
         self.received = 0  # events that reached the agent
         self.idle = True  # the agent waits for the stream
         self.stalls = 0
+
+    def reset(self) -> None:
+        """At every rebalance: each partition is watched afresh."""
+        self.watch.reset()
 
     def took(self) -> None:
         self.received += 1

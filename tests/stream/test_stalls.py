@@ -107,7 +107,7 @@ def worker() -> None:
 
     async def rebalanced(*_args, **_kwargs) -> None:
         rewinder.reset()
-        watch.watch.reset()
+        watch.reset()
 
     app.on_partitions_assigned.connect(rebalanced)
     app.on_partitions_revoked.connect(rebalanced)
