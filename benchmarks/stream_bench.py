@@ -14,7 +14,9 @@ Phases, each on its own topics and consumer group:
 3. full-history baseline: the same pipeline serving an HSTU without memory that reads the
    user's whole history (the last L events, L = 200 / 1,000 / 2,000) for every event;
 4. pairs: PerSRec and L=200 drains back to back, ``--pairs`` times, for the ratio of each pair
-   (the machine's speed drifts over a full run; phases 2 and 3 are minutes apart).
+   (the machine's speed drifts over a full run; phases 2 and 3 are minutes apart);
+5. cache (only when named in ``--phases``): PerSRec drains without and with the recommend
+   model's window cache (``serving.window_cache``), back to back, ``--pairs`` times.
 
 Workload: real ml-latest-small events in time order (all 610 users). Before each pipeline
 phase every user is given L prior events (items drawn from the catalogue by popularity), as
@@ -104,14 +106,15 @@ def load_workload(n_events: int) -> Workload:
                     min(e["ts"] for e in events), id_map)
 
 
-def model_repository(work: Path, wl: Workload, *, memory: bool, max_len: int) -> tuple[Path, object]:
+def model_repository(work: Path, wl: Workload, *, memory: bool, max_len: int,
+                     window_cache_mb: float = 256) -> tuple[Path, object]:
     cfg = ModelConfig(num_items=wl.id_map.num_items, dim=50, num_layers=2, num_heads=1, head_dim=50,
                       max_len=max_len, recent_len=50, segment_len=25, num_memory_tokens=8 if memory else 0,
                       dropout=0.0)  # folds of 25: windows of 50-74 items
     torch.manual_seed(0)
     ck = make_checkpoint(build_model(cfg), wl.id_map.to_json())
-    repo = work / f"repo-{'persrec' if memory else f'full{max_len}'}"
-    manifest = export_repository(ck, repo, top_k=10)
+    repo = work / f"repo-{'persrec' if memory else f'full{max_len}'}-cache{window_cache_mb:g}"
+    manifest = export_repository(ck, repo, top_k=10, window_cache_mb=window_cache_mb)
     return repo, (ck, manifest)
 
 
@@ -394,11 +397,12 @@ def _passthrough(work: Path, bootstrap: str, kafka_pid: int, wl: Workload, n: in
 
 def phase_pipeline(work: Path, wl: Workload, *, memory: bool, max_len: int, history_len: int, n: int,
                    limit_s: float, loads: list[float], load_s: float, profile: bool,
-                   load_base: float | None = None) -> dict:
+                   load_base: float | None = None, window_cache_mb: float = 256) -> dict:
     """The drain, then each load level, each on a fresh broker with freshly seeded state (see
-    ``fresh_broker``), all against one Triton."""
-    repo, (ck, manifest) = model_repository(work, wl, memory=memory, max_len=max_len)
-    name = "persrec" if memory else f"full{max_len}"
+    ``fresh_broker``), all against one Triton. ``window_cache_mb``: the recommend model's window
+    cache (``serving.window_cache``; PerSRec only), 0 = off."""
+    repo, (ck, manifest) = model_repository(work, wl, memory=memory, max_len=max_len, window_cache_mb=window_cache_mb)
+    name = ("persrec" if memory else f"full{max_len}") + ("" if window_cache_mb or not memory else "-nocache")
     models = ["recommend", "fold"] if memory else ["recommend"]
     # a batch holds at most ~51,200 items, so long histories do not blow up attention memory
     max_batch = max(8, min(256, 51_200 // manifest.window_len))
@@ -438,6 +442,9 @@ def phase_pipeline(work: Path, wl: Workload, *, memory: bool, max_len: int, hist
                 row["status"] = {k: st.get(k) for k in ("batches", "seconds_model", "seconds_publish", "folds",
                                                         "offset_rewinds", "duplicates")}
                 row["rss_mb"] = {"worker": rss_mb(worker.pid), "triton": rss_mb(triton.pid)}
+                if memory:  # the recommend model's window cache over the drain (serving.window_cache)
+                    row["window_cache"] = {k.removeprefix("persrec_window_cache_").removesuffix("_total"): v
+                                           for k, v in triton.metrics("persrec_window_cache_").items()}
                 # Stopped before its output is read back: a long-history pipeline is still draining
                 # after limit_s, and the reader would take a core from it (the rate counts the
                 # output times of what was answered).
@@ -551,6 +558,16 @@ def markdown(res: dict) -> str:
         command = f"; `{pairs['command']}`, {pairs['date']}" if "command" in pairs else ""
         lines.append(f"PerSRec / full history at L=200 over {len(each)} back-to-back pairs of drains: "
                      f"median {pairs['median_ratio']:.2f}x ({', '.join(each)}{command}).")
+    if cache := res.get("cache"):
+        def hit_rate(r: dict) -> str:
+            c = r.get("window_cache") or {}
+            return f", {c['hits'] / max(c['hits'] + c['misses'], 1):.0%} hits" if "hits" in c else ""
+
+        each = [f"{r['off']:,.0f} -> {r['on']:,.0f} ev/s ({r['ratio']:.2f}x; recommend model "
+                f"{r['recommend_cpu_ms_off']} -> {r['recommend_cpu_ms_on']} CPU ms/event, all "
+                f"{r['cpu_ms_off']} -> {r['cpu_ms_on']}{hit_rate(r)})" for r in cache["runs"]]
+        lines.append(f"PerSRec drains without -> with the window cache, {len(each)} back-to-back pairs: median "
+                     f"{cache['median_ratio']:.2f}x ({'; '.join(each)}; `{cache.get('command')}`, {cache.get('date')}).")
     rewinds = {k: res[k]["status"].get("offset_rewinds") for k in ["persrec"] + [f"full{L}" for L in res["lengths"]]
                if (res.get(k) or {}).get("status", {}).get("offset_rewinds")}
     if rewinds:  # Faust's startup race (BENCHMARKS.md): the drain re-read what it lost, at a cost
@@ -676,6 +693,8 @@ def main() -> None:
                                              limit_s=args.limit_s, loads=[], load_s=0, profile=False) | stamp
     if "pairs" in phases and args.pairs:
         res["pairs"] = phase_pairs(work, wl, args) | stamp
+    if "cache" in phases and args.pairs:
+        res["cache"] = phase_cache(work, wl, args) | stamp
     args.out.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(res, indent=2) + "\n")
     report(res, args.out)
@@ -693,6 +712,24 @@ def phase_pairs(work: Path, wl: Workload, args) -> dict:
                      "ratio": round(p["events_per_s"] / f["events_per_s"], 2),
                      "persrec_rewinds": p["status"].get("offset_rewinds"), "full200_rewinds": f["status"].get("offset_rewinds")})
         log.info("pair %d: %s", len(rows), rows[-1])
+    ratios = sorted(r["ratio"] for r in rows)
+    return {"runs": rows, "median_ratio": ratios[len(ratios) // 2]}
+
+
+def phase_cache(work: Path, wl: Workload, args) -> dict:
+    """PerSRec drains without and with the recommend model's window cache, back to back,
+    ``--pairs`` times: events/s and CPU ms per event (the recommend model's, and in all)."""
+    rows = []
+    for _ in range(args.pairs):
+        off, on = (phase_pipeline(work, wl, memory=True, max_len=200, history_len=args.history, n=args.events,
+                                  limit_s=args.limit_s, loads=[], load_s=0, profile=False, window_cache_mb=mb)
+                   for mb in (0, 256))
+        cpu = lambda r, k: (r.get("cpu_ms_per_event") or {}).get(k)  # noqa: E731
+        rows.append({"off": off["events_per_s"], "on": on["events_per_s"], "ratio": round(on["events_per_s"] / off["events_per_s"], 2),
+                     "recommend_cpu_ms_off": cpu(off, "triton recommend model"), "recommend_cpu_ms_on": cpu(on, "triton recommend model"),
+                     "cpu_ms_off": cpu(off, "all"), "cpu_ms_on": cpu(on, "all"),
+                     "window_read_p50": (on.get("window_read") or {}).get("p50"), "window_cache": on.get("window_cache")})
+        log.info("cache pair %d: %s", len(rows), rows[-1])
     ratios = sorted(r["ratio"] for r in rows)
     return {"runs": rows, "median_ratio": ratios[len(ratios) // 2]}
 

@@ -185,7 +185,7 @@ class PerSRec(ItemScoring, nn.Module):
     def extend_cache(
         self, cache: torch.Tensor | None, cached: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor,
         memory: torch.Tensor | None = None, ts: torch.Tensor | None = None, cache_ts: torch.Tensor | None = None,
-        request_ts: torch.Tensor | None = None,
+        request_ts: torch.Tensor | None = None, at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Serving from a per-user key/value cache (how NVIDIA recsys-examples serves HSTU):
         ``cache`` ``[B, L, 2, P, H, Dh]`` holds every layer's keys and values of each user's
@@ -204,7 +204,10 @@ class PerSRec(ItemScoring, nn.Module):
         ``cache_ts`` ``[B, P]``. A ``request_time`` model asks each item's query at the next
         item's time and the last one's at ``request_ts`` ``[B]`` (default: its own time): so the
         keys/values of a row's last item hold only until the next event, which must send that
-        item again with itself (cache all but the last; each event is then two positions)."""
+        item again with itself (cache all but the last; each event is then two positions).
+
+        ``at = (rows, positions)`` (``[Q]`` each; positions among the new items) asks for the
+        vectors after those positions instead, ``[Q, D]``, as in ``recommend``."""
         if (memory is None) == self.cfg.has_memory:
             raise ValueError("pass a memory exactly when the model has memory tokens")
         if self.cfg.time_bias and (ts is None or (cache is not None and cache_ts is None)):
@@ -232,8 +235,11 @@ class PerSRec(ItemScoring, nn.Module):
                           prefix_ts=k_ts if self.cfg.time_bias else None)
         q_ts = query_times(ts, lengths, request_ts) if self.cfg.time_bias and self.cfg.request_time else None
         ts, q_ts = self._times(ts, q_ts)
+        rows, positions = self.query_positions(lengths, at)
+        if at is not None and self.cfg.request_time and bool((positions != lengths[rows] - 1).any()):
+            raise ValueError("a request_time model answers at the last item of a row only")
         h, kv = self.backbone(x, kind, torch.ones_like(kind), pos, ts, keep=slice(0, N), q_ts=q_ts, **prefix)
-        return F.normalize(h[torch.arange(B, device=dev), lengths - 1], dim=-1), kv
+        return F.normalize(h[rows, positions], dim=-1), kv
 
     def _need_memory(self) -> None:
         if not self.cfg.has_memory:

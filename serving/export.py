@@ -71,7 +71,7 @@ def versioned_config(model_dir: Path, config: str, keep: int) -> str:
 def export_repository(
     checkpoint: Path | Checkpoint, out: Path, *, top_k: int = 10, version: int = 1, kind: str = "auto",
     max_batch_size: int = 1024, instances: int = 1, exclude_seen: bool = True, cpu_threads: int = 1,
-    keep_versions: int = 2,
+    keep_versions: int = 2, window_cache_mb: float = 256,
 ) -> Manifest:
     """Write (or add a version to) the repository at ``out``; return its manifest.
 
@@ -79,7 +79,10 @@ def export_repository(
     serves them all (``versioned_config``): a worker pinned to the previous version goes on
     being answered while the new one loads, and can be started on it again (rollback:
     ``PERSREC_TRITON_VERSION``). ``manifest.json`` names the newest version;
-    ``<model>/N/manifest.json`` each one. Versions must be exported in increasing order."""
+    ``<model>/N/manifest.json`` each one. Versions must be exported in increasing order.
+
+    ``window_cache_mb``: what each ``recommend`` instance of a model with memory tokens may keep
+    of its users' recent-window keys/values between events (``serving.window_cache``); 0: none."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     cfg = ck.config
     if kind == "auto":
@@ -106,7 +109,8 @@ def export_repository(
     models = {
         "recommend": model_config(
             "recommend", ck, kind, max_batch_size,
-            params | {"top_k": str(top_k), "exclude_seen": str(exclude_seen).lower()},
+            params | {"top_k": str(top_k), "exclude_seen": str(exclude_seen).lower(),
+                      "window_cache_mb": str(window_cache_mb if cfg.has_memory else 0)},
             rec_inputs,
             [_io("TOP_IDS", "TYPE_INT64", [top_k]), _io("TOP_SCORES", "TYPE_FP32", [top_k])],
             instances,

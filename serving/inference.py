@@ -15,11 +15,12 @@ import torch
 from persrec.models.checkpoint import Checkpoint, load_checkpoint
 from persrec.models.device import pick_device
 from persrec.models.inputs import ModelInputs
+from persrec.serving.window_cache import WindowCache, row_key
 
 
 class ModelRunner:
     def __init__(self, checkpoint: Checkpoint | str | Path, device: str = "auto",
-                 cpu_threads: int | None = None) -> None:
+                 cpu_threads: int | None = None, window_cache_mb: float = 0) -> None:
         self.device = pick_device(device)
         if self.device.type == "cpu" and cpu_threads:
             # Small batches gain nothing from more threads, and idle OpenMP threads spinning next
@@ -36,6 +37,10 @@ class ModelRunner:
             self._table = self.model.item_vectors()  # [I+1, D], normalised once: weights are fixed
             if self.cfg.has_memory:
                 self._empty = self.model.empty_memory(1)  # [1, L, 2, M, H, Dh]
+        # the recent window's keys/values between a user's events (``recommend``)
+        self.window_cache = None
+        if self.cfg.has_memory and window_cache_mb > 0:
+            self.window_cache = WindowCache(int(window_cache_mb * 2**20), self.cfg.request_time)
 
     def apply_catalogue(self, rows) -> None:
         """Read items registered since training (``memory.CatalogueItem`` rows: dense id, text
@@ -50,6 +55,8 @@ class ModelRunner:
         self.catalogue_revision = max(self.catalogue_revision, max(r.revision for r in rows))
         with torch.inference_mode():
             self._table = self.model.item_vectors()
+        if self.window_cache is not None:  # an item's embedding may have changed with its text
+            self.window_cache.clear()
 
     @property
     def num_items(self) -> int:
@@ -75,7 +82,11 @@ class ModelRunner:
         ``request_time`` model, whose query at an item is asked at the next item's time. The
         remaining rows run in groups of similar length (``width_groups``), each trimmed to its
         own longest row: a batch is padded to its longest row and attention is quadratic in
-        it. ``x.catalogue``: a row is answered with no item after its highest known id."""
+        it. ``x.catalogue``: a row is answered with no item after its highest known id.
+
+        With a window cache (``serving.window_cache``), a row whose earlier items were computed
+        under the same memory reuses their keys/values and computes the rest only; the answers
+        are the same."""
         k = min(top_k, self.cfg.num_items)
         ids, scores = np.zeros((len(x), k), np.int64), np.zeros((len(x), k), np.float32)
         if self.cfg.request_time:
@@ -83,32 +94,94 @@ class ModelRunner:
         else:
             carrier = shared_prefixes(x.items, x.lengths, x.timestamps, x.memory, x.has_memory)
         carriers = np.unique(carrier)
+        if self.window_cache is not None:
+            self._recommend_cached(x, carrier, carriers, k, exclude_seen, ids, scores)
+            return ids, scores
         for group in width_groups(x.lengths[carriers]):
             rows = carriers[group]
             queries = np.flatnonzero(np.isin(carrier, rows))
-            known = None if x.catalogue is None else x.catalogue[queries, 1]
-            ids[queries], scores[queries] = self._recommend(
-                x.take(rows), np.searchsorted(rows, carrier[queries]), x.lengths[queries] - 1, k, exclude_seen, known)
+            vectors = self._vectors(x.take(rows), np.searchsorted(rows, carrier[queries]), x.lengths[queries] - 1)
+            ids[queries], scores[queries] = self._rank(vectors, x, queries, k, exclude_seen)
         return ids, scores
 
     @torch.inference_mode()
-    def _recommend(self, x: ModelInputs, rows, positions, k, exclude_seen, known=None):
+    def _vectors(self, x: ModelInputs, rows, positions) -> torch.Tensor:
         ids = self._tensor(x.items, torch.long)
         lens = self._tensor(x.lengths, torch.long)
         ts = self._tensor(x.timestamps, torch.long)
         request = None if x.request_ts is None or not self.cfg.request_time else self._tensor(x.request_ts, torch.long)
         mem = self._memory(x.memory, x.has_memory) if self.cfg.has_memory else None
         rows, positions = self._tensor(rows, torch.long), self._tensor(positions, torch.long)
-        vectors = self.model.recommend(mem, ids, lens, ts, at=(rows, positions), request_ts=request)
+        return self.model.recommend(mem, ids, lens, ts, at=(rows, positions), request_ts=request)
+
+    @torch.inference_mode()
+    def _rank(self, vectors: torch.Tensor, x: ModelInputs, queries: np.ndarray, k: int,
+              exclude_seen: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of user ``vectors`` ``[Q, D]``, the answers to rows ``queries`` of ``x``."""
         scores = self.model.score(vectors, self._table)
+        known = None if x.catalogue is None else x.catalogue[queries, 1]
         if known is not None and int(known.min()) < self.num_items:  # items its worker cannot name yet
             cols = torch.arange(scores.shape[1], device=scores.device)
             scores.masked_fill_(cols[None] > self._tensor(known, torch.long)[:, None], float("-inf"))
-        if exclude_seen:  # each query's own items: its row up to its position
-            seen = torch.arange(ids.shape[1], device=ids.device)[None] <= positions[:, None]
-            scores.scatter_(1, ids[rows] * seen, float("-inf"))  # padding maps to column 0, already -inf
+        if exclude_seen:  # each query's own items (padding maps to column 0, already -inf)
+            scores.scatter_(1, self._tensor(x.items[queries], torch.long), float("-inf"))
         top = torch.topk(scores, k, dim=1)
         return top.indices.cpu().numpy().astype(np.int64), top.values.float().cpu().numpy()
+
+    def _recommend_cached(self, x: ModelInputs, carrier, carriers, k, exclude_seen, ids, scores) -> None:
+        """``recommend`` through the window cache: each carrier row takes the keys/values of its
+        longest prefix cached under its memory (at most up to its shortest query's last item but
+        one), hits and misses run in separate groups by the width they compute, and each row's
+        keys/values are stored for the next event."""
+        cache = self.window_cache
+        queries_of = {int(c): np.flatnonzero(carrier == c) for c in carriers}
+        keys, prefix, entries = {}, {}, {}
+        for c in carriers.tolist():
+            n = int(x.lengths[c])
+            has = bool(x.has_memory[c]) if x.has_memory is not None else True
+            keys[c] = row_key(None if x.memory is None else x.memory[c], has, int(x.items[c, 0]), int(x.timestamps[c, 0]))
+            shortest = int(x.lengths[queries_of[c]].min())
+            prefix[c], entries[c] = cache.lookup(keys[c], x.items[c, :n], x.timestamps[c, :n], at_most=shortest - 1)
+        p = np.array([prefix[c] for c in carriers.tolist()], np.int64)
+        new = x.lengths[carriers] - p
+        for hit in (False, True):
+            for group in width_groups(np.where((p > 0) == hit, new, 0)):
+                group = group[(p[group] > 0) == hit]
+                if len(group):
+                    self._extend(x, carriers[group], prefix, entries, keys, queries_of, k, exclude_seen, ids, scores)
+
+    @torch.inference_mode()
+    def _extend(self, x: ModelInputs, rows: np.ndarray, prefix, entries, keys, queries_of, k, exclude_seen,
+                ids, scores) -> None:
+        G = len(rows)
+        p = np.array([prefix[c] for c in rows.tolist()], np.int64)
+        n = x.lengths[rows]
+        P, N = int(p.max()), int((n - p).max())
+        new_items, new_ts, cache_ts = np.zeros((G, N), np.int64), np.zeros((G, N), np.int64), np.zeros((G, P), np.int64)
+        for i, c in enumerate(rows.tolist()):
+            new_items[i, : n[i] - p[i]] = x.items[c, p[i]: n[i]]
+            new_ts[i, : n[i] - p[i]] = x.timestamps[c, p[i]: n[i]]
+            cache_ts[i, : p[i]] = x.timestamps[c, : p[i]]
+        cache = None
+        if P:
+            cache = torch.zeros((G, *self.cfg.memory_shape[:2], P, *self.cfg.memory_shape[3:]), device=self.device)
+            for i, c in enumerate(rows.tolist()):
+                cache[i, :, :, : p[i]] = entries[c].kv[:, :, : p[i]]
+        queries = np.concatenate([queries_of[c] for c in rows.tolist()])
+        at_rows = np.concatenate([np.full(len(queries_of[c]), i) for i, c in enumerate(rows.tolist())])
+        at_pos = x.lengths[queries] - 1 - p[at_rows]
+        t = self._tensor
+        request = None if x.request_ts is None or not self.cfg.request_time else t(x.request_ts[rows], torch.long)
+        vectors, kv = self.model.extend_cache(
+            cache, t(p, torch.long), t(new_items, torch.long), t(n - p, torch.long),
+            self._memory(x.memory[rows], x.has_memory[rows]), t(new_ts, torch.long), t(cache_ts, torch.long),
+            request, at=(t(at_rows, torch.long), t(at_pos, torch.long)))
+        ids[queries], scores[queries] = self._rank(vectors, x, queries, k, exclude_seen)
+        for i, c in enumerate(rows.tolist()):
+            keep = int(n[i]) - (1 if self.cfg.request_time else 0)  # request_time: the last item's query moves
+            fresh = kv[i, :, :, : keep - p[i]]
+            kept = torch.cat([entries[c].kv[:, :, : p[i]], fresh], 2) if p[i] else fresh.clone()
+            self.window_cache.store(keys[c], x.items[c, : n[i]], x.timestamps[c, : n[i]], kept)
 
     def fold(self, x: ModelInputs) -> np.ndarray:
         """New memory ``[B, L, 2, M, H, Dh]`` float32 (``has_memory`` False = compress), rows
@@ -204,7 +277,8 @@ def runner_from_triton_args(args: dict) -> tuple[ModelRunner, dict[str, str]]:
         device = f"cuda:{args['model_instance_device_id']}"
     model_dir = Path(args["model_repository"])
     path = model_dir / args["model_version"] / "checkpoint.pt"
-    runner = ModelRunner(path, device, cpu_threads=int(params.get("cpu_threads", "1")))
+    runner = ModelRunner(path, device, cpu_threads=int(params.get("cpu_threads", "1")),
+                         window_cache_mb=float(params.get("window_cache_mb", "0")))
     # the version's manifest names its model (repositories written before it: the config)
     manifest = model_dir / args["model_version"] / "manifest.json"
     expected = json.loads(manifest.read_text())["model_version"] if manifest.is_file() else params.get("model_version")

@@ -176,6 +176,21 @@ class EmbeddedTriton:
     def metrics_url(self) -> str:
         return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
 
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """The server's Prometheus metrics whose name starts with ``prefix``, each summed over
+        its labels (e.g. the recommend model's ``persrec_window_cache_*``, over versions)."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.startswith(prefix):
+                    out[sample.name] = out.get(sample.name, 0.0) + sample.value
+        return out
+
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None

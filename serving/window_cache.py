@@ -1,0 +1,109 @@
+"""The recent window's keys/values, kept between a user's events (issue 20).
+
+A PerSRec request is a user's memory plus recent items. Between two folds the memory does not
+change and the window only grows at its end, so the keys/values of the items already seen can
+be kept and each event computes its new item only (``PerSRec.extend_cache``), instead of the
+whole window again.
+
+The cache is keyed by what the answer depends on, not by who asks: the memory (its bytes, or
+"new user"), and the row's first item and time. An entry holds the items and times it was
+computed from; a request uses the longest common prefix of its row and the entry's, so a stale
+entry (a fold changed the memory; a retried or reordered event) is never used wrongly, only
+missed. Nothing is invalidated by hand except on a catalogue change, which can change items'
+embeddings (``clear``).
+
+A ``request_time`` model asks each item's query at the next item's time, so an item's
+keys/values hold only while the next item's time is the same: the entry keeps them for all
+but its row's last item, and the prefix must match one time further.
+
+Entries are evicted least recently used first, within a byte budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Entry:
+    items: np.ndarray  # [n] the row the keys/values come from
+    ts: np.ndarray  # [n]
+    kv: torch.Tensor  # [L, 2, P, H, Dh], P = n (n - 1 for a request_time model)
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size() + self.items.nbytes + self.ts.nbytes
+
+
+def row_key(memory: np.ndarray | None, has_memory: bool, first_item: int, first_ts: int) -> bytes:
+    """What a cached row's keys/values depend on besides its items: its memory (a new user's is
+    the model's own) and, so that new users do not share one entry, its first item and time."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.array([first_item, first_ts, int(has_memory)], np.int64).tobytes())
+    if has_memory and memory is not None:
+        h.update(np.ascontiguousarray(memory).tobytes())
+    return h.digest()
+
+
+def usable_prefix(entry: Entry, items: np.ndarray, ts: np.ndarray, request_time: bool) -> int:
+    """How many of the entry's cached keys/values hold for a row ``items``/``ts`` (unpadded):
+    those of the longest common prefix of the two rows, one fewer under ``request_time``
+    (an item's query is asked at the next item's time, which must match too)."""
+    n = min(len(entry.items), len(items))
+    same = (entry.items[:n] == items[:n]) & (entry.ts[:n] == ts[:n])
+    common = n if same.all() else int(np.argmin(same))
+    if request_time:
+        common -= 1
+    return max(0, min(common, entry.kv.shape[2]))
+
+
+class WindowCache:
+    """Least-recently-used entries within ``max_bytes``; counts hits, misses and evictions."""
+
+    def __init__(self, max_bytes: int, request_time: bool) -> None:
+        self.max_bytes = max_bytes
+        self.request_time = request_time
+        self._entries: OrderedDict[bytes, Entry] = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.misses = self.evictions = 0
+        self.reused = 0  # items whose keys/values came from the cache
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, key: bytes, items: np.ndarray, ts: np.ndarray, at_most: int) -> tuple[int, Entry | None]:
+        """-> (p, entry): the first p (<= ``at_most``) items' keys/values are
+        ``entry.kv[:, :, :p]``; (0, None) on a miss."""
+        entry = self._entries.get(key)
+        p = 0 if entry is None else min(at_most, usable_prefix(entry, items, ts, self.request_time))
+        if p == 0:
+            self.misses += 1
+            return 0, None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        self.reused += p
+        return p, entry
+
+    def store(self, key: bytes, items: np.ndarray, ts: np.ndarray, kv: torch.Tensor) -> None:
+        """Keep ``kv`` ``[L, 2, P, H, Dh]`` of row ``items``/``ts``, replacing the key's entry."""
+        entry = Entry(np.array(items, np.int64), np.array(ts, np.int64), kv)
+        if entry.nbytes > self.max_bytes:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        self._entries[key] = entry
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.max_bytes:
+            _, gone = self._entries.popitem(last=False)
+            self.nbytes -= gone.nbytes
+            self.evictions += 1
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0

@@ -1,0 +1,158 @@
+"""The window cache (serving/window_cache.py) changes how much the recommend model computes,
+never what it answers: a runner with it gives every request of a simulated stream (windows that
+grow, folds that change the memory, bursts, retries, old rows sent again) the answer of a
+runner without it."""
+
+import numpy as np
+import pytest
+import torch
+
+from persrec.models.checkpoint import make_checkpoint
+from persrec.models.config import ModelConfig
+from persrec.models.inputs import ModelInputs
+from persrec.models.loss import build_model
+from persrec.serving.inference import ModelRunner
+from persrec.serving.window_cache import Entry, WindowCache, row_key, usable_prefix
+
+from ..models.test_persrec_exactness import irregular_times
+
+R, S = 5, 4  # recent window, fold segment
+
+
+def checkpoint(mode: str, seed: int = 0):
+    torch.manual_seed(seed)
+    timed = {"none": {}, "time": dict(time_bias=True, num_time_buckets=129, bias_init_std=0.5),
+             "request": dict(time_bias=True, request_time=True, num_time_buckets=129, bias_init_std=0.5)}[mode]
+    cfg = ModelConfig(num_items=60, dim=16, num_layers=2, num_heads=2, head_dim=8, max_len=30, num_memory_tokens=3,
+                      recent_len=R, segment_len=S, policy="incremental", dropout=0.0, **timed)
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.backbone.bias.pos_w.normal_()
+    return make_checkpoint(model, "{}")
+
+
+def stream_rows(runner: ModelRunner, rng, users: int, events: int) -> list[ModelInputs]:
+    """The rows a worker sends, event by event: each user's memory and the window after it
+    (folding a segment of S once R + S items wait), the event's time as the request time."""
+    cfg = runner.cfg
+    items = {u: list(rng.integers(1, 61, size=events)) for u in range(users)}
+    times = {u: list(irregular_times(rng, events)) for u in range(users)}
+    memory = {u: np.zeros(cfg.memory_shape, np.float32) for u in range(users)}
+    has = dict.fromkeys(range(users), False)
+    start, seen = dict.fromkeys(range(users), 0), dict.fromkeys(range(users), 0)
+    rows = []
+    for u in rng.permutation(np.repeat(np.arange(users), events)).tolist():
+        seen[u] += 1
+        window, ts = items[u][start[u]: seen[u]], times[u][start[u]: seen[u]]
+        rows.append(ModelInputs.of_rows([window], [ts], memory=memory[u][None], has_memory=np.array([has[u]]),
+                                        request_ts=np.array([ts[-1]])))
+        if len(window) >= R + S:
+            x = ModelInputs.of_rows([window[:S]], [ts[:S]], memory=memory[u][None], has_memory=np.array([has[u]]))
+            memory[u], has[u] = runner.fold(x)[0], True
+            start[u] += S
+    return rows
+
+
+def batch(rows: list[ModelInputs]) -> ModelInputs:
+    width = max(r.items.shape[1] for r in rows)
+    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])))  # noqa: E731
+    return ModelInputs(np.concatenate([pad(r.items) for r in rows]), np.concatenate([pad(r.timestamps) for r in rows]),
+                       np.concatenate([r.lengths for r in rows]), np.concatenate([r.memory for r in rows]),
+                       np.concatenate([r.has_memory for r in rows]), np.concatenate([r.request_ts for r in rows]))
+
+
+@pytest.mark.parametrize("mode", ["none", "time", "request"])
+def test_cached_answers_equal_uncached_through_folds_bursts_and_retries(mode: str) -> None:
+    ck = checkpoint(mode)
+    plain, cached = ModelRunner(ck, "cpu"), ModelRunner(ck, "cpu", window_cache_mb=4)
+    rng = np.random.default_rng(1)
+    rows = stream_rows(plain, rng, users=6, events=40)  # 40 events: 8 folds a user
+    sent = 0
+    while sent < len(rows):
+        size = int(rng.integers(1, 7))  # consecutive events: often one user's burst
+        group = rows[sent: sent + size]
+        sent += size
+        if rng.random() < 0.15:  # a retry of an earlier event, and an old row after newer ones
+            group = group + [rows[int(rng.integers(0, sent))]]
+        x = batch(group)
+        want, got = plain.recommend(x, 10), cached.recommend(x, 10)
+        assert np.array_equal(want[0], got[0])
+        assert np.abs(want[1] - got[1]).max() <= 1e-5
+    assert cached.window_cache.hits > cached.window_cache.misses
+
+
+@pytest.mark.parametrize("mode", ["none", "request"])
+def test_one_event_at_a_time_misses_only_after_a_user_first_event_and_each_fold(mode: str) -> None:
+    ck = checkpoint(mode)
+    runner = ModelRunner(ck, "cpu", window_cache_mb=4)
+    rows = stream_rows(runner, np.random.default_rng(1), users=6, events=40)
+    for r in rows:
+        runner.recommend(r, 10)
+    cache = runner.window_cache
+    folds = 6 * ((40 - R - S) // S + 1)  # 8 a user
+    # a request_time model keeps all but a row's last item: a user's second event misses too
+    firsts = 6 if mode == "none" else 12
+    assert (cache.misses, cache.hits) == (firsts + folds, len(rows) - firsts - folds)
+    # a hit computes its new item only (two under request_time): the rest of its window is reused
+    computed = sum(int(r.lengths[0]) for r in rows) - cache.reused
+    assert computed == cache.hits * (1 if mode == "none" else 2) + missed_items(rows, mode)
+
+
+def missed_items(rows: list[ModelInputs], mode: str) -> int:
+    """Items computed by the misses: a user's first event(s) and the whole window after a fold."""
+    total, last = 0, {}
+    for r in rows:
+        n = int(r.lengths[0])
+        key = (r.memory.tobytes(), bool(r.has_memory[0]), int(r.items[0, 0]))
+        if key not in last or (mode == "request" and last[key] == 1):
+            total += n
+        last[key] = n
+    return total
+
+
+def test_a_fold_is_a_miss_and_the_row_after_it_a_hit() -> None:
+    ck = checkpoint("none")
+    runner = ModelRunner(ck, "cpu", window_cache_mb=1)
+    rows = stream_rows(runner, np.random.default_rng(2), users=1, events=R + S + 2)
+    for r in rows:
+        runner.recommend(r, 5)
+    cache = runner.window_cache
+    # events 1..R+S on the first memory (first a miss), then R+1 items on the folded one
+    # (first a miss again), then a hit
+    assert (cache.misses, cache.hits) == (2, R + S + 2 - 2)
+    assert len(cache) == 2  # the entry under the old memory stays until it is evicted
+
+
+def test_entries_are_evicted_oldest_first_within_the_budget() -> None:
+    kv = torch.zeros(2, 2, 10, 1, 8)  # 640 float32 = 2,560 B
+    one = Entry(np.arange(10), np.arange(10), kv).nbytes
+    cache = WindowCache(max_bytes=3 * one, request_time=False)
+    for u in range(4):
+        cache.store(bytes([u]), np.arange(10), np.arange(10), kv)
+    assert len(cache) == 3 and cache.evictions == 1 and cache.nbytes == 3 * one
+    assert cache.lookup(bytes([0]), np.arange(11), np.arange(11), at_most=10) == (0, None)
+    p, entry = cache.lookup(bytes([1]), np.arange(11), np.arange(11), at_most=10)
+    assert p == 10 and entry is not None
+    cache.store(bytes([4]), np.arange(10), np.arange(10), kv)  # evicts 2: 1 was used last
+    assert cache.lookup(bytes([2]), np.arange(11), np.arange(11), at_most=10)[0] == 0
+    assert cache.lookup(bytes([1]), np.arange(11), np.arange(11), at_most=10)[0] == 10
+
+
+def test_usable_prefix_stops_at_the_first_difference_and_one_earlier_under_request_time() -> None:
+    entry = Entry(np.array([5, 6, 7, 8]), np.array([10, 20, 30, 40]), torch.zeros(1, 2, 4, 1, 2))
+    same = np.array([5, 6, 7, 8, 9]), np.array([10, 20, 30, 40, 50])
+    assert usable_prefix(entry, *same, request_time=False) == 4
+    assert usable_prefix(entry, np.array([5, 6, 1, 8, 9]), same[1], request_time=False) == 2
+    assert usable_prefix(entry, same[0], np.array([10, 20, 30, 41, 50]), request_time=False) == 3
+    assert usable_prefix(entry, np.array([5, 6]), np.array([10, 20]), request_time=False) == 2
+    request = Entry(entry.items, entry.ts, torch.zeros(1, 2, 3, 1, 2))  # all but the last item
+    assert usable_prefix(request, *same, request_time=True) == 3
+    assert usable_prefix(request, same[0], np.array([10, 20, 30, 41, 50]), request_time=True) == 2
+
+
+def test_the_key_is_the_memory_and_the_first_event() -> None:
+    mem = np.ones((2, 2, 3, 1, 4), np.float32)
+    assert row_key(mem, True, 1, 10) == row_key(mem.copy(), True, 1, 10)
+    assert row_key(mem, True, 1, 10) != row_key(mem * 2, True, 1, 10)
+    assert row_key(mem, True, 1, 10) != row_key(mem, True, 2, 10) != row_key(mem, True, 1, 11)
+    assert row_key(mem, False, 1, 10) == row_key(mem * 2, False, 1, 10)  # a new user's memory is the model's
