@@ -53,7 +53,7 @@ from persrec.models.loss import build_model  # noqa: E402
 from persrec.models.text import HashingEncoder, MiniLMEncoder, encode_cached, item_texts, movielens_texts  # noqa: E402
 from persrec.serving.export import export_repository  # noqa: E402
 from persrec.stack import WorkerProcess  # noqa: E402
-from persrec.testing.machine import cpu_model  # noqa: E402
+from persrec.testing.machine import code_commit, cpu_model  # noqa: E402
 from persrec.testing.pipeline import publish, whole_topic  # noqa: E402
 
 log = logging.getLogger("catalogue_bench")
@@ -107,7 +107,7 @@ def run(args) -> dict:
     res: dict = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                              "torch": torch.__version__},
                  "encoder": enc.name, "model": "persrec K=8, recent 50, folds of 25, dim 50, items by text",
-                 "code": os.environ.get("PERSREC_CODE_COMMIT", "")}
+                 "code": code_commit()}
     db = work / "catalogue.db"
     db_url = f"sqlite:///{db}"
     migrate(db_url)

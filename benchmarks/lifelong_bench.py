@@ -50,7 +50,7 @@ from persrec.models.data import data_dir
 from persrec.models.evaluate import pad_ids
 from persrec.models.lifelong import fold_chains, lifelong_vectors, whole_segments
 from persrec.models.loss import build_model
-from persrec.testing.machine import cpu_model
+from persrec.testing.machine import code_commit, cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "recipe_bench"
@@ -325,15 +325,6 @@ def accuracy_report(res: dict, out: Path) -> None:
     print("\n".join(lines))
 
 
-def _commit() -> str:
-    import subprocess
-
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "models", "benchmarks/lifelong_bench.py"],
-                           capture_output=True, text=True, cwd=RESULTS.parents[1]).stdout.strip()
-    return head + ("+uncommitted" if dirty else "")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["cost", "accuracy"])
@@ -347,7 +338,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mode == "cost":
-        res = cost(args) | dict(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), code=_commit())
+        res = cost(args) | dict(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), code=code_commit("models", "benchmarks/lifelong_bench.py"))
         (args.out / "lifelong_cost.json").write_text(json.dumps(res, indent=1))
         cost_report(res, args.out)
     else:

@@ -149,7 +149,7 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
     from persrec.models import experiment
     from persrec.models.evaluate import SeenRule, evaluate_rules, target_ranks
     from persrec.models.recipe import recipe_named
-    from persrec.testing.machine import cpu_model
+    from persrec.testing.machine import code_commit, cpu_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -218,7 +218,7 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
         machine=dict(cpu=cpu_model(), device=device, threads=torch.get_num_threads(),
                      gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None,
                      torch=torch.__version__),
-        code=os.environ.get("PERSREC_CODE_COMMIT", _commit()),
+        code=code_commit(),
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
 
@@ -230,16 +230,6 @@ def item_text_embeddings(dataset: str, data) -> "np.ndarray":
 
     texts = item_texts(data.id_map, movielens_texts(data_dir() / ITEM_TEXTS[dataset]))
     return encode_cached(texts, MiniLMEncoder(), Path(__file__).resolve().parents[1] / "runs" / "text-cache")
-
-
-def _commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _worker(args):

@@ -30,7 +30,7 @@ from persrec.models.data import Interactions, build_sequences, data_dir, load_in
 from persrec.models.loss import build_model
 from persrec.models.recipe import recipe_named
 from persrec.models.train import fit
-from persrec.testing.machine import cpu_model
+from persrec.testing.machine import code_commit, cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATINGS = data_dir() / "ml-latest-small" / "ratings.csv"
@@ -75,7 +75,7 @@ def main() -> None:
            "served_model_train_s": round(train_s, 1), "served_model_epochs": args.train_epochs,
            "retrain_cli_wall_s": round(wall, 1), "exit_code": proc.returncode, "gate": gate,
            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": 1},
-           "code": os.environ.get("PERSREC_CODE_COMMIT", "")}
+           "code": code_commit()}
     (args.out / "retrain_bench.json").write_text(json.dumps(res, indent=2))
     old, new = gate["old"], gate["new"]
     md = "\n".join([

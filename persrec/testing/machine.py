@@ -15,3 +15,23 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def code_commit(*paths: str) -> str:
+    """The code a result came from: ``$PERSREC_CODE_COMMIT`` when set (a job started from a
+    commit that has moved on since), else the checkout's short HEAD, with ``+uncommitted`` when
+    any of ``paths`` (relative to the repository) has changes; ``unknown`` outside a checkout."""
+    import os
+    import subprocess
+
+    if commit := os.environ.get("PERSREC_CODE_COMMIT"):
+        return commit
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=root, check=True).stdout.strip()
+        dirty = paths and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths],
+                                         capture_output=True, text=True, cwd=root, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+uncommitted" if dirty else "")
