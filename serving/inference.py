@@ -132,56 +132,67 @@ class ModelRunner:
         """``recommend`` through the window cache: each carrier row takes the keys/values of its
         longest prefix cached under its memory (at most up to its shortest query's last item but
         one), hits and misses run in separate groups by the width they compute, and each row's
-        keys/values are stored for the next event."""
-        cache = self.window_cache
+        keys/values are stored for the next event. A ``request_time`` model's burst (several
+        rows of one user: no carriers) runs in two waves: each user's longest row first, then
+        the others from its keys/values, one item each."""
         queries_of = {int(c): np.flatnonzero(carrier == c) for c in carriers}
-        keys, prefix, entries = {}, {}, {}
+        keys = {}
         for c in carriers.tolist():
-            n = int(x.lengths[c])
             has = bool(x.has_memory[c]) if x.has_memory is not None else True
             keys[c] = row_key(None if x.memory is None else x.memory[c], has, int(x.items[c, 0]), int(x.timestamps[c, 0]))
-            shortest = int(x.lengths[queries_of[c]].min())
-            prefix[c], entries[c] = cache.lookup(keys[c], x.items[c, :n], x.timestamps[c, :n], at_most=shortest - 1)
-        p = np.array([prefix[c] for c in carriers.tolist()], np.int64)
-        new = x.lengths[carriers] - p
-        for hit in (False, True):
-            for group in width_groups(np.where((p > 0) == hit, new, 0)):
-                group = group[(p[group] > 0) == hit]
-                if len(group):
-                    self._extend(x, carriers[group], prefix, entries, keys, queries_of, k, exclude_seen, ids, scores)
+        waves = [carriers]
+        if self.cfg.request_time:
+            longest: dict[tuple, int] = {}
+            for c in carriers.tolist():
+                if keys[c] not in longest or x.lengths[c] > x.lengths[longest[keys[c]]]:
+                    longest[keys[c]] = c
+            first = np.array(sorted(longest.values()), np.int64)
+            waves = [first, np.setdiff1d(carriers, first)]
+        for wave in waves:
+            prefix, entries = {}, {}
+            for c in wave.tolist():
+                n, shortest = int(x.lengths[c]), int(x.lengths[queries_of[c]].min())
+                prefix[c], entries[c] = self.window_cache.lookup(keys[c], x.items[c, :n], x.timestamps[c, :n],
+                                                                 at_most=shortest - 1)
+            p = np.array([prefix[c] for c in wave.tolist()], np.int64)
+            new = x.lengths[wave] - p
+            for hit in (False, True):
+                for group in width_groups(np.where((p > 0) == hit, new, 0)):
+                    group = group[(p[group] > 0) == hit]
+                    if len(group):
+                        self._extend(x, wave[group], prefix, entries, keys, queries_of, k, exclude_seen, ids, scores)
 
     @torch.inference_mode()
     def _extend(self, x: ModelInputs, rows: np.ndarray, prefix, entries, keys, queries_of, k, exclude_seen,
                 ids, scores) -> None:
-        G = len(rows)
         p = np.array([prefix[c] for c in rows.tolist()], np.int64)
         n = x.lengths[rows]
         P, N = int(p.max()), int((n - p).max())
-        new_items, new_ts, cache_ts = np.zeros((G, N), np.int64), np.zeros((G, N), np.int64), np.zeros((G, P), np.int64)
-        for i, c in enumerate(rows.tolist()):
-            new_items[i, : n[i] - p[i]] = x.items[c, p[i]: n[i]]
-            new_ts[i, : n[i] - p[i]] = x.timestamps[c, p[i]: n[i]]
-            cache_ts[i, : p[i]] = x.timestamps[c, : p[i]]
+        # each row's items after its cached ones, and the cached ones' times
+        at = np.minimum(p[:, None] + np.arange(N)[None], x.items.shape[1] - 1)
+        new = np.arange(N)[None] < (n - p)[:, None]
+        new_items = np.take_along_axis(x.items[rows], at, 1) * new
+        new_ts = np.take_along_axis(x.timestamps[rows], at, 1) * new
+        cache_ts = x.timestamps[rows, :P] * (np.arange(P)[None] < p[:, None])
+        t = self._tensor
         cache = None
-        if P:
-            cache = torch.zeros((G, *self.cfg.memory_shape[:2], P, *self.cfg.memory_shape[3:]), device=self.device)
-            for i, c in enumerate(rows.tolist()):
-                cache[i, :, :, : p[i]] = entries[c].kv[:, :, : p[i]]
+        if P:  # [G, P, L, 2, H, Dh] -> [G, L, 2, P, H, Dh]
+            kept = [entries[c].kv[: p[i]] for i, c in enumerate(rows.tolist())]
+            cache = torch.nn.utils.rnn.pad_sequence(kept, batch_first=True).permute(0, 2, 3, 1, 4, 5)
         queries = np.concatenate([queries_of[c] for c in rows.tolist()])
         at_rows = np.concatenate([np.full(len(queries_of[c]), i) for i, c in enumerate(rows.tolist())])
         at_pos = x.lengths[queries] - 1 - p[at_rows]
-        t = self._tensor
         request = None if x.request_ts is None or not self.cfg.request_time else t(x.request_ts[rows], torch.long)
         vectors, kv = self.model.extend_cache(
             cache, t(p, torch.long), t(new_items, torch.long), t(n - p, torch.long),
             self._memory(x.memory[rows], x.has_memory[rows]), t(new_ts, torch.long), t(cache_ts, torch.long),
             request, at=(t(at_rows, torch.long), t(at_pos, torch.long)))
         ids[queries], scores[queries] = self._rank(vectors, x, queries, k, exclude_seen)
+        kv = kv.permute(0, 3, 1, 2, 4, 5)  # [G, N, L, 2, H, Dh]
         for i, c in enumerate(rows.tolist()):
             keep = int(n[i]) - (1 if self.cfg.request_time else 0)  # request_time: the last item's query moves
-            fresh = kv[i, :, :, : keep - p[i]]
-            kept = torch.cat([entries[c].kv[:, :, : p[i]], fresh], 2) if p[i] else fresh.clone()
-            self.window_cache.store(keys[c], x.items[c, : n[i]], x.timestamps[c, : n[i]], kept)
+            self.window_cache.store(keys[c], x.items[c, : n[i]], x.timestamps[c, : n[i]], entries[c], int(p[i]),
+                                    kv[i, : keep - p[i]])
 
     def fold(self, x: ModelInputs) -> np.ndarray:
         """New memory ``[B, L, 2, M, H, Dh]`` float32 (``has_memory`` False = compress), rows

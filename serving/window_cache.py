@@ -21,33 +21,37 @@ Entries are evicted least recently used first, within a byte budget.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+SLACK = 32  # positions an entry's buffer is allocated beyond its row, for the next events
+
 
 @dataclass
 class Entry:
-    items: np.ndarray  # [n] the row the keys/values come from
+    """Keys/values of the first ``size`` items of the row ``items``/``ts``, position first:
+    ``kv[:size]`` ``[size, L, 2, H, Dh]`` (``size`` = n, n - 1 for a request_time model) in a
+    buffer with room for a few more, which the next events append to in place."""
+
+    items: np.ndarray  # [n]
     ts: np.ndarray  # [n]
-    kv: torch.Tensor  # [L, 2, P, H, Dh], P = n (n - 1 for a request_time model)
+    kv: torch.Tensor  # [capacity, L, 2, H, Dh]
+    size: int
 
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size() + self.items.nbytes + self.ts.nbytes
 
 
-def row_key(memory: np.ndarray | None, has_memory: bool, first_item: int, first_ts: int) -> bytes:
-    """What a cached row's keys/values depend on besides its items: its memory (a new user's is
-    the model's own) and, so that new users do not share one entry, its first item and time."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(np.array([first_item, first_ts, int(has_memory)], np.int64).tobytes())
-    if has_memory and memory is not None:
-        h.update(np.ascontiguousarray(memory).tobytes())
-    return h.digest()
+def row_key(memory: np.ndarray | None, has_memory: bool, first_item: int, first_ts: int) -> tuple:
+    """What a cached row's keys/values depend on besides its items: its memory (its bytes; a new
+    user's is the model's own) and, so that new users do not share one entry, its first item and
+    time. Exact: the key holds the bytes, not a digest of them."""
+    mem = np.ascontiguousarray(memory).tobytes() if has_memory and memory is not None else b""
+    return (first_item, first_ts, has_memory, mem)
 
 
 def usable_prefix(entry: Entry, items: np.ndarray, ts: np.ndarray, request_time: bool) -> int:
@@ -55,11 +59,14 @@ def usable_prefix(entry: Entry, items: np.ndarray, ts: np.ndarray, request_time:
     those of the longest common prefix of the two rows, one fewer under ``request_time``
     (an item's query is asked at the next item's time, which must match too)."""
     n = min(len(entry.items), len(items))
-    same = (entry.items[:n] == items[:n]) & (entry.ts[:n] == ts[:n])
-    common = n if same.all() else int(np.argmin(same))
+    if entry.items[:n].tobytes() == items[:n].tobytes() and entry.ts[:n].tobytes() == ts[:n].tobytes():
+        common = n  # the usual case: one row extends the other
+    else:
+        same = (entry.items[:n] == items[:n]) & (entry.ts[:n] == ts[:n])
+        common = int(np.argmin(same))
     if request_time:
         common -= 1
-    return max(0, min(common, entry.kv.shape[2]))
+    return max(0, min(common, entry.size))
 
 
 class WindowCache:
@@ -68,7 +75,7 @@ class WindowCache:
     def __init__(self, max_bytes: int, request_time: bool) -> None:
         self.max_bytes = max_bytes
         self.request_time = request_time
-        self._entries: OrderedDict[bytes, Entry] = OrderedDict()
+        self._entries: OrderedDict[tuple, Entry] = OrderedDict()
         self.nbytes = 0
         self.hits = self.misses = self.evictions = 0
         self.reused = 0  # items whose keys/values came from the cache
@@ -76,9 +83,9 @@ class WindowCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, key: bytes, items: np.ndarray, ts: np.ndarray, at_most: int) -> tuple[int, Entry | None]:
-        """-> (p, entry): the first p (<= ``at_most``) items' keys/values are
-        ``entry.kv[:, :, :p]``; (0, None) on a miss."""
+    def lookup(self, key: tuple, items: np.ndarray, ts: np.ndarray, at_most: int) -> tuple[int, Entry | None]:
+        """-> (p, entry): the first p (<= ``at_most``) items' keys/values are ``entry.kv[:p]``;
+        (0, None) on a miss."""
         entry = self._entries.get(key)
         p = 0 if entry is None else min(at_most, usable_prefix(entry, items, ts, self.request_time))
         if p == 0:
@@ -89,19 +96,37 @@ class WindowCache:
         self.reused += p
         return p, entry
 
-    def store(self, key: bytes, items: np.ndarray, ts: np.ndarray, kv: torch.Tensor) -> None:
-        """Keep ``kv`` ``[L, 2, P, H, Dh]`` of row ``items``/``ts``, replacing the key's entry."""
-        entry = Entry(np.array(items, np.int64), np.array(ts, np.int64), kv)
-        if entry.nbytes > self.max_bytes:
+    def store(self, key: tuple, items: np.ndarray, ts: np.ndarray, entry: Entry | None, p: int,
+              fresh: torch.Tensor) -> None:
+        """Keep the keys/values of row ``items``/``ts``: ``entry.kv[:p]`` (the ones looked up)
+        followed by ``fresh`` ``[m, L, 2, H, Dh]``. Appended in place when they extend the
+        entry's own row and its buffer has room; else written to a new buffer. A row whose keys/values
+        the key's entry holds already (an earlier event of the same user) changes nothing."""
+        size = p + len(fresh)
+        current = self._entries.get(key)
+        if size == 0 or (current is not None and usable_prefix(current, items, ts, self.request_time) >= size):
+            return  # nothing to keep, or the entry there holds it already (e.g. this row is an earlier event's)
+        if entry is not None and p == entry.size and size <= len(entry.kv) and current is entry:
+            entry.kv[p:size] = fresh
+            self.nbytes -= entry.nbytes
+            entry.items, entry.ts, entry.size = np.array(items, np.int64), np.array(ts, np.int64), size
+            self.nbytes += entry.nbytes
+            return
+        kv = fresh.new_empty((size + SLACK, *fresh.shape[1:]))
+        if p:
+            kv[:p] = entry.kv[:p]
+        kv[p:size] = fresh
+        new = Entry(np.array(items, np.int64), np.array(ts, np.int64), kv, size)
+        if new.nbytes + len(key[3]) > self.max_bytes:
             return
         old = self._entries.pop(key, None)
         if old is not None:
-            self.nbytes -= old.nbytes
-        self._entries[key] = entry
-        self.nbytes += entry.nbytes
+            self.nbytes -= old.nbytes + len(key[3])
+        self._entries[key] = new
+        self.nbytes += new.nbytes + len(key[3])
         while self.nbytes > self.max_bytes:
-            _, gone = self._entries.popitem(last=False)
-            self.nbytes -= gone.nbytes
+            gone_key, gone = self._entries.popitem(last=False)
+            self.nbytes -= gone.nbytes + len(gone_key[3])
             self.evictions += 1
 
     def clear(self) -> None:

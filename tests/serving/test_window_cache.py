@@ -98,6 +98,24 @@ def test_one_event_at_a_time_misses_only_after_a_user_first_event_and_each_fold(
     assert computed == cache.hits * (1 if mode == "none" else 2) + missed_items(rows, mode)
 
 
+def test_a_request_time_burst_computes_its_longest_row_then_one_item_for_each_other() -> None:
+    ck = checkpoint("request")
+    plain, cached = ModelRunner(ck, "cpu"), ModelRunner(ck, "cpu", window_cache_mb=4)
+    rows = stream_rows(plain, np.random.default_rng(3), users=1, events=R + S - 1)  # no fold yet
+    for r in rows[:3]:
+        cached.recommend(r, 10)
+    cache = cached.window_cache
+    before = (cache.hits, cache.misses, cache.reused)
+    burst = batch(rows[3:])  # events 4..R+S-1 at once: rows of 4..R+S-1 items
+    want, got = plain.recommend(burst, 10), cached.recommend(burst, 10)
+    assert np.array_equal(want[0], got[0]) and np.abs(want[1] - got[1]).max() <= 1e-5
+    longest, others = R + S - 1, [n for n in range(4, R + S - 1)]
+    # the longest row reuses the 2 keys/values kept after event 3; each other row all but its last
+    assert (cache.hits - before[0], cache.misses - before[1]) == (1 + len(others), 0)
+    assert cache.reused - before[2] == 2 + sum(n - 1 for n in others)
+    assert longest - 2 + len(others) < sum(n - 2 for n in range(4, longest + 1))  # vs each row alone
+
+
 def missed_items(rows: list[ModelInputs], mode: str) -> int:
     """Items computed by the misses: a user's first event(s) and the whole window after a fold."""
     total, last = 0, {}
@@ -124,28 +142,51 @@ def test_a_fold_is_a_miss_and_the_row_after_it_a_hit() -> None:
 
 
 def test_entries_are_evicted_oldest_first_within_the_budget() -> None:
-    kv = torch.zeros(2, 2, 10, 1, 8)  # 640 float32 = 2,560 B
-    one = Entry(np.arange(10), np.arange(10), kv).nbytes
+    fresh = torch.zeros(10, 2, 2, 1, 8)  # 10 items' keys/values, position first
+    cache = WindowCache(max_bytes=10**9, request_time=False)
+    cache.store(row_key(None, False, 0, 0), np.arange(10), np.arange(10), None, 0, fresh)
+    one = cache.nbytes  # an entry: its buffer (with room for more), its row and its key
     cache = WindowCache(max_bytes=3 * one, request_time=False)
+    keys = [row_key(None, False, u, 0) for u in range(5)]
     for u in range(4):
-        cache.store(bytes([u]), np.arange(10), np.arange(10), kv)
+        cache.store(keys[u], np.arange(10), np.arange(10), None, 0, fresh)
     assert len(cache) == 3 and cache.evictions == 1 and cache.nbytes == 3 * one
-    assert cache.lookup(bytes([0]), np.arange(11), np.arange(11), at_most=10) == (0, None)
-    p, entry = cache.lookup(bytes([1]), np.arange(11), np.arange(11), at_most=10)
+    assert cache.lookup(keys[0], np.arange(11), np.arange(11), at_most=10) == (0, None)
+    p, entry = cache.lookup(keys[1], np.arange(11), np.arange(11), at_most=10)
     assert p == 10 and entry is not None
-    cache.store(bytes([4]), np.arange(10), np.arange(10), kv)  # evicts 2: 1 was used last
-    assert cache.lookup(bytes([2]), np.arange(11), np.arange(11), at_most=10)[0] == 0
-    assert cache.lookup(bytes([1]), np.arange(11), np.arange(11), at_most=10)[0] == 10
+    cache.store(keys[4], np.arange(10), np.arange(10), None, 0, fresh)  # evicts 2: 1 was used last
+    assert cache.lookup(keys[2], np.arange(11), np.arange(11), at_most=10)[0] == 0
+    assert cache.lookup(keys[1], np.arange(11), np.arange(11), at_most=10)[0] == 10
+
+
+def test_an_extension_is_appended_in_place_and_a_divergence_copied() -> None:
+    cache = WindowCache(max_bytes=10**9, request_time=False)
+    key = row_key(None, False, 0, 0)
+    kv = lambda n, v: torch.full((n, 1, 2, 1, 2), float(v))  # noqa: E731
+    cache.store(key, np.arange(4), np.arange(4), None, 0, kv(4, 1))
+    p, entry = cache.lookup(key, np.arange(5), np.arange(5), at_most=4)
+    buffer = entry.kv
+    cache.store(key, np.arange(5), np.arange(5), entry, p, kv(1, 2))  # the next event: in place
+    p, entry = cache.lookup(key, np.arange(6), np.arange(6), at_most=5)
+    assert p == 5 and entry.kv is buffer and entry.kv[:5, 0, 0, 0, 0].tolist() == [1, 1, 1, 1, 2]
+    # an old row sent again (its first 3 items): a new buffer, the old one untouched
+    old = np.array([0, 1, 2, 9])
+    p, entry = cache.lookup(key, old, np.arange(4), at_most=3)
+    assert p == 3
+    cache.store(key, old, np.arange(4), entry, p, kv(1, 7))
+    p, again = cache.lookup(key, old, np.arange(4), at_most=4)
+    assert p == 4 and again.kv is not buffer and again.kv[:4, 0, 0, 0, 0].tolist() == [1, 1, 1, 7]
+    assert buffer[:5, 0, 0, 0, 0].tolist() == [1, 1, 1, 1, 2]
 
 
 def test_usable_prefix_stops_at_the_first_difference_and_one_earlier_under_request_time() -> None:
-    entry = Entry(np.array([5, 6, 7, 8]), np.array([10, 20, 30, 40]), torch.zeros(1, 2, 4, 1, 2))
+    entry = Entry(np.array([5, 6, 7, 8]), np.array([10, 20, 30, 40]), torch.zeros(8, 1, 2, 1, 2), 4)
     same = np.array([5, 6, 7, 8, 9]), np.array([10, 20, 30, 40, 50])
     assert usable_prefix(entry, *same, request_time=False) == 4
     assert usable_prefix(entry, np.array([5, 6, 1, 8, 9]), same[1], request_time=False) == 2
     assert usable_prefix(entry, same[0], np.array([10, 20, 30, 41, 50]), request_time=False) == 3
     assert usable_prefix(entry, np.array([5, 6]), np.array([10, 20]), request_time=False) == 2
-    request = Entry(entry.items, entry.ts, torch.zeros(1, 2, 3, 1, 2))  # all but the last item
+    request = Entry(entry.items, entry.ts, entry.kv, 3)  # all but the last item
     assert usable_prefix(request, *same, request_time=True) == 3
     assert usable_prefix(request, same[0], np.array([10, 20, 30, 41, 50]), request_time=True) == 2
 

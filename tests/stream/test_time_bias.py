@@ -72,10 +72,36 @@ def test_request_time_model_serves_under_both_policies(served_model, worker_sett
     for b in random.Random(0).sample(candidates, min(120, len(candidates))):
         ids, scores = offline_top10(ck, served_model.id_map, by_user[b["user_id"]], b["memory_version"], b["seq"])
         assert same_top(b["items"], ids, scores), (b["event_id"], b["items"], ids)
-    # ... and many were computed from the recent window's cached keys/values. Not most: the
-    # 3,000 events arrive at once, the folds lag, and a window beyond its cap is read from a
-    # later start (stream.window.read_start), which no cached row is a prefix of.
+    # ... and most were computed from the recent window's cached keys/values: a miss is a user's
+    # first batch of events, or the first after each fold (53 users, ~170 folds here)
     cache = {k.removeprefix("persrec_window_cache_").removesuffix("_total"): v
              for k, v in server.metrics("persrec_window_cache_").items()}
     print("window cache:", cache)
-    assert cache["hits"] >= len(events) // 10 and cache["reused"] > 5 * cache["hits"]
+    assert cache["hits"] >= 0.8 * len(events) and cache["reused"] > 5 * cache["hits"]
+
+
+def test_a_lifelong_users_memory_equals_the_offline_fold(served_model, worker_settings, start_worker, timed_triton) -> None:
+    """2,000 events of ml-latest-small's longest user: the memory the stream stores after
+    ~200 folds (float32 storage) equals the offline fold of the same events, max |diff| <= 1e-5."""
+    server, repo, manifest, ck = timed_triton
+    settings = worker_settings(model_repository=repo, triton_grpc_url=server.grpc_url)
+    topics(settings)
+    inter = served_model.interactions
+    longest = collections.Counter(inter.users.tolist()).most_common(1)[0][0]
+    events = [e for e in events_in_time_order(inter) if e["user_id"] == longest][:2000]
+    assert len(events) == 2000
+    worker = start_worker(settings)
+    publish(settings.kafka_bootstrap, settings.topic_interactions,
+            [(e["user_id"].encode(), json.dumps(e).encode()) for e in events])
+    consume(settings.kafka_bootstrap, settings.topic_recommendations, len(events), timeout=300)
+    whole = (len(events) - manifest.recent_len) // manifest.segment_len * manifest.segment_len
+    store = SqlMemoryStore(settings.resolved_database_url)
+    def folded() -> bool:
+        row = store.get_many([longest], manifest.model_version).get(longest)
+        return row is not None and row.watermark == whole
+
+    wait_for(folded, 240, "the last whole segment folded")
+    row = store.get_many([longest], manifest.model_version)[longest]
+    assert row.events_folded == whole and worker.status()["folds"] >= 1
+    expected = offline_memory(ck.build_model("cpu"), served_model.id_map, events[:whole])[0].numpy()
+    assert np.abs(row.tensor - expected).max() <= 1e-5
