@@ -272,6 +272,12 @@ class CpuMeter:
         return out
 
 
+def window_cache_metrics(triton: EmbeddedTriton) -> dict[str, float]:
+    """The recommend model's ``persrec_window_cache_*`` counters (serving.window_cache)."""
+    return {k.removeprefix("persrec_window_cache_").removesuffix("_total"): v
+            for k, v in triton.metrics("persrec_window_cache_").items()}
+
+
 def model_stub(server_pid: int, model: str) -> int:
     """pid of the python-backend process that runs ``model`` for this tritonserver."""
     for pid in group_members(server_pid):
@@ -443,8 +449,7 @@ def phase_pipeline(work: Path, wl: Workload, *, memory: bool, max_len: int, hist
                                                         "offset_rewinds", "duplicates")}
                 row["rss_mb"] = {"worker": rss_mb(worker.pid), "triton": rss_mb(triton.pid)}
                 if memory:  # the recommend model's window cache over the drain (serving.window_cache)
-                    row["window_cache"] = {k.removeprefix("persrec_window_cache_").removesuffix("_total"): v
-                                           for k, v in triton.metrics("persrec_window_cache_").items()}
+                    row["window_cache"] = window_cache_metrics(triton)
                 # Stopped before its output is read back: a long-history pipeline is still draining
                 # after limit_s, and the reader would take a core from it (the rate counts the
                 # output times of what was answered).
@@ -502,6 +507,8 @@ def phase_pipeline(work: Path, wl: Workload, *, memory: bool, max_len: int, hist
                              "cpu_ms_per_event": meter.per_event_ms(count, 0.0, 1.0)})
             if prof is not None:
                 lat_rows[-1]["profile_own_pct"] = prof.summary()
+            if memory:  # counted since the Triton started (the drain's, and earlier levels', included)
+                lat_rows[-1]["window_cache_so_far"] = window_cache_metrics(triton)
             log.info("%s at %.0f%% (%.0f ev/s): %s; CPU ms/event %s", name, 100 * frac, target, q,
                      lat_rows[-1]["cpu_ms_per_event"])
         if lat_rows:
@@ -718,17 +725,21 @@ def phase_pairs(work: Path, wl: Workload, args) -> dict:
 
 def phase_cache(work: Path, wl: Workload, args) -> dict:
     """PerSRec drains without and with the recommend model's window cache, back to back,
-    ``--pairs`` times: events/s and CPU ms per event (the recommend model's, and in all)."""
+    ``--pairs`` times: events/s and CPU ms per event (the recommend model's, and in all); with
+    ``--loads``, each also at those fractions of ``--load-base`` (the same rate for both)."""
     rows = []
+    loads = [float(x) for x in args.loads.split(",") if x] if args.load_base else []
     for _ in range(args.pairs):
         off, on = (phase_pipeline(work, wl, memory=True, max_len=200, history_len=args.history, n=args.events,
-                                  limit_s=args.limit_s, loads=[], load_s=0, profile=False, window_cache_mb=mb)
+                                  limit_s=args.limit_s, loads=loads, load_base=args.load_base, load_s=args.load_s,
+                                  profile=False, window_cache_mb=mb)
                    for mb in (0, 256))
         cpu = lambda r, k: (r.get("cpu_ms_per_event") or {}).get(k)  # noqa: E731
         rows.append({"off": off["events_per_s"], "on": on["events_per_s"], "ratio": round(on["events_per_s"] / off["events_per_s"], 2),
                      "recommend_cpu_ms_off": cpu(off, "triton recommend model"), "recommend_cpu_ms_on": cpu(on, "triton recommend model"),
                      "cpu_ms_off": cpu(off, "all"), "cpu_ms_on": cpu(on, "all"),
-                     "window_read_p50": (on.get("window_read") or {}).get("p50"), "window_cache": on.get("window_cache")})
+                     "window_read_p50": (on.get("window_read") or {}).get("p50"), "window_cache": on.get("window_cache"),
+                     "latency_off": off.get("latency"), "latency_on": on.get("latency")})
         log.info("cache pair %d: %s", len(rows), rows[-1])
     ratios = sorted(r["ratio"] for r in rows)
     return {"runs": rows, "median_ratio": ratios[len(ratios) // 2]}
