@@ -245,15 +245,17 @@ def export(
     top_k: int = 10,
     version: int = 1,
     kind: Annotated[str, typer.Option(help="auto (GPU when CUDA is present), KIND_CPU, KIND_GPU")] = "auto",
-    window_cache_mb: Annotated[float, typer.Option(
-        help="per recommend instance: users' recent-window keys/values kept between events (memory models); 0: off")] = 256,
+    window_cache_mb: Annotated[Optional[float], typer.Option(
+        help="MB per recommend instance for users' recent-window keys/values kept between events "
+             "(memory models; default 256); 0: off")] = None,
 ) -> None:
     """Write a Triton model repository (recommend + fold) from a checkpoint."""
     from persrec.serving.export import export_repository
 
     settings = Settings()
     out = out or settings.model_repository
-    m = export_repository(checkpoint, out, top_k=top_k, version=version, kind=kind, window_cache_mb=window_cache_mb)
+    cache = {} if window_cache_mb is None else {"window_cache_mb": window_cache_mb}
+    m = export_repository(checkpoint, out, top_k=top_k, version=version, kind=kind, **cache)
     console.print(f"model {m.model_version} -> {out} (version {m.triton_version}, window {m.window_len}, top {m.top_k})")
 
 

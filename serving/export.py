@@ -32,6 +32,7 @@ def _io(name: str, dtype: str, shape) -> str:
 
 
 CATALOGUE_INPUT = _io("CATALOGUE", "TYPE_INT64", [2])
+WINDOW_CACHE_MB = 256  # per recommend instance, by default (serving.window_cache)
 
 
 def model_config(name: str, ck: Checkpoint, kind: str, max_batch_size: int, params: dict[str, str],
@@ -71,7 +72,7 @@ def versioned_config(model_dir: Path, config: str, keep: int) -> str:
 def export_repository(
     checkpoint: Path | Checkpoint, out: Path, *, top_k: int = 10, version: int = 1, kind: str = "auto",
     max_batch_size: int = 1024, instances: int = 1, exclude_seen: bool = True, cpu_threads: int = 1,
-    keep_versions: int = 2, window_cache_mb: float = 256,
+    keep_versions: int = 2, window_cache_mb: float = WINDOW_CACHE_MB,
 ) -> Manifest:
     """Write (or add a version to) the repository at ``out``; return its manifest.
 
