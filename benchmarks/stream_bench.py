@@ -58,6 +58,7 @@ from persrec.embedded.kafka import EmbeddedKafka, create_topics
 from persrec.embedded.triton import EmbeddedTriton
 from persrec.memory import MemoryRecord, SqlMemoryStore, migrate
 from persrec.models.inputs import ModelInputs
+from persrec.serving import window_cache
 from persrec.models.checkpoint import make_checkpoint
 from persrec.models.config import ModelConfig
 from persrec.models.data import build_sequences, data_dir, load_interactions
@@ -273,9 +274,8 @@ class CpuMeter:
 
 
 def window_cache_metrics(triton: EmbeddedTriton) -> dict[str, float]:
-    """The recommend model's ``persrec_window_cache_*`` counters (serving.window_cache)."""
-    return {k.removeprefix("persrec_window_cache_").removesuffix("_total"): v
-            for k, v in triton.metrics("persrec_window_cache_").items()}
+    """The recommend model's window cache counters (serving.window_cache)."""
+    return window_cache.metrics_stats(triton.metrics(window_cache.METRICS))
 
 
 def model_stub(server_pid: int, model: str) -> int:

@@ -135,11 +135,10 @@ class ModelRunner:
         keys/values are stored for the next event. A ``request_time`` model's burst (several
         rows of one user: no carriers) runs in two waves: each user's longest row first, then
         the others from its keys/values, one item each."""
-        queries_of = {int(c): np.flatnonzero(carrier == c) for c in carriers}
-        keys = {}
-        for c in carriers.tolist():
-            has = bool(x.has_memory[c]) if x.has_memory is not None else True
-            keys[c] = row_key(None if x.memory is None else x.memory[c], has, int(x.items[c, 0]), int(x.timestamps[c, 0]))
+        order = np.argsort(carrier, kind="stable")  # each carrier's queries, in one pass
+        queries_of = dict(zip(carriers.tolist(), np.split(order, np.cumsum(np.bincount(carrier)[carriers])[:-1])))
+        keys = {c: row_key(x.memory[c], bool(x.has_memory[c]), int(x.items[c, 0]), int(x.timestamps[c, 0]))
+                for c in carriers.tolist()}
         waves = [carriers]
         if self.cfg.request_time:
             longest: dict[tuple, int] = {}
@@ -156,11 +155,9 @@ class ModelRunner:
                                                                  at_most=shortest - 1)
             p = np.array([prefix[c] for c in wave.tolist()], np.int64)
             new = x.lengths[wave] - p
-            for hit in (False, True):
-                for group in width_groups(np.where((p > 0) == hit, new, 0)):
-                    group = group[(p[group] > 0) == hit]
-                    if len(group):
-                        self._extend(x, wave[group], prefix, entries, keys, queries_of, k, exclude_seen, ids, scores)
+            for hit in (p == 0, p > 0):  # misses, then hits, grouped by the width they compute
+                for group in width_groups(new[hit]):
+                    self._extend(x, wave[hit][group], prefix, entries, keys, queries_of, k, exclude_seen, ids, scores)
 
     @torch.inference_mode()
     def _extend(self, x: ModelInputs, rows: np.ndarray, prefix, entries, keys, queries_of, k, exclude_seen,

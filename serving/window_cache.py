@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 SLACK = 32  # positions an entry's buffer is allocated beyond its row, for the next events
+METRICS = "persrec_window_cache_"  # the Triton metrics' prefix (triton_models/recommend)
 
 
 @dataclass
@@ -67,6 +68,17 @@ def usable_prefix(entry: Entry, items: np.ndarray, ts: np.ndarray, request_time:
     if request_time:
         common -= 1
     return max(0, min(common, entry.size))
+
+
+def metrics_stats(samples: dict[str, float]) -> dict[str, float]:
+    """The cache's figures (hits, misses, reused, evictions, entries, bytes) from Prometheus
+    samples by name (``EmbeddedTriton.metrics(METRICS)``): prefix and counters' ``_total`` off."""
+    return {name.removeprefix(METRICS).removesuffix("_total"): v for name, v in samples.items() if name.startswith(METRICS)}
+
+
+def _cost(key: tuple, entry: Entry) -> int:
+    """Bytes an entry holds, its key's memory bytes included."""
+    return entry.nbytes + len(key[3])
 
 
 class WindowCache:
@@ -117,16 +129,14 @@ class WindowCache:
             kv[:p] = entry.kv[:p]
         kv[p:size] = fresh
         new = Entry(np.array(items, np.int64), np.array(ts, np.int64), kv, size)
-        if new.nbytes + len(key[3]) > self.max_bytes:
+        if _cost(key, new) > self.max_bytes:
             return
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.nbytes -= old.nbytes + len(key[3])
+        if current is not None:
+            self.nbytes -= _cost(key, self._entries.pop(key))
         self._entries[key] = new
-        self.nbytes += new.nbytes + len(key[3])
+        self.nbytes += _cost(key, new)
         while self.nbytes > self.max_bytes:
-            gone_key, gone = self._entries.popitem(last=False)
-            self.nbytes -= gone.nbytes + len(gone_key[3])
+            self.nbytes -= _cost(*self._entries.popitem(last=False))
             self.evictions += 1
 
     def clear(self) -> None:

@@ -42,6 +42,7 @@ from persrec.embedded.kafka import create_topics
 from persrec.models.data import Interactions
 from persrec.replay import events_in_time_order
 from persrec.serving import export
+from persrec.serving.window_cache import METRICS, metrics_stats
 from persrec.settings import Settings
 from persrec.stack import WorkerProcess, get_json, settings_env, wait_for
 from persrec.testing.load import Collector, PacedProducer, group_rss_mb, wait_alive
@@ -142,7 +143,7 @@ def test_soak_memory_and_lag_stay_flat(served_model, triton, soak_settings, serv
     try:
         while (t := time.monotonic() - t0) < duration:
             rss = {name: group_rss_mb(pid) for name, pid in groups.items()}
-            rss["triton_cache"] = triton.metrics("persrec_window_cache_bytes").get("persrec_window_cache_bytes", 0) / 2**20
+            rss["triton_cache"] = metrics_stats(triton.metrics(METRICS)).get("bytes", 0) / 2**20
             body = get_json(api_url + "/status", timeout=10)[1]
             lag = sum(body["lag"].values()) if body.get("lag") is not None else None
             samples.append((t, rss, lag))

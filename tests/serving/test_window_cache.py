@@ -3,6 +3,8 @@ never what it answers: a runner with it gives every request of a simulated strea
 grow, folds that change the memory, bursts, retries, old rows sent again) the answer of a
 runner without it."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from persrec.models.config import ModelConfig
 from persrec.models.inputs import ModelInputs
 from persrec.models.loss import build_model
 from persrec.serving.inference import ModelRunner
+from persrec.serving.triton_batch import concat_rows
 from persrec.serving.window_cache import Entry, WindowCache, row_key, usable_prefix
 
 from ..models.test_persrec_exactness import irregular_times
@@ -54,11 +57,9 @@ def stream_rows(runner: ModelRunner, rng, users: int, events: int) -> list[Model
 
 
 def batch(rows: list[ModelInputs]) -> ModelInputs:
-    width = max(r.items.shape[1] for r in rows)
-    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])))  # noqa: E731
-    return ModelInputs(np.concatenate([pad(r.items) for r in rows]), np.concatenate([pad(r.timestamps) for r in rows]),
-                       np.concatenate([r.lengths for r in rows]), np.concatenate([r.memory for r in rows]),
-                       np.concatenate([r.has_memory for r in rows]), np.concatenate([r.request_ts for r in rows]))
+    """The rows as one batch, as Triton's dynamic batcher joins requests (``concat_rows``)."""
+    fields = [{k: v for k, v in dataclasses.asdict(r).items() if v is not None} for r in rows]
+    return ModelInputs(**concat_rows(fields, pad=("items", "timestamps"))[0])
 
 
 @pytest.mark.parametrize("mode", ["none", "time", "request"])

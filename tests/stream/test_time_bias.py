@@ -19,6 +19,7 @@ from persrec.models.checkpoint import make_checkpoint
 from persrec.models.config import ModelConfig
 from persrec.models.loss import build_model
 from persrec.serving.export import export_repository
+from persrec.serving.window_cache import METRICS, metrics_stats
 from persrec.stack import wait_for
 from persrec.replay import events_in_time_order
 from persrec.testing.pipeline import consume, events_by_user, offline_memory, offline_top10, publish, same_top
@@ -74,8 +75,7 @@ def test_request_time_model_serves_under_both_policies(served_model, worker_sett
         assert same_top(b["items"], ids, scores), (b["event_id"], b["items"], ids)
     # ... and most were computed from the recent window's cached keys/values: a miss is a user's
     # first batch of events, or the first after each fold (53 users, ~170 folds here)
-    cache = {k.removeprefix("persrec_window_cache_").removesuffix("_total"): v
-             for k, v in server.metrics("persrec_window_cache_").items()}
+    cache = metrics_stats(server.metrics(METRICS))
     print("window cache:", cache)
     assert cache["hits"] >= 0.8 * len(events) and cache["reused"] > 5 * cache["hits"]
 

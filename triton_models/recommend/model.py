@@ -17,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from persrec.serving.inference import catalogue_from_triton_args, runner_from_triton_args
 from persrec.serving.triton_batch import model_inputs, split_rows
+from persrec.serving.window_cache import METRICS
 
 
 class TritonPythonModel:
@@ -60,7 +61,7 @@ class CacheMetrics:
         labels = {"model": "recommend", "version": str(version)}
         for names, kind in ((self.COUNTERS, pb_utils.MetricFamily.COUNTER), (self.GAUGES, pb_utils.MetricFamily.GAUGE)):
             for name, text in names.items():
-                family = pb_utils.MetricFamily(name=f"persrec_window_cache_{name}", description=text, kind=kind)
+                family = pb_utils.MetricFamily(name=METRICS + name, description=text, kind=kind)
                 self.families.append(family)
                 self.metrics[name] = family.Metric(labels=labels)
                 self.last[name] = 0
