@@ -43,13 +43,20 @@ def worker_ready(api: str) -> bool:
     return code == 200 and "events_in" in body
 
 
+def _is_access_line(line: str) -> bool:
+    """aiohttp's access log: the tests poll /status several times a second, which would fill the
+    log tail shown in errors."""
+    return '" 200 ' in line and '"GET /' in line
+
+
 class WorkerProcess:
     """``persrec worker`` in its own process group, ready once its status API reports a runtime."""
 
     def __init__(self, settings: Settings, log_path: Path, name: str = "worker") -> None:
         self.settings = settings
         env = dict(os.environ) | settings_env(settings)
-        self._proc = ManagedProcess(name, [sys.executable, "-m", "persrec.cli", "worker"], log_path, env=env)
+        self._proc = ManagedProcess(name, [sys.executable, "-m", "persrec.cli", "worker"], log_path, env=env,
+                                    skip_log_line=_is_access_line)
 
     @property
     def api(self) -> str:

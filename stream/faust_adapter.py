@@ -45,6 +45,7 @@ from aiokafka.client import ConnectionGroup  # noqa: E402
 from aiokafka.consumer import fetcher  # noqa: E402
 from aiokafka.consumer.group_coordinator import GroupCoordinator  # noqa: E402
 from aiokafka.protocol.group import LeaveGroupRequest  # noqa: E402
+from aiokafka.structs import TopicPartition as AioTP  # noqa: E402
 from faust.sensors.monitor import Monitor  # noqa: E402
 from faust.transport.consumer import Consumer as FaustConsumer  # noqa: E402
 from faust.transport.consumer import ensure_TP  # noqa: E402
@@ -250,7 +251,48 @@ def partition_state(consumer: Any, tp: Hashable) -> dict[str, Any]:
     return {"assigned": tp in consumer.assignment(), "active": active is None or tp in active,
             "paused": tp in consumer._paused_partitions, "buffered": tp in consumer._buffered_partitions,
             "read_offset": consumer._read_offset.get(tp), "committed": consumer._committed_offset.get(tp),
-            "flow_active": consumer.flow_active}
+            "flow_active": consumer.flow_active, "doing": sorted(consumer.diag.flags)}
+
+
+def fetch_state(app: faust.App, tp: Hashable) -> dict[str, Any]:
+    """What aiokafka's fetcher (under Faust's consumer thread) holds about ``tp``, for the log of
+    a stalled partition: its assignment state, buffered records, and fetches in flight."""
+    try:
+        fetcher = app.consumer._thread._consumer._fetcher
+        aiotp = AioTP(tp.topic, tp.partition)
+        assignment = fetcher._subscriptions.subscription.assignment
+        state = assignment.state_value(aiotp) if assignment is not None else None
+        return {"assigned": state is not None, "active": assignment is not None and assignment.active,
+                "paused": state is not None and state.paused,
+                "position": state.position if state is not None and state.has_valid_position else None,
+                "awaiting_reset": state is not None and state.awaiting_reset,
+                "buffered": aiotp in fetcher._records, "in_flight": sorted(fetcher._in_flight),
+                "pending": len(fetcher._pending_tasks),
+                "routine": "done" if fetcher._fetch_task.done() else "running"}
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        return {"unreadable": repr(exc)}
+
+
+def consumer_tasks(app: faust.App) -> list[str]:
+    """Where the consumer's tasks wait now, for the log of a stall: Faust's record drain (this
+    loop), the consumer thread's method workers and aiokafka's fetcher (the thread's loop), each
+    as its chain of awaits, ``function:line > ...``."""
+    names = {"_drain_messages", "_method_queue_do_work", "_fetch_requests_routine", "_proc_fetch_request"}
+    loops = [asyncio.get_running_loop(), getattr(app.consumer._thread, "thread_loop", None)]
+    found = []
+    for loop in filter(None, loops):
+        try:
+            tasks = list(asyncio.all_tasks(loop))
+        except RuntimeError:  # the other thread changed its set meanwhile: skip it this time
+            continue
+        for task in tasks:
+            chain, coro = [], task.get_coro()
+            while (frame := getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)) is not None:
+                chain.append((frame.f_code.co_name, frame.f_lineno))
+                coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+            if names.intersection(name for name, _ in chain):
+                found.append(" > ".join(f"{name}:{line}" for name, line in chain))
+    return found
 
 
 def refetch(consumer: Any, tp: Hashable) -> None:

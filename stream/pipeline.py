@@ -55,7 +55,7 @@ from .offsets import BarrierScheduler, OffsetGuard, Rewinder
 from .outbox import Outbox, Topics, dlq_headers
 from .poison import Health, isolate
 from .runtime import RecRequest, Runtime
-from .stalls import PartitionWatch, StallWatch
+from .stalls import PartitionWatch, RecoveryWatch, StallWatch
 from .switch import Switcher
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class Pipeline:
         # ... and no partition stops reaching it (PartitionWatch)
         self.partitions = PartitionWatch(app, settings.topic_interactions, self.guard,
                                          StallWatch(settings.partition_stall_s), self.rewinder.seek)
+        self.recovery = RecoveryWatch(app, StallWatch(settings.recovery_stall_s))
         self.acks = OrderedAcks(self._release)
         self.stream: faust.StreamT | None = None
         self.outbox = Outbox(app, self.topics)
@@ -368,6 +369,7 @@ class Pipeline:
     async def _assigned(self, app, *args, **kwargs) -> None:  # noqa: ARG002 - Faust's signal
         self.rewinder.reset()
         self.partitions.reset()
+        self.recovery.start()
         # the member id this process holds now, for a later worker to remove if we die
         members.record(members.registry(self.settings.work_dir, self.settings.app_id), fa.member_id(app))
         # a partition switched by its previous owner keeps that owner's switch offset

@@ -128,3 +128,58 @@ class PartitionWatch:
             self.stalls += len(stalled)
             await self._seek({tp: needs[tp] for tp in stalled})
         return stalled
+
+
+class RecoveryWatch:
+    """Faust's table recovery, watched like the input (a task the ``Pipeline`` starts).
+
+    Seen in CI (2026-12-07) and in 1 of 23 local runs of ``test_broker_restart``: after the
+    rebalance that follows a broker restart, recovery sought the changelog partitions and resumed
+    the flow, then no changelog record reached it for minutes, and the worker answered nothing
+    (Faust reads no input before recovery ends). Faust logged only "No event received for active
+    tp". A changelog partition behind its end whose recovery offset has not moved for
+    ``stall_s`` is now logged with Faust's and aiokafka's view and the consumer's waiting tasks,
+    put back among the partitions Faust fetches (``faust_adapter.refetch``), and sought to the next
+    offset recovery needs. Reading a changelog record twice is harmless: it sets the same value."""
+
+    def __init__(self, app: faust.App, watch: StallWatch) -> None:
+        self.app, self.watch = app, watch
+        self.every_s = watch.stall_s / 3
+        self.stalls = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Check every ``every_s`` from now on (idempotent; at each assignment). Not a Faust timer:
+        Faust starts those only once the first recovery has ended."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            try:
+                await self.check()
+            except Exception:  # noqa: BLE001 - a check that failed is tried again at the next tick
+                log.exception("table recovery check failed")
+
+    async def check(self) -> list:
+        recovery, consumer = self.app.tables.recovery, self.app.consumer
+        if not recovery.in_recovery:
+            self.watch.reset()
+            return []
+        # Faust keeps the offset last applied (-1: none) and the last offset there is.
+        offsets, highwaters = dict(recovery.active_offsets), dict(recovery.active_highwaters)
+        needs = {tp: (-1 if offsets.get(tp) is None else offsets[tp]) + 1 for tp in highwaters}
+        ends = {tp: end + 1 for tp, end in highwaters.items() if end is not None}
+        stalled = self.watch.check(ends, needs, 0, agent_idle=True)
+        for tp in stalled:
+            log.warning("%s:%s: table recovery stuck at offset %d of %d for %.0fs; reading it again "
+                        "(Faust's view: %s; aiokafka's: %s)", tp.topic, tp.partition, needs[tp], ends[tp],
+                        self.watch.stall_s, fa.partition_state(consumer, tp), fa.fetch_state(self.app, tp))
+        if stalled:
+            log.warning("consumer tasks: %s", fa.consumer_tasks(self.app))
+            for tp in stalled:
+                fa.refetch(consumer, tp)
+                await consumer.seek(tp, needs[tp])
+            self.stalls += len(stalled)
+        return stalled

@@ -49,6 +49,7 @@ class WorkerView:
             "events_in": c.events_in, "recs_out": c.recs_out, "dlq": c.dlq,
             "duplicates": c.duplicates, "rerouted": c.rerouted, "cold_start": c.cold_start,
             "offset_rewinds": c.offset_rewinds, "partition_stalls": self._pipeline.partitions.stalls,
+            "recovery_stalls": self._pipeline.recovery.stalls,
             "folds": c.folds, "fold_backlog": len(rt.folds.pending), "batches": c.batches,
             "seconds_model": round(c.seconds_model, 3), "seconds_publish": round(c.seconds_publish, 3),
             "seconds_items": round(c.seconds_items, 3),
