@@ -175,6 +175,8 @@ async def _leave(coordinator: GroupCoordinator, node: int, member: str) -> None:
 
 
 _ORIGINAL_PERFORM_SEEK = getattr(FaustConsumer.perform_seek, "__wrapped__", FaustConsumer.perform_seek)
+_ORIGINAL_ASSIGNED = getattr(FaustConsumer.on_partitions_assigned, "_persrec_original",
+                             FaustConsumer.on_partitions_assigned)
 
 
 def install_seek_record() -> None:
@@ -183,21 +185,31 @@ def install_seek_record() -> None:
     seek it has no committed offset for them (``committed_offset`` is None). A record fetched in
     between, from wherever the fetch position was, looks to the offset guard like the first
     record of a group that never committed: taken as is, the events before it were skipped (CI:
-    a user's 111th event answered as their first). This records the consumer generation of the
-    last seek, so the pipeline can wait for it (``sought``). Idempotent."""
+    a user's 111th event answered as their first). This counts the consumer's assignments and
+    records which one the last seek was for, so the pipeline can wait for it (``sought``).
+    Assignments are counted, not told apart by the group generation: a broker that loses its
+    group state (noida-db restarted; Kafka's group emptied and deleted) starts generations at 1
+    again, so the seek of the last assignment looked like the seek of the new one. Idempotent."""
+
+    async def on_partitions_assigned(self, assigned, generation_id: int = 0) -> None:
+        self._persrec_assignment = getattr(self, "_persrec_assignment", 0) + 1
+        await _ORIGINAL_ASSIGNED(self, assigned, generation_id)
 
     @functools.wraps(_ORIGINAL_PERFORM_SEEK)
     async def perform_seek(self) -> None:
-        generation = self.app.consumer_generation_id
+        assignment = getattr(self, "_persrec_assignment", 0)
         await _ORIGINAL_PERFORM_SEEK(self)
-        self._persrec_sought_generation = generation
+        self._persrec_sought_assignment = assignment
 
+    on_partitions_assigned._persrec_original = _ORIGINAL_ASSIGNED  # type: ignore[attr-defined]
+    FaustConsumer.on_partitions_assigned = on_partitions_assigned
     FaustConsumer.perform_seek = perform_seek
 
 
 def sought(app: faust.App) -> bool:
-    """Faust has sought the partitions of the current assignment to their committed offsets."""
-    return getattr(app.consumer, "_persrec_sought_generation", None) == app.consumer_generation_id
+    """Faust has sought the partitions of its current assignment to their committed offsets."""
+    consumer = app.consumer
+    return getattr(consumer, "_persrec_sought_assignment", None) == getattr(consumer, "_persrec_assignment", 0)
 
 
 def member_id(app: faust.App) -> str:

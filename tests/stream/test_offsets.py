@@ -188,9 +188,11 @@ def test_a_rewind_forgets_faust_gaps_from_its_offset_on() -> None:
     forget_gaps(Consumer, "p2", 0)  # no gaps at all
 
 
-def test_the_seek_after_a_rebalance_is_recorded_per_consumer_generation() -> None:
+def test_the_seek_after_a_rebalance_is_recorded_per_assignment(monkeypatch) -> None:
     """faust-streaming resumes partitions before it seeks them to the committed offsets; the
-    pipeline waits for that seek when it has no committed offset (``faust_adapter.sought``)."""
+    pipeline waits for that seek when it has no committed offset (``faust_adapter.sought``).
+    Each assignment needs its own seek, also when the group generation repeats (a broker that
+    lost its group state starts again at generation 1)."""
     import asyncio
     import types
 
@@ -202,19 +204,33 @@ def test_the_seek_after_a_rebalance_is_recorded_per_consumer_generation() -> Non
     tp = TP("interactions", 0)
 
     fa.install_seek_record()
+    fa.install_seek_record()  # idempotent: one count per assignment, not two
 
     class Stub:
         def __init__(self) -> None:
-            self.app = types.SimpleNamespace(consumer_generation_id=3)
             self._read_offset, self._committed_offset = {}, {}
 
         async def seek_to_committed(self):
             return {tp: 41}
 
     consumer = Stub()
-    app = types.SimpleNamespace(consumer=consumer, consumer_generation_id=3)
+    app = types.SimpleNamespace(consumer=consumer)
+    handled = []
+
+    async def faust_assigned(self, assigned, generation_id):  # Faust's own handling, left out here
+        handled.append(generation_id)
+
+    monkeypatch.setattr(fa, "_ORIGINAL_ASSIGNED", faust_assigned)
+
+    def assign(generation: int) -> None:
+        asyncio.run(Consumer.on_partitions_assigned(consumer, {tp}, generation))
+
+    assert not fa.sought(app)  # nothing assigned, nothing sought
+    assign(1)
     assert not fa.sought(app)
     asyncio.run(Consumer.perform_seek(consumer))
     assert fa.sought(app) and consumer._committed_offset == {tp: 41}
-    app.consumer_generation_id = consumer.app.consumer_generation_id = 4  # the next rebalance
+    assign(1)  # the broker restarted: the same generation again
     assert not fa.sought(app)
+    asyncio.run(Consumer.perform_seek(consumer))
+    assert fa.sought(app) and handled == [1, 1] and consumer._persrec_assignment == 2
