@@ -36,7 +36,7 @@ class Settings(BaseSettings):
         30.0, gt=0, description="an input partition whose records wait at the broker but have not reached a "
                                 "free agent for this long is read again (stream/stalls.py)")
     recovery_stall_s: float = Field(
-        15.0, gt=0, description="a table changelog partition whose recovery has not moved for this long while "
+        5.0, gt=0, description="a table changelog partition whose recovery has not moved for this long while "
                                 "records wait at the broker is read again (stream/stalls.py)")
 
     # stream worker
