@@ -69,7 +69,10 @@ class SqlCatalogue(EngineUser):
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:v))"), {"v": "item_catalogue:" + model_version})
             mine = _T.c.model_version == model_version
-            top = conn.execute(select(func.max(_T.c.dense_id), func.max(_T.c.revision)).where(mine)).one()
+            # one scalar subquery per max: SQLite answers a lone max() from its index, two in one
+            # select by scanning the version's rows (O(items) a batch: 10,000 items cost 3x)
+            top = conn.execute(select(select(func.max(_T.c.dense_id)).where(mine).scalar_subquery(),
+                                      select(func.max(_T.c.revision)).where(mine).scalar_subquery())).one()
             next_id, revision = max(int(top[0] or 0), base) + 1, int(top[1] or 0)
             present = {r.item_id: r for r in conn.execute(
                 select(_T.c.item_id, _T.c.dense_id, _T.c.text_sha256, _T.c.registered_at)
@@ -91,7 +94,7 @@ class SqlCatalogue(EngineUser):
                 else:
                     row |= dict(dense_id=old.dense_id, registered_at=old.registered_at)
                     conn.execute(_T.update().where(mine, _T.c.item_id == item_id).values(**row))
-                written.append(_item(row))
+                written.append(CatalogueItem(item_id, row["dense_id"], revision, sha, emb, row["registered_at"], now))
             if inserts:  # one executemany: 10,000 items cost one statement, not 10,000
                 conn.execute(_T.insert(), inserts)
         return written

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from persrec.stream.events import Event, InvalidEvent, parse_event
+from persrec.stream.events import Event, InvalidEvent, parse_event, parse_item
 from persrec.testing.bad_events import (
     FRESH_USER_KINDS, KINDS, REKEYED, VALID_VARIANTS, bad_event, build_traffic,
 )
@@ -103,6 +103,21 @@ def test_build_traffic_is_a_function_of_its_seed() -> None:
 ])
 def test_parser_regressions(raw: bytes, reason: str) -> None:
     assert reason_of(raw) == reason
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("Heat (1995) | Action|Crime", None), ("caf\u00e9 \U0001F600 | \u65e5\u672c", None),  # any printable text
+    ("a\x00b", "bad_value"), ("a\ud800b", "bad_value"), ("\udfff", "bad_value"),  # a NUL, a lone surrogate
+    ("   ", "bad_value"), ("x" * 4097, "bad_value"),
+])
+def test_item_text_rules(text: str, reason: str | None) -> None:
+    raw = json.dumps({"item_id": "i1", "text": text, "ts": 1}).encode()  # json escapes lone surrogates
+    if reason is None:
+        assert parse_item(raw, now=NOW).text == text
+    else:
+        with pytest.raises(InvalidEvent) as exc:
+            parse_item(raw, now=NOW)
+        assert exc.value.reason == reason
 
 
 json_values = st.recursive(
