@@ -133,14 +133,16 @@ class PartitionWatch:
 class RecoveryWatch:
     """Faust's table recovery, watched like the input (a task the ``Pipeline`` starts).
 
-    Seen in CI (2026-12-07) and in 1 of 23 local runs of ``test_broker_restart``: after the
-    rebalance that follows a broker restart, recovery sought the changelog partitions and resumed
-    the flow, then no changelog record reached it for minutes, and the worker answered nothing
-    (Faust reads no input before recovery ends). Faust logged only "No event received for active
-    tp". A changelog partition behind its end whose recovery offset has not moved for
-    ``stall_s`` is now logged with Faust's and aiokafka's view and the consumer's waiting tasks,
-    put back among the partitions Faust fetches (``faust_adapter.refetch``), and sought to the next
-    offset recovery needs. Reading a changelog record twice is harmless: it sets the same value."""
+    Seen in CI (2026-12-07) and in about 1 of 25 local runs of ``test_broker_restart``: after
+    the rebalance that follows a broker restart, recovery sought the changelog partitions and
+    resumed the flow, then no changelog record reached it, and the worker answered nothing
+    (Faust reads no input before recovery ends). When caught, aiokafka's fetch position stood at
+    each partition's end while recovery had applied none of its records: fetched, then lost on
+    the way to recovery. A changelog partition behind its end whose recovery offset has not
+    moved for ``stall_s`` is logged with Faust's and aiokafka's view and where the consumer's
+    tasks wait, put back among the partitions Faust fetches (``faust_adapter.refetch``), and
+    sought to the next offset recovery needs, which brings the records back. Reading a
+    changelog record twice is harmless: it sets the same value."""
 
     def __init__(self, app: faust.App, watch: StallWatch) -> None:
         self.app, self.watch = app, watch
