@@ -115,7 +115,7 @@ def model_repository(work: Path, wl: Workload, *, memory: bool, max_len: int,
     torch.manual_seed(0)
     ck = make_checkpoint(build_model(cfg), wl.id_map.to_json())
     repo = work / f"repo-{'persrec' if memory else f'full{max_len}'}-cache{window_cache_mb:g}"
-    manifest = export_repository(ck, repo, top_k=10, window_cache_mb=window_cache_mb)
+    manifest = export_repository(ck, repo, top_k=10, window_cache_mb=window_cache_mb, window_cache_metrics=True)
     return repo, (ck, manifest)
 
 

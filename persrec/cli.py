@@ -248,6 +248,9 @@ def export(
     window_cache_mb: Annotated[Optional[float], typer.Option(
         help="MB per recommend instance for users' recent-window keys/values kept between events "
              "(memory models; default 256); 0: off")] = None,
+    window_cache_metrics: Annotated[bool, typer.Option(
+        help="report the window cache on Triton's metrics endpoint (persrec_window_cache_*); tritonserver "
+             "can crash when a model using them is reloaded in place (README)")] = False,
 ) -> None:
     """Write a Triton model repository (recommend + fold) from a checkpoint."""
     from persrec.serving.export import export_repository
@@ -255,7 +258,8 @@ def export(
     settings = Settings()
     out = out or settings.model_repository
     cache = {} if window_cache_mb is None else {"window_cache_mb": window_cache_mb}
-    m = export_repository(checkpoint, out, top_k=top_k, version=version, kind=kind, **cache)
+    m = export_repository(checkpoint, out, top_k=top_k, version=version, kind=kind,
+                          window_cache_metrics=window_cache_metrics, **cache)
     console.print(f"model {m.model_version} -> {out} (version {m.triton_version}, window {m.window_len}, top {m.top_k})")
 
 

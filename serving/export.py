@@ -72,7 +72,7 @@ def versioned_config(model_dir: Path, config: str, keep: int) -> str:
 def export_repository(
     checkpoint: Path | Checkpoint, out: Path, *, top_k: int = 10, version: int = 1, kind: str = "auto",
     max_batch_size: int = 1024, instances: int = 1, exclude_seen: bool = True, cpu_threads: int = 1,
-    keep_versions: int = 2, window_cache_mb: float = WINDOW_CACHE_MB,
+    keep_versions: int = 2, window_cache_mb: float = WINDOW_CACHE_MB, window_cache_metrics: bool = False,
 ) -> Manifest:
     """Write (or add a version to) the repository at ``out``; return its manifest.
 
@@ -83,7 +83,13 @@ def export_repository(
     ``<model>/N/manifest.json`` each one. Versions must be exported in increasing order.
 
     ``window_cache_mb``: what each ``recommend`` instance of a model with memory tokens may keep
-    of its users' recent-window keys/values between events (``serving.window_cache``); 0: none."""
+    of its users' recent-window keys/values between events (``serving.window_cache``); 0: none.
+    ``window_cache_metrics``: report the cache on Triton's metrics endpoint
+    (``persrec_window_cache_*``). Off by default: the python backend's custom metrics crash
+    tritonserver when a model is reloaded in place under traffic (the old instance's finalize
+    dies with ``boost::interprocess::lock_exception``; seen in CI on 2026-12-07 in
+    ``test_switch``; triton-inference-server/server#8663 reports the shared-metric bug). Turn
+    them on where models are not reloaded in place."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     cfg = ck.config
     if kind == "auto":
@@ -111,7 +117,8 @@ def export_repository(
         "recommend": model_config(
             "recommend", ck, kind, max_batch_size,
             params | {"top_k": str(top_k), "exclude_seen": str(exclude_seen).lower(),
-                      "window_cache_mb": str(window_cache_mb if cfg.has_memory else 0)},
+                      "window_cache_mb": str(window_cache_mb if cfg.has_memory else 0),
+                      "window_cache_metrics": str(window_cache_metrics).lower()},
             rec_inputs,
             [_io("TOP_IDS", "TYPE_INT64", [top_k]), _io("TOP_SCORES", "TYPE_FP32", [top_k])],
             instances,

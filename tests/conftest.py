@@ -58,7 +58,8 @@ def served_model(tmp_path_factory) -> ServedModel:
         model.backbone.bias.pos_w.normal_(0, 0.5)
     ck = make_checkpoint(model, id_map.to_json())
     repo = tmp_path_factory.mktemp("model_repository")
-    manifest = export_repository(ck, repo, top_k=10)
+    # the cache's Triton metrics (test_soak reads them): nothing reloads this repository in place
+    manifest = export_repository(ck, repo, top_k=10, window_cache_metrics=True)
     return ServedModel(repo, ck, manifest, id_map, inter)
 
 

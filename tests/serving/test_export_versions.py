@@ -73,3 +73,40 @@ def test_triton_answers_both_versions_each_with_its_own_model(tmp_path, triton_f
         want_ids, want_scores = ModelRunner(ck, "cpu").recommend(x, 10)
         assert ready and np.array_equal(ids, want_ids) and np.allclose(scores, want_scores, atol=1e-5)
     server.stop()
+
+
+def test_the_window_cache_reports_to_triton_only_when_asked(tmp_path) -> None:
+    """Off by default: tritonserver's python-backend custom metrics can crash it when a model is
+    reloaded in place (``serving.export``)."""
+    memory_model = checkpoint(3, num_memory_tokens=2, recent_len=5, segment_len=5)
+    for metrics, want in ((None, "false"), (True, "true")):
+        out = tmp_path / str(metrics)
+        export_repository(memory_model, out, **({} if metrics is None else {"window_cache_metrics": metrics}))
+        config = (out / "recommend" / "config.pbtxt").read_text()
+        assert f'key: "window_cache_metrics" value {{ string_value: "{want}" }}' in config
+
+
+@pytest.mark.triton
+def test_triton_reports_no_cache_metrics_by_default(tmp_path, triton_factory) -> None:
+    from persrec.serving.window_cache import METRICS
+    from persrec.stream.triton import TritonModels
+
+    memory_model = checkpoint(3, num_memory_tokens=2, recent_len=5, segment_len=5)
+    export_repository(memory_model, tmp_path)
+    server = triton_factory(tmp_path, ["recommend"])
+    x = ModelInputs.of_rows([[1, 2, 3], [7, 8]], [[0, 0, 0], [0, 0]])
+    x = ModelInputs(x.items, x.timestamps, x.lengths, np.zeros((2, *memory_model.config.memory_shape), np.float32),
+                    np.zeros(2, bool))
+
+    async def ask():
+        models = TritonModels(server.grpc_url, timeout_s=10, max_attempts=2)
+        try:
+            return await models.recommend(x)
+        finally:
+            await models.close()
+
+    for _ in range(2):  # the second request hits the cache
+        ids, _ = asyncio.run(ask())
+        assert ids.shape == (2, 10)
+    assert server.metrics(METRICS) == {}
+    server.stop()

@@ -37,7 +37,7 @@ def timed_triton(request, triton_factory, served_model, tmp_path_factory):
     torch.manual_seed(2)
     ck = make_checkpoint(build_model(cfg), served_model.id_map.to_json())
     repo = tmp_path_factory.mktemp(f"timed_{request.param}")
-    manifest = export_repository(ck, repo)
+    manifest = export_repository(ck, repo, window_cache_metrics=True)
     assert manifest.request_time
     server = triton_factory(repo, ["recommend", "fold"])
     yield server, repo, manifest, ck

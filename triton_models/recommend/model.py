@@ -8,8 +8,8 @@ their text CATALOGUE int64 [2] (the worker's catalogue revision and highest item
 Requests that Triton's dynamic batcher hands over together run as one batch.
 
 A model with memory tokens keeps its users' recent-window keys/values between events
-(``window_cache_mb``, ``serving.window_cache``); Triton's metrics endpoint reports the cache as
-``persrec_window_cache_*``.
+(``window_cache_mb``, ``serving.window_cache``); with ``window_cache_metrics`` (off by default,
+``serving.export`` says why) Triton's metrics endpoint reports it as ``persrec_window_cache_*``.
 """
 
 import numpy as np
@@ -28,7 +28,8 @@ class TritonPythonModel:
         self.has_memory = self.runner.cfg.has_memory
         self.request_time = self.runner.cfg.request_time
         self.catalogue = catalogue_from_triton_args(self.runner, params)
-        self.cache_metrics = CacheMetrics(self.runner.window_cache, args["model_version"])
+        metrics = params.get("window_cache_metrics", "false") == "true"  # serving.export says why off
+        self.cache_metrics = CacheMetrics(self.runner.window_cache if metrics else None, args["model_version"])
 
     def execute(self, requests):
         names = (["ITEMS", "TIMESTAMPS", "LENGTHS"] + (["MEMORY", "HAS_MEMORY"] if self.has_memory else [])
