@@ -174,14 +174,13 @@ class RecoveryWatch:
         needs = {tp: (-1 if offsets.get(tp) is None else offsets[tp]) + 1 for tp in highwaters}
         ends = {tp: end + 1 for tp, end in highwaters.items() if end is not None}
         stalled = self.watch.check(ends, needs, 0, agent_idle=True)
+        tasks = fa.consumer_tasks(self.app) if stalled else []  # where the consumer waits: once a check
         for tp in stalled:
             log.warning("%s:%s: table recovery stuck at offset %d of %d for %.0fs; reading it again "
-                        "(Faust's view: %s; aiokafka's: %s)", tp.topic, tp.partition, needs[tp], ends[tp],
-                        self.watch.stall_s, fa.partition_state(consumer, tp), fa.fetch_state(self.app, tp))
-        if stalled:
-            log.warning("consumer tasks: %s", fa.consumer_tasks(self.app))
-            for tp in stalled:
-                fa.refetch(consumer, tp)
-                await consumer.seek(tp, needs[tp])
-            self.stalls += len(stalled)
+                        "(Faust's view: %s; aiokafka's: %s; consumer tasks: %s)", tp.topic, tp.partition,
+                        needs[tp], ends[tp], self.watch.stall_s, fa.partition_state(consumer, tp),
+                        fa.fetch_state(self.app, tp), tasks)
+            fa.refetch(consumer, tp)
+            await consumer.seek(tp, needs[tp])
+        self.stalls += len(stalled)
         return stalled

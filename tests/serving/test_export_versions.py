@@ -28,6 +28,20 @@ def checkpoint(seed: int, **kw):
     return make_checkpoint(build_model(cfg), IDS.to_json())
 
 
+def recommend_on(server, x: ModelInputs, version: str = ""):
+    """(ready, (ids, scores)): ``x`` through the worker's Triton client, ``version`` pinned."""
+    from persrec.stream.triton import TritonModels
+
+    async def ask():
+        models = TritonModels(server.grpc_url, timeout_s=10, max_attempts=2, version=version)
+        try:
+            return await models.ready(), await models.recommend(x)
+        finally:
+            await models.close()
+
+    return asyncio.run(ask())
+
+
 def test_config_keeps_the_previous_version_only_when_it_fits(tmp_path) -> None:
     a, b, c = checkpoint(1), checkpoint(2), checkpoint(3, num_memory_tokens=2, recent_len=5, segment_len=5)
     config = tmp_path / "recommend" / "config.pbtxt"
@@ -52,24 +66,14 @@ def test_config_keeps_the_previous_version_only_when_it_fits(tmp_path) -> None:
 
 @pytest.mark.triton
 def test_triton_answers_both_versions_each_with_its_own_model(tmp_path, triton_factory) -> None:
-    from persrec.stream.triton import TritonModels
-
     a, b = checkpoint(1), checkpoint(2)
     export_repository(a, tmp_path, version=1)
     server = triton_factory(tmp_path, ["recommend"])
     export_repository(b, tmp_path, version=2)
     server.load_model("recommend")  # version 2 loads; version 1 stays
     x = ModelInputs.of_rows([[1, 2, 3], [7, 8]], [[0, 0, 0], [0, 0]])
-
-    async def ask(version: str):
-        models = TritonModels(server.grpc_url, timeout_s=10, max_attempts=2, version=version)
-        try:
-            return await models.ready(), await models.recommend(x)
-        finally:
-            await models.close()
-
     for ck, version in ((a, "1"), (b, "2")):
-        ready, (ids, scores) = asyncio.run(ask(version))
+        ready, (ids, scores) = recommend_on(server, x, version)
         want_ids, want_scores = ModelRunner(ck, "cpu").recommend(x, 10)
         assert ready and np.array_equal(ids, want_ids) and np.allclose(scores, want_scores, atol=1e-5)
     server.stop()
@@ -89,24 +93,15 @@ def test_the_window_cache_reports_to_triton_only_when_asked(tmp_path) -> None:
 @pytest.mark.triton
 def test_triton_reports_no_cache_metrics_by_default(tmp_path, triton_factory) -> None:
     from persrec.serving.window_cache import METRICS
-    from persrec.stream.triton import TritonModels
 
     memory_model = checkpoint(3, num_memory_tokens=2, recent_len=5, segment_len=5)
     export_repository(memory_model, tmp_path)
     server = triton_factory(tmp_path, ["recommend"])
-    x = ModelInputs.of_rows([[1, 2, 3], [7, 8]], [[0, 0, 0], [0, 0]])
-    x = ModelInputs(x.items, x.timestamps, x.lengths, np.zeros((2, *memory_model.config.memory_shape), np.float32),
-                    np.zeros(2, bool))
-
-    async def ask():
-        models = TritonModels(server.grpc_url, timeout_s=10, max_attempts=2)
-        try:
-            return await models.recommend(x)
-        finally:
-            await models.close()
-
+    x = ModelInputs.of_rows([[1, 2, 3], [7, 8]], [[0, 0, 0], [0, 0]],
+                            memory=np.zeros((2, *memory_model.config.memory_shape), np.float32),
+                            has_memory=np.zeros(2, bool))
     for _ in range(2):  # the second request hits the cache
-        ids, _ = asyncio.run(ask())
+        _, (ids, _) = recommend_on(server, x)
         assert ids.shape == (2, 10)
     assert server.metrics(METRICS) == {}
     server.stop()
