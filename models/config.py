@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .items import ItemRepr
+from .items import ItemRepr, NewItemIds
 
 
 class Architecture(str, enum.Enum):
@@ -70,6 +70,10 @@ class ModelConfig:
     # id+text, in training: each step drops the id part of a random share of the items (the
     # model sees them by text alone, as it will see an item published after training)
     id_dropout: float = 0.0
+    # id+text: the id part of an item the model was not trained on (published after training):
+    # zero, or the id its text predicts (a ridge map from the trained items' texts to their ids,
+    # fitted when training ends: models.items.fit_text_to_id)
+    new_item_ids: NewItemIds = NewItemIds.ZERO
     # the encoder that made the text embeddings (models.text.encoder_named): what a served model
     # encodes new items with; "" for a model trained on embeddings of an unnamed encoder
     text_encoder: str = ""
@@ -78,12 +82,15 @@ class ModelConfig:
         object.__setattr__(self, "architecture", Architecture(self.architecture))
         object.__setattr__(self, "policy", MemoryPolicy(self.policy))
         object.__setattr__(self, "item_repr", ItemRepr(self.item_repr))
+        object.__setattr__(self, "new_item_ids", NewItemIds(self.new_item_ids))
         if self.item_repr.has_text and self.text_dim < 1:
             raise ValueError(f"item_repr {self.item_repr.value!r} needs text_dim >= 1")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         if self.id_dropout and self.item_repr is not ItemRepr.ID_TEXT:
             raise ValueError("id_dropout needs item_repr 'id+text' (an item must keep its text)")
+        if self.new_item_ids is NewItemIds.TEXT and self.item_repr is not ItemRepr.ID_TEXT:
+            raise ValueError("new_item_ids 'text' needs item_repr 'id+text'")
         if self.num_items < 1:
             raise ValueError(f"num_items must be >= 1, got {self.num_items}")
         if self.num_memory_tokens < 0:
@@ -128,6 +135,7 @@ class ModelConfig:
         d["architecture"] = self.architecture.value
         d["policy"] = self.policy.value
         d["item_repr"] = self.item_repr.value
+        d["new_item_ids"] = self.new_item_ids.value
         return d
 
     @classmethod

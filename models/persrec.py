@@ -30,7 +30,7 @@ class PerSRec(ItemScoring, nn.Module):
         if cfg.architecture is not Architecture.HSTU:
             raise ValueError("PerSRec needs the HSTU architecture")
         self.cfg = cfg
-        self.item_emb = item_tower(cfg.num_items, cfg.dim, cfg.item_repr, cfg.text_dim, cfg.id_dropout)
+        self.item_emb = item_tower(cfg.num_items, cfg.dim, cfg.item_repr, cfg.text_dim, cfg.id_dropout, cfg.new_item_ids)
         self.tokens = None
         if cfg.has_memory:
             self.tokens = nn.Parameter(torch.empty(cfg.num_memory_tokens, cfg.dim))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .evaluate import SeenRule
+from .items import NewItemIds
 from .loss import Negatives
 from .train import Batching, History, Optimizer, TrainConfig
 
@@ -57,6 +58,7 @@ class Recipe:
     bias_init_std: float = 0.0
     attention_norm_extra: int | None = None  # divide attention by max_len + this (None: max_len)
     id_dropout: float = 0.0  # id+text models: share of items seen by text alone in each step
+    new_item_ids: NewItemIds = NewItemIds.ZERO  # id+text models: an untrained item's id part
     # reading the result
     seen_window: int | None = None  # exclude the last this-many history items (None: all)
     selection: Selection = Selection.VALID
@@ -64,7 +66,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for name, kind in (("negatives", Negatives), ("optimizer", Optimizer),
-                           ("batching", Batching), ("selection", Selection), ("history", History)):
+                           ("batching", Batching), ("selection", Selection), ("history", History),
+                           ("new_item_ids", NewItemIds)):
             object.__setattr__(self, name, kind(getattr(self, name)))
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
@@ -86,6 +89,7 @@ class Recipe:
             official_init=self.official_init, bias_init_std=self.bias_init_std,
             attention_norm=0 if self.attention_norm_extra is None else max_len + self.attention_norm_extra,
             **({"id_dropout": self.id_dropout} if self.id_dropout else {}),
+            **({"new_item_ids": self.new_item_ids} if self.new_item_ids is not NewItemIds.ZERO else {}),
         )
 
     def train_config(self, **overrides: Any) -> TrainConfig:

@@ -39,7 +39,7 @@ class SASRec(ItemScoring, nn.Module):
         self.cfg = cfg
         ids_only = cfg.item_repr is ItemRepr.ID  # initialised in the order of earlier releases
         self.item_emb = (nn.Embedding(cfg.num_items + 1, cfg.dim, padding_idx=0) if ids_only
-                         else item_tower(cfg.num_items, cfg.dim, cfg.item_repr, cfg.text_dim, cfg.id_dropout))
+                         else item_tower(cfg.num_items, cfg.dim, cfg.item_repr, cfg.text_dim, cfg.id_dropout, cfg.new_item_ids))
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
         if ids_only:
             init_embedding_(self.item_emb.weight)

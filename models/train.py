@@ -173,6 +173,15 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def fit_new_item_ids(model: nn.Module, known: np.ndarray | None = None) -> None:
+    """An id+text model with ``new_item_ids`` 'text': fit its text-to-id map on the items it
+    was trained on (``known``; default all) and give the others their predicted ids
+    (``ItemTower.fit_new_ids``). Every evaluation reads the model so, as it will be served."""
+    fit_ids = getattr(model.item_emb, "fit_new_ids", None)
+    if fit_ids is not None:
+        fit_ids(known)
+
+
 def fit(
     model: nn.Module,
     train_seqs: list[np.ndarray],
@@ -257,6 +266,8 @@ def fit(
             opt.step()
             total, steps = total + loss.detach(), steps + 1
         report = EpochReport(epoch, float(total) / max(steps, 1), time.monotonic() - t0)
+        if rank == 0:
+            fit_new_item_ids(model, negative_pool)
         if tester is not None and (epoch % cfg.test_every == 0 or epoch == cfg.epochs):
             report.test = tester.metrics(model)
         out_of_time = cfg.max_minutes is not None and time.monotonic() - t_start > cfg.max_minutes * 60
@@ -291,6 +302,7 @@ def fit(
         gc.collect()
     if valid_rows is not None:
         model.load_state_dict(best_state)
+    fit_new_item_ids(model, negative_pool)
     _share_state(model)
     ckpt_path = None
     if out_dir is not None and rank == 0:
