@@ -266,13 +266,14 @@ def fit(
             opt.step()
             total, steps = total + loss.detach(), steps + 1
         report = EpochReport(epoch, float(total) / max(steps, 1), time.monotonic() - t0)
-        if rank == 0:
-            fit_new_item_ids(model, negative_pool)
-        if tester is not None and (epoch % cfg.test_every == 0 or epoch == cfg.epochs):
-            report.test = tester.metrics(model)
         out_of_time = cfg.max_minutes is not None and time.monotonic() - t_start > cfg.max_minutes * 60
-        stop = False
         checkpoint_now = epoch % cfg.eval_every == 0 or epoch == cfg.epochs or out_of_time
+        testing = tester is not None and (epoch % cfg.test_every == 0 or epoch == cfg.epochs)
+        if rank == 0 and (testing or checkpoint_now):  # evaluated and saved as it will be served
+            fit_new_item_ids(model, negative_pool)
+        if testing:
+            report.test = tester.metrics(model)
+        stop = False
         if valid_rows is None:  # fixed epochs: the last one is the result
             best_epoch = epoch
         elif checkpoint_now and rank == 0:

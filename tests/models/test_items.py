@@ -202,3 +202,77 @@ def test_id_dropout_shows_a_share_of_the_items_by_text_alone_in_training_only() 
     assert 0.4 <= float(np.mean(dropped)) <= 0.6
     with pytest.raises(ValueError, match="id\\+text"):
         ModelConfig(num_items=3, id_dropout=0.5)
+
+
+def test_the_text_to_id_map_recovers_a_linear_relation_and_its_ridge_grows_with_noise() -> None:
+    from persrec.models.items import fit_text_to_id
+
+    g = torch.Generator().manual_seed(0)
+    text, true_w = torch.randn(600, 20, generator=g), torch.randn(20, 6, generator=g)
+    ids = text @ true_w + 0.5
+    w, b = fit_text_to_id(text, ids)
+    # the smallest ridge on the grid (1e-3 of the mean eigenvalue) shrinks it by about as much
+    assert torch.allclose(w, true_w, rtol=5e-3, atol=5e-3) and torch.allclose(b, torch.full((6,), 0.5), atol=5e-3)
+    # ids that the text does not explain at all: the map shrinks to (nearly) their mean
+    noise = torch.randn(600, 6, generator=g) + 2.0
+    w, b = fit_text_to_id(text, noise)
+    assert w.abs().max() < 0.05 and (b - noise.mean(0)).abs().max() < 0.05
+    with pytest.raises(ValueError, match="at least"):
+        fit_text_to_id(text[:5], ids[:5])
+
+
+@torch.no_grad()
+def test_new_items_get_the_id_their_text_predicts() -> None:
+    m = text_model("id+text", new_item_ids="text")
+    tower = m.item_emb
+    tower.id_emb.weight[1:] = tower.text[1:] @ torch.randn(12, 16, generator=torch.Generator().manual_seed(1)) + 0.25
+    held = np.array([4, 9, 17])  # never trained: their id rows hold anything
+    tower.id_emb.weight[torch.as_tensor(held)] = 7.0
+    trained_rows = tower.id_emb.weight.clone()
+    tower.fit_new_ids(np.setdiff1d(np.arange(1, 31), held))
+    h, trained = torch.as_tensor(held), torch.as_tensor(np.setdiff1d(np.arange(31), held))
+    assert torch.allclose(tower.id_emb.weight[h], tower.text[h] @ tower.text_to_id + tower.text_to_id_bias)
+    assert torch.equal(tower.id_emb.weight[trained], trained_rows[trained])  # trained ids kept
+    # the ids here are exactly linear in the texts: the map predicts the held-out ids they had
+    want_held = tower.text[h] @ torch.randn(12, 16, generator=torch.Generator().manual_seed(1)) + 0.25
+    assert torch.allclose(tower.id_emb.weight[h], want_held, atol=1e-2)
+    # an item published after training (past trained_items) reads the id its text predicts, again
+    # when its text changes; a trained item that gets a new text keeps its id
+    emb = HashingEncoder(12).encode(["movie 7 genre 3", "movie 8 genre 0"])
+    tower.put_items(np.array([31, 5]), emb)
+    want = torch.as_tensor(emb[0]) @ tower.text_to_id + tower.text_to_id_bias
+    assert torch.allclose(tower.id_emb.weight[31], want) and torch.equal(tower.id_emb.weight[5], trained_rows[5])
+    tower.put_items(np.array([31]), emb[1:])
+    assert torch.allclose(tower.id_emb.weight[31], torch.as_tensor(emb[1]) @ tower.text_to_id + tower.text_to_id_bias)
+    # 'zero' (the default) changes nothing
+    z = text_model("id+text")
+    before = z.item_emb.id_emb.weight.clone()
+    z.item_emb.fit_new_ids(np.arange(1, 20))
+    assert torch.equal(before, z.item_emb.id_emb.weight) and not hasattr(z.item_emb, "text_to_id")
+    with pytest.raises(ValueError, match="id\\+text"):
+        ModelConfig(num_items=3, item_repr="text", text_dim=4, new_item_ids="text")
+
+
+def test_training_fits_the_map_and_the_checkpoint_keeps_it(tmp_path) -> None:
+    from persrec.models import experiment
+    from persrec.models.checkpoint import load_checkpoint
+    from persrec.models.coldstart import hold_out_items
+    from persrec.models.data import SequenceData, leave_one_out
+    from persrec.models.train import TrainConfig
+
+    rng = np.random.default_rng(1)
+    seqs = SequenceData([str(u) for u in range(40)], [rng.integers(1, 31, size=12) for _ in range(40)])
+    split, cold = hold_out_items(leave_one_out(seqs), 30, 0.2, seed=0)
+    data = experiment.Dataset("toy", seqs, IdMap([str(i) for i in range(1, 31)]), split)
+    text = HashingEncoder(12).encode([f"movie {i} genre {i % 4}" for i in range(1, 31)])
+    overrides = dict(dim=16, num_heads=2, head_dim=8, max_len=12, dropout=0.0, item_repr="id+text", text_dim=12,
+                     new_item_ids="text")
+    model, fit = experiment.train_on(data, overrides, TrainConfig(epochs=2, batch_size=8, seed=0), out_dir=tmp_path,
+                                     text_embeddings=text, unknown_items=cold)
+    tower = model.item_emb
+    assert torch.count_nonzero(tower.text_to_id) > 0
+    c = torch.as_tensor(cold)
+    assert torch.allclose(tower.id_emb.weight[c], tower.text[c] @ tower.text_to_id + tower.text_to_id_bias)
+    again = load_checkpoint(fit.checkpoint).build_model()
+    assert torch.equal(again.item_emb.text_to_id, tower.text_to_id)
+    assert torch.equal(again.item_vectors(), model.item_vectors())
