@@ -205,16 +205,22 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
     if cold is not None:  # test metrics on rows whose target was held out of training, and the rest
         from persrec.models.metrics import metrics_from_ranks
 
+        from persrec.models.evaluate import Evaluator
+
         is_cold = torch.from_numpy(np.isin(data.split.test.target, cold))
+        tester = Evaluator(data.split.test, model.cfg, {"exclude": rules["exclude"]}, device=device)
+        def cold_share() -> float:  # of the top-10 slots of every test row: how exposed the new items are
+            return float(np.isin(tester.top_items(model, 10).numpy(), cold).mean())
+
         by_target = {"cold": metrics_from_ranks(ranks[is_cold]), "warm": metrics_from_ranks(ranks[~is_cold]),
-                     "cold_rows": int(is_cold.sum())}
+                     "cold_rows": int(is_cold.sum()), "cold_top10_share": cold_share()}
         if model.cfg.new_item_ids == "text":  # the same weights with the held-out items' id part zero
             from persrec.models.items import forget_items
 
             forget_items(model.item_emb, cold)
-            zero = target_ranks(model, data.split.test, device=device, rules={"exclude": rules["exclude"]})["exclude"]
+            zero = tester.ranks(model)["exclude"]
             by_target["zero_ids"] = {"cold": metrics_from_ranks(zero[is_cold]), "warm": metrics_from_ranks(zero[~is_cold]),
-                                     "all": metrics_from_ranks(zero)}
+                                     "all": metrics_from_ranks(zero), "cold_top10_share": cold_share()}
     return dict(
         key=job.key, dataset=job.dataset, model=job.model, recipe=job.recipe, protocol=job.protocol,
         seed=job.seed, items=job.items, split=job.split, test_by_target=by_target,
@@ -346,11 +352,16 @@ def aggregate(rows: list[dict]) -> list[dict]:
                     m, sd = _mean_sd(vals)
                     entry[f"{part}/{metric}"] = dict(mean=m, sd=sd, values=vals)
             entry["cold_rows"] = [r["test_by_target"]["cold_rows"] for r in rs]
+            if all("cold_top10_share" in r["test_by_target"] for r in rs):
+                m, sd = _mean_sd(vals := [r["test_by_target"]["cold_top10_share"] for r in rs])
+                entry["cold_top10_share"] = dict(mean=m, sd=sd, values=vals)
         if all("zero_ids" in (r.get("test_by_target") or {}) for r in rs):  # the same weights, new items' ids zero
             for part in ("cold", "warm", "all"):
                 for metric in ("ndcg@10", "hr@10", "hr@200"):
                     m, sd = _mean_sd(vals := [r["test_by_target"]["zero_ids"][part][metric] for r in rs])
                     entry[f"zero_ids/{part}/{metric}"] = dict(mean=m, sd=sd, values=vals)
+            m, sd = _mean_sd(vals := [r["test_by_target"]["zero_ids"]["cold_top10_share"] for r in rs])
+            entry["zero_ids/cold_top10_share"] = dict(mean=m, sd=sd, values=vals)
         out.append(entry)
     return out
 
@@ -386,8 +397,8 @@ def cmd_report(args) -> int:
         lines += ["## Cold start", "",
                   "Test rows whose target item was held out of training (cold) and the rest (warm), at the "
                   "validation-selected epoch, every history item excluded.", "",
-                  "| data set | model | recipe | items | seeds | cold rows | NDCG@10 cold | HR@200 cold | NDCG@10 warm | cold / warm | NDCG@10 all |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| data set | model | recipe | items | seeds | cold rows | NDCG@10 cold | HR@200 cold | NDCG@10 warm | cold / warm | NDCG@10 all | cold items' share of the top-10 slots |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for g in cold:
             for pre, note in (("", ""), ("zero_ids/", ", same weights with the untrained items' ids zero")):
                 if f"{pre}cold/ndcg@10" not in g:
@@ -397,7 +408,8 @@ def cmd_report(args) -> int:
                 every = "selected/exclude/ndcg@10" if not pre else f"{pre}all/ndcg@10"
                 lines.append(f"| {g['dataset']} | {g['model']} | {g['recipe']}{note} | {g['items']} | {len(g['seeds'])} | "
                              f"{', '.join(map(str, g['cold_rows']))} | {_fmt(g, pre + 'cold/ndcg@10')} | "
-                             f"{_fmt(g, pre + 'cold/hr@200')} | {_fmt(g, pre + 'warm/ndcg@10')} | {ratio:.2f} | {_fmt(g, every)} |")
+                             f"{_fmt(g, pre + 'cold/hr@200')} | {_fmt(g, pre + 'warm/ndcg@10')} | {ratio:.2f} | {_fmt(g, every)} | "
+                             f"{_fmt(g, pre + 'cold_top10_share') if pre + 'cold_top10_share' in g else ''} |")
         lines.append("")
     lines += comparison_lines(groups)
     md = args.out.with_name("recipe_bench.md")

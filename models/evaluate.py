@@ -4,6 +4,7 @@ the user has already seen."""
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,27 +111,44 @@ class Evaluator:
     @torch.no_grad()
     def ranks(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """0-based rank of each row's target ``[R]`` (in the rows' order) under each rule."""
+        ranks = {name: torch.zeros(self.count, dtype=torch.long) for name in self.rules}
+        for idx, scores, targets, exclude in self._scores(model):
+            for name, rule in self.rules.items():
+                ranks[name][idx] = rank_of_target(
+                    scores, targets, exclude[name], exclude_target=rule.seen is Seen.EXCLUDE).cpu()
+        return ranks
+
+    @torch.no_grad()
+    def top_items(self, model: nn.Module, k: int, rule: str = "exclude") -> torch.Tensor:
+        """Each row's top-``k`` item ids ``[R, k]`` (in the rows' order), what the model would
+        recommend: padding and the items ``rule`` excludes left out."""
+        top = torch.zeros(self.count, k, dtype=torch.long)
+        for idx, scores, _targets, exclude in self._scores(model):
+            scores[:, 0] = -math.inf
+            scores.scatter_(1, exclude[rule], -math.inf)  # padding entries hit column 0 again
+            top[idx] = scores.topk(k, dim=1).indices.cpu()
+        return top
+
+    def _scores(self, model: nn.Module):
+        """-> (row indices, scores ``[b, I+1]``, targets, excluded ids by rule) per batch."""
         was_training = model.training
         model.eval()
-        ranks = {name: torch.zeros(self.count, dtype=torch.long) for name in self.rules}
         vectors = None
         if self.lifelong:
             from .lifelong import lifelong_vectors
 
             r = self.rows
             vectors = lifelong_vectors(model, r.history, r.history_ts, r.target_ts, device=self.device)
-        for idx, batch, targets, exclude in self.batches:
-            if vectors is None:
-                hidden = model(batch)
-                users = hidden[torch.arange(len(idx), device=hidden.device), batch.last]
-            else:
-                users = vectors[idx.to(vectors.device)]
-            scores = model.score(users)
-            for name, rule in self.rules.items():
-                ranks[name][idx] = rank_of_target(
-                    scores, targets, exclude[name], exclude_target=rule.seen is Seen.EXCLUDE).cpu()
-        model.train(was_training)
-        return ranks
+        try:
+            for idx, batch, targets, exclude in self.batches:
+                if vectors is None:
+                    hidden = model(batch)
+                    users = hidden[torch.arange(len(idx), device=hidden.device), batch.last]
+                else:
+                    users = vectors[idx.to(vectors.device)]
+                yield idx, model.score(users), targets, exclude
+        finally:
+            model.train(was_training)
 
     def metrics(self, model: nn.Module, ks: tuple[int, ...] = (10, 50, 200)) -> dict[str, dict[str, float]]:
         out = {}
