@@ -1,6 +1,7 @@
 """The pieces of the official HSTU recipe (issue 18) against small hand-checked cases."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -148,6 +149,27 @@ def test_seen_rules_on_a_repeated_target() -> None:
     assert exclude["hr@2"] == 0.0 and exclude["mrr"] < 0.2
     assert keep["hr@1"] == 0.0 and keep["hr@2"] == 1.0
     assert window["hr@1"] == 0.0 and window["hr@2"] == 1.0  # 4 stays rankable; 3 is excluded
+
+
+def test_the_evaluators_top_items_are_the_best_scored_unseen_items_with_the_target_at_its_rank() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=40, dim=8, head_dim=8, max_len=12, dropout=0.0)
+    model = build_model(cfg).eval()
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 41, size=n) for n in (3, 9, 20, 5, 14)]
+    rows = _rows([s[:-1] for s in seqs], [s[-1] for s in seqs])
+    ev = Evaluator(rows, cfg, {"exclude": SeenRule()}, batch_size=2)
+    top, ranks = ev.top_items(model, 10), ev.ranks(model)["exclude"]
+    with torch.no_grad():
+        for i, h in enumerate(rows.history):
+            batch = collate([h[-cfg.max_len:]], cfg)  # the model reads the last max_len items
+            scores = model.score(model(batch)[0, batch.last[0]][None])[0]
+            scores[0] = -math.inf
+            scores[torch.as_tensor(h)] = -math.inf
+            assert torch.allclose(scores[top[i]], scores.topk(10).values, atol=1e-6)  # the best ten, in order
+            assert not set(top[i].tolist()) & set(h.tolist()) and 0 not in top[i].tolist()
+            if ranks[i] < 10:  # the target's rank is its place in the list
+                assert top[i, int(ranks[i])] == int(rows.target[i])
 
 
 def test_evaluator_equals_evaluate_and_training_batches_equal_collate() -> None:
