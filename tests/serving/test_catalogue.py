@@ -63,6 +63,31 @@ def test_a_new_item_with_a_known_text_scores_like_it(repr_: str) -> None:
         assert np.allclose(a[1], b[1], atol=1e-5)
 
 
+@torch.no_grad()
+def test_a_new_item_reads_the_id_its_text_predicts_under_new_item_ids_text() -> None:
+    # The trained ids here are exactly linear in the texts, so the fitted map predicts them: a new
+    # item worded like a trained one gets that item's id part, and so its very vector and score.
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=40, dim=16, num_heads=2, head_dim=8, max_len=20, dropout=0.0, item_repr="id+text",
+                      text_dim=16, text_encoder=ENC.name, new_item_ids="text")
+    model = build_model(cfg).eval()
+    tower = model.item_emb
+    tower.set_text(ENC.encode(TEXTS))
+    tower.id_emb.weight[1:] = tower.text[1:] @ torch.randn(16, 16) * 0.3 - 0.1
+    tower.fit_new_ids()
+    r = ModelRunner(make_checkpoint(model, IdMap([str(i) for i in range(1, 41)]).to_json()), "cpu")
+    ids, _ = r.recommend(row([3, 7, 9]), 5)
+    top = int(ids[0, 0])
+    r.apply_catalogue([Row(41, 1, TEXTS[top - 1])])
+    ids2, scores2 = r.recommend(row([3, 7, 9], np.array([[1, 41]])), 5)
+    pos = {int(i): float(s) for i, s in zip(ids2[0], scores2[0])}
+    assert 41 in pos and abs(pos[41] - pos[top]) < 1e-4
+    # under 'zero' (the default) the same new item has no id part
+    zero = runner("id+text")
+    zero.apply_catalogue([Row(41, 1, TEXTS[top - 1])])
+    assert torch.count_nonzero(zero.model.item_emb.id_emb.weight[41]) == 0
+
+
 def test_a_changed_text_moves_the_item_and_keeps_its_id() -> None:
     r = runner("text")
     before = r.recommend(row([1, 2]), 40)
