@@ -152,7 +152,7 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
     import torch
 
     from persrec.models import experiment
-    from persrec.models.evaluate import SeenRule, evaluate_rules, target_ranks
+    from persrec.models.evaluate import Evaluator, SeenRule, evaluate_rules
     from persrec.models.recipe import recipe_named
     from persrec.testing.machine import code_commit, cpu_model
 
@@ -195,7 +195,8 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
     seconds = time.monotonic() - t0
     last = fit.history[-1].test
     selected = evaluate_rules(model, data.split.test, rules, device=device) if job.protocol == "heldout" else last
-    ranks = target_ranks(model, data.split.test, device=device, rules={"exclude": rules["exclude"]})["exclude"]
+    tester = Evaluator(data.split.test, model.cfg, {"exclude": rules["exclude"]}, device=device)
+    ranks = tester.ranks(model)["exclude"]
     if save_dir is not None:  # for later evaluations of the same models (e.g. long histories)
         from persrec.models.checkpoint import make_checkpoint, save_checkpoint
 
@@ -205,10 +206,8 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
     if cold is not None:  # test metrics on rows whose target was held out of training, and the rest
         from persrec.models.metrics import metrics_from_ranks
 
-        from persrec.models.evaluate import Evaluator
-
         is_cold = torch.from_numpy(np.isin(data.split.test.target, cold))
-        tester = Evaluator(data.split.test, model.cfg, {"exclude": rules["exclude"]}, device=device)
+
         def cold_share() -> float:  # of the top-10 slots of every test row: how exposed the new items are
             return float(np.isin(tester.top_items(model, 10).numpy(), cold).mean())
 
@@ -327,6 +326,11 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
+def _summary(values: list[float]) -> dict:
+    m, sd = _mean_sd(values)
+    return dict(mean=m, sd=sd, values=values)
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """One entry per (dataset, model, recipe, protocol, item representation, split) over its seeds."""
     groups: dict[tuple, list[dict]] = {}
@@ -353,15 +357,13 @@ def aggregate(rows: list[dict]) -> list[dict]:
                     entry[f"{part}/{metric}"] = dict(mean=m, sd=sd, values=vals)
             entry["cold_rows"] = [r["test_by_target"]["cold_rows"] for r in rs]
             if all("cold_top10_share" in r["test_by_target"] for r in rs):
-                m, sd = _mean_sd(vals := [r["test_by_target"]["cold_top10_share"] for r in rs])
-                entry["cold_top10_share"] = dict(mean=m, sd=sd, values=vals)
+                entry["cold_top10_share"] = _summary([r["test_by_target"]["cold_top10_share"] for r in rs])
         if all("zero_ids" in (r.get("test_by_target") or {}) for r in rs):  # the same weights, new items' ids zero
+            zero = [r["test_by_target"]["zero_ids"] for r in rs]
             for part in ("cold", "warm", "all"):
                 for metric in ("ndcg@10", "hr@10", "hr@200"):
-                    m, sd = _mean_sd(vals := [r["test_by_target"]["zero_ids"][part][metric] for r in rs])
-                    entry[f"zero_ids/{part}/{metric}"] = dict(mean=m, sd=sd, values=vals)
-            m, sd = _mean_sd(vals := [r["test_by_target"]["zero_ids"]["cold_top10_share"] for r in rs])
-            entry["zero_ids/cold_top10_share"] = dict(mean=m, sd=sd, values=vals)
+                    entry[f"zero_ids/{part}/{metric}"] = _summary([z[part][metric] for z in zero])
+            entry["zero_ids/cold_top10_share"] = _summary([z["cold_top10_share"] for z in zero])
         out.append(entry)
     return out
 

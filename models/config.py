@@ -72,7 +72,7 @@ class ModelConfig:
     id_dropout: float = 0.0
     # id+text: the id part of an item the model was not trained on (published after training):
     # zero, or the id its text predicts (a ridge map from the trained items' texts to their ids,
-    # fitted when training ends: models.items.fit_text_to_id)
+    # fitted wherever training evaluates or saves the model: models.items.fit_text_to_id)
     new_item_ids: NewItemIds = NewItemIds.ZERO
     # the encoder that made the text embeddings (models.text.encoder_named): what a served model
     # encodes new items with; "" for a model trained on embeddings of an unnamed encoder

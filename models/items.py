@@ -149,8 +149,7 @@ class ItemTower(nn.Module):
                 self.id_emb = table
         self.text[idx] = emb
         if self.new_ids is NewItemIds.TEXT:  # an item never trained reads the id its (new) text predicts
-            new = idx[idx > self.trained_items]
-            self.id_emb.weight[new] = self.text[new] @ self.text_to_id + self.text_to_id_bias
+            self._predict_ids(idx[idx > self.trained_items])
 
     @torch.no_grad()
     def fit_new_ids(self, known: np.ndarray | None = None) -> None:
@@ -166,8 +165,11 @@ class ItemTower(nn.Module):
         w, b = fit_text_to_id(self.text[k].cpu(), self.id_emb.weight[k].cpu())
         self.text_to_id.copy_(w)
         self.text_to_id_bias.copy_(b)
-        unseen = torch.as_tensor(np.setdiff1d(every, known), device=self.text.device)
-        self.id_emb.weight[unseen] = self.text[unseen] @ self.text_to_id + self.text_to_id_bias
+        self._predict_ids(torch.as_tensor(np.setdiff1d(every, known), device=self.text.device))
+
+    def _predict_ids(self, ids: torch.Tensor) -> None:
+        """The id part of ``ids`` from their texts, through the fitted map."""
+        self.id_emb.weight[ids] = self.text[ids] @ self.text_to_id + self.text_to_id_bias
 
 
 @torch.no_grad()
@@ -194,7 +196,6 @@ def item_tower(num_items: int, dim: int, repr_: ItemRepr, text_dim: int = 0, id_
         with torch.no_grad():
             ids.weight[0].zero_()
     return tower
-
 
 
 def fit_text_to_id(text: torch.Tensor, ids: torch.Tensor, folds: int = 5,
