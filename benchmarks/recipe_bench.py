@@ -93,7 +93,7 @@ def plan(name: str) -> list[Job]:
         # PerSRec against HSTU with the same recipe, seed by seed (comparable rows at any time)
         "ml1m-persrec": sorted(_jobs(["ml1m"], ["hstu"] + PERSREC, ["best"]), key=lambda j: j.seed),
         # INCREMENTAL trained as served: windows anywhere in a history, the memory carried in
-        **{f"{d}-lifelong": _jobs([d], ["persrec-incremental-k8"], ["best+history=lifelong"]) for d in ("ml1m", "mlsmall")},
+        **{f"{d}-lifelong": _jobs([d], ["persrec-incremental-k8"], ["best+history=lifelong"]) for d in ("ml1m", "mlsmall", "ml1m-ts")},
         "ml1m-published": _jobs(["ml1m"], ["hstu"], ["official", "best"], ["published"]),
         "ml1m-screening": _jobs(["ml1m"], ["hstu"], SINGLE + ["official+num_negatives=512"], seeds=(1,)),
         # the time bias on the timestamped sets: the official recipe with and without it
@@ -119,7 +119,7 @@ def plan(name: str) -> list[Job]:
         "quick": [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")],
     }
     if name == "cpu":  # this order on a 2-core machine: cheapest claims first
-        return (plans["timed-mlsmall"] + plans["mlsmall-lifelong"] + plans["ml1m-persrec"] + plans["ml1m-lifelong"] + plans["timed-ml1m-ts"]
+        return (plans["timed-mlsmall"] + plans["mlsmall-lifelong"] + plans["ml1m-persrec"] + plans["ml1m-lifelong"] + plans["timed-ml1m-ts"] + plans["ml1m-ts-lifelong"]
                 + plans["ml1m-published"] + plans["ml1m-screening"] + plans["items-mlsmall"] + plans["items-dropout-mlsmall"]
                 + plans["items-newids-mlsmall"] + plans["items-ml1m"] + plans["items-dropout-ml1m"])
     if name not in plans:
