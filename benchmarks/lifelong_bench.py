@@ -15,13 +15,15 @@ at a time on one thread:
 - ``persrec-cached``: INCREMENTAL with its recent items' keys/values cached behind the memory
   (``PerSRec.extend_cache(..., memory)``, exact): an event is one position; after each fold the
   recent items' keys/values are rebuilt against the new memory, amortised like the fold. The
-  stream does not serve this yet: it re-runs the recent window for every event.
+  stream serves it (Triton's ``recommend`` keeps the windows' keys/values:
+  ``serving/window_cache.py``).
 
 FLOPs are analytic (``models/flops.py``: matrix products, causal pairs only); times are medians.
 State per user: raw ids as int32, keys/values and memories as float16.
 
 ``accuracy`` (trained weights from ``recipe_bench.py``, kept in ``runs/recipe_bench``): test
-NDCG@10/HR@10 on ML-1M or ml-latest-small (``--dataset``; the latter with its time bias) overall
+NDCG@10/HR@10 on ML-1M, its timestamped users 1-2,999 or ml-latest-small (``--dataset``; the
+timestamped sets with their time bias) overall
 and by history length (< 200, 200-499, >= 500 events), 3 seeds,
 for HSTU over the last 200 / the whole history / the last 50, PerSRec INCREMENTAL folded over
 the entire history, and PerSRec RECOMPRESS with 150 and 1,000 aged-out items; paired bootstrap
@@ -30,6 +32,7 @@ intervals against HSTU over the last 200.
     .venv/bin/python benchmarks/lifelong_bench.py cost --threads 1          # -> results/lifelong_cost.{json,md,png}
     .venv/bin/python benchmarks/lifelong_bench.py accuracy --threads 2      # -> results/lifelong_ml1m.{json,md,png}
     .venv/bin/python benchmarks/lifelong_bench.py accuracy --dataset mlsmall  # -> results/lifelong_mlsmall.{json,md,png}
+    .venv/bin/python benchmarks/lifelong_bench.py accuracy --dataset ml1m-ts  # -> results/lifelong_ml1m-ts.{json,md,png}
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ from persrec.testing.machine import code_commit, cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "recipe_bench"
-DATASETS = {"ml1m": "ml-1m/ml-1m_sequences_original_ids.txt.gz", "mlsmall": "ml-latest-small/ratings.csv"}
+DATASETS = {"ml1m": "ml-1m/ml-1m_sequences_original_ids.txt.gz", "ml1m-ts": "ml-1m/ratings_subset_users1-2999.dat.gz",
+            "mlsmall": "ml-latest-small/ratings.csv"}
 LENGTHS = (50, 100, 200, 400, 800, 1600, 2400, 2698)
 ID_BYTES, HALF = 4, 2
 BUDGET = 1000  # RECOMPRESS's longer history budget

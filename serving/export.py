@@ -69,6 +69,23 @@ def versioned_config(model_dir: Path, config: str, keep: int) -> str:
     return f"{config}version_policy: {{ latest: {{ num_versions: {keep if fits else 1} }} }}\n"
 
 
+def block_bytecode_cache(version_dir: Path) -> None:
+    """Keep the python backend from writing into ``version_dir`` once Triton has read it.
+
+    The backend's stub imports ``model.py`` and Python caches its bytecode in
+    ``__pycache__/`` beside it (the stub ignores ``PYTHONDONTWRITEBYTECODE``). Triton takes the
+    newest modification time under a version directory for that version's timestamp, so the
+    next ``load_model`` (the one that adds version N+1) found version N modified and reloaded
+    it under traffic: its serving instance was finalized, which sometimes aborts tritonserver
+    (RELIABILITY.md), and its window cache was lost. An empty *file* named ``__pycache__``
+    makes Python skip the cache (it cannot create the directory, and carries on from source,
+    whatever its version or user), so a loaded version's directory stays as exported."""
+    cache = version_dir / "__pycache__"
+    if cache.is_dir():  # a version exported again over one Triton already imported
+        shutil.rmtree(cache)
+    cache.touch()
+
+
 def export_repository(
     checkpoint: Path | Checkpoint, out: Path, *, top_k: int = 10, version: int = 1, kind: str = "auto",
     max_batch_size: int = 1024, instances: int = 1, exclude_seen: bool = True, cpu_threads: int = 1,
@@ -142,6 +159,7 @@ def export_repository(
         vdir = out / name / str(version)
         vdir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(TEMPLATES / name / "model.py", vdir / "model.py")
+        block_bytecode_cache(vdir)
         if name != "encode_items":  # the encoder is named in its config; it needs no weights of ours
             save_checkpoint(ck, vdir / "checkpoint.pt")
         (out / name / "config.pbtxt").write_text(versioned_config(out / name, config, keep_versions))

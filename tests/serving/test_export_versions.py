@@ -64,14 +64,30 @@ def test_config_keeps_the_previous_version_only_when_it_fits(tmp_path) -> None:
     assert "num_versions: 1" in config.read_text()
 
 
+def inference_count(server, model: str, version: str) -> int:
+    """Triton's count of rows ``version`` of ``model`` has run since it was (re)loaded."""
+    client = server.client()
+    try:
+        stats = client.get_inference_statistics(model, version)["model_stats"]
+    finally:
+        client.close()
+    return int(stats[0]["inference_count"])
+
+
 @pytest.mark.triton
 def test_triton_answers_both_versions_each_with_its_own_model(tmp_path, triton_factory) -> None:
     a, b = checkpoint(1), checkpoint(2)
     export_repository(a, tmp_path, version=1)
     server = triton_factory(tmp_path, ["recommend"])
+    x = ModelInputs.of_rows([[1, 2, 3], [7, 8]], [[0, 0, 0], [0, 0]])
+    recommend_on(server, x, "1")
+    assert inference_count(server, "recommend", "1") == 2
     export_repository(b, tmp_path, version=2)
     server.load_model("recommend")  # version 2 loads; version 1 stays
-    x = ModelInputs.of_rows([[1, 2, 3], [7, 8]], [[0, 0, 0], [0, 0]])
+    # ... the instance that served it, not a reloaded one (a reload starts its count at 0): the
+    # python backend left its version directory as exported (``block_bytecode_cache``)
+    assert inference_count(server, "recommend", "1") == 2
+    assert (tmp_path / "recommend" / "1" / "__pycache__").is_file()
     for ck, version in ((a, "1"), (b, "2")):
         ready, (ids, scores) = recommend_on(server, x, version)
         want_ids, want_scores = ModelRunner(ck, "cpu").recommend(x, 10)
