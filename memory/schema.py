@@ -86,6 +86,9 @@ class ModelSwitch(Base):
     to_triton_version: Mapped[int] = mapped_column(Integer)
     to_model_version: Mapped[str] = mapped_column(String(128))
     requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # UTC
+    # where each version is served, if not on the workers' own Triton (revision 0006)
+    from_triton_url: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    to_triton_url: Mapped[str | None] = mapped_column(String(512), nullable=True)
 
 
 class SwitchOffset(Base):

@@ -1,7 +1,9 @@
 """Model changes made while the workers run, in tables ``model_switch`` and ``switch_offset``.
 
 ``persrec switch`` requests one (``request``): the worker group ``app_id`` moves from one Triton
-version of the repository to another. Each worker takes the request up while it runs; for each
+version of the repository to another, each served by the workers' own Triton or by the one at
+the URL the request names (a second tritonserver for the new version: nothing is loaded into the
+serving one under traffic). Each worker takes the request up while it runs; for each
 input partition, the first worker to answer an event of it with the new model records that
 event's offset (``record``): every event of the partition before it is the old model's to
 answer, every one from it the new model's, whichever worker owns the partition then or later.
@@ -28,16 +30,24 @@ class SwitchRequest:
     to_triton_version: int
     to_model_version: str
     requested_at: datetime
+    from_triton_url: str | None = None  # None: the workers' own Triton (PERSREC_TRITON_GRPC_URL)
+    to_triton_url: str | None = None
+
+    def triton_url(self, triton_version: int) -> str | None:
+        """Where ``triton_version`` (one of the two) is served; None: the workers' own Triton."""
+        return self.to_triton_url if triton_version == self.to_triton_version else self.from_triton_url
 
 
 class SqlSwitches(EngineUser):
     """Thread-safe like ``SqlMemoryStore``: each call is one short transaction."""
 
     def request(self, app_id: str, from_triton_version: int, to_triton_version: int, to_model_version: str,
-                clock=utc_now) -> SwitchRequest:
+                clock=utc_now, *, from_triton_url: str | None = None, to_triton_url: str | None = None) -> SwitchRequest:
         """Ask ``app_id``'s workers to move to ``to_triton_version``; replaces an earlier request
-        and forgets its offsets (a rollback is a request the other way)."""
-        req = SwitchRequest(from_triton_version, to_triton_version, to_model_version, clock())
+        and forgets its offsets (a rollback is a request the other way). A version served by
+        another Triton than the workers' own is named with its gRPC URL."""
+        req = SwitchRequest(from_triton_version, to_triton_version, to_model_version, clock(),
+                            from_triton_url, to_triton_url)
         with self._writer.begin() as conn:
             conn.execute(_O.delete().where(_O.c.app_id == app_id))
             conn.execute(_S.delete().where(_S.c.app_id == app_id))
@@ -50,7 +60,8 @@ class SqlSwitches(EngineUser):
         if row is None:
             return None
         return SwitchRequest(int(row["from_triton_version"]), int(row["to_triton_version"]),
-                             row["to_model_version"], as_utc(row["requested_at"]))
+                             row["to_model_version"], as_utc(row["requested_at"]),
+                             row["from_triton_url"], row["to_triton_url"])
 
     def offsets(self, app_id: str, to_model_version: str) -> dict[int, int]:
         """Partition -> the first offset the new model answers, for the partitions switched."""

@@ -488,12 +488,20 @@ def switch_start(
     to_version: Annotated[int, typer.Argument(help="the Triton version the workers move to")],
     from_version: Annotated[int, typer.Option("--from", help="the Triton version they serve now")],
     repository: Annotated[Optional[Path], typer.Option(help="the repository (default: PERSREC_MODEL_REPOSITORY)")] = None,
+    triton_url: Annotated[Optional[str], typer.Option(
+        "--triton-url", help="gRPC URL of the Triton serving the new version, if not the workers' own")] = None,
+    from_triton_url: Annotated[Optional[str], typer.Option(
+        "--from-triton-url", help="gRPC URL of the Triton serving the old version, if not the workers' own")] = None,
 ) -> None:
     """Ask the worker group PERSREC_APP_ID to move from one loaded Triton version to another
     without stopping: per input partition, events from the first one a worker reads after it
     took the request up are answered by the new model, the ones before by the old; the new
     model's memories are made from the old rows as users come. Both versions must stay loaded
-    until ``persrec switch finish``. A rollback is ``switch start`` the other way."""
+    until ``persrec switch finish``. A rollback is ``switch start`` the other way.
+
+    The new version may be served by a second tritonserver (``--triton-url``, same repository):
+    nothing is then loaded into the serving one under traffic, which can crash it
+    (RELIABILITY.md)."""
     from persrec.memory import SqlSwitches, migrate
     from persrec.stream.manifest import Manifest
     from persrec.stream.switch import incompatibility
@@ -512,11 +520,13 @@ def switch_start(
     migrate(s.resolved_database_url)
     store = SqlSwitches(s.resolved_database_url)
     try:
-        store.request(s.app_id, from_version, to_version, new.model_version)
+        store.request(s.app_id, from_version, to_version, new.model_version,
+                      from_triton_url=from_triton_url, to_triton_url=triton_url)
     finally:
         store.close()
+    where = f" at {triton_url}" if triton_url else ""
     console.print(f"{s.app_id}: switching from version {from_version} ({old.model_version}) to {to_version} "
-                  f"({new.model_version}); workers take it up within PERSREC_SWITCH_POLL_S ({s.switch_poll_s} s)")
+                  f"({new.model_version}{where}); workers take it up within PERSREC_SWITCH_POLL_S ({s.switch_poll_s} s)")
 
 
 @switch_app.command("status")
@@ -535,8 +545,10 @@ def switch_status() -> None:
     if req is None:
         console.print(f"{s.app_id}: no switch under way")
         return
-    console.print(f"{s.app_id}: version {req.from_triton_version} -> {req.to_triton_version} "
-                  f"({req.to_model_version}), requested {req.requested_at.isoformat()}")
+    at = lambda url: f" at {url}" if url else ""  # noqa: E731
+    console.print(f"{s.app_id}: version {req.from_triton_version}{at(req.from_triton_url)} -> "
+                  f"{req.to_triton_version}{at(req.to_triton_url)} ({req.to_model_version}), "
+                  f"requested {req.requested_at.isoformat()}")
     table = Table("partition", "first offset of the new model")
     for partition in range(s.partitions):
         table.add_row(str(partition), str(offsets.get(partition, "not yet")))

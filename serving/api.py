@@ -282,6 +282,7 @@ _STATUS = _object(
     model_version=_STR,
     switch=_object(["from_version", "to_version", "partitions"], from_version=_STR, to_version=_STR,
                    from_triton_version=_INT, to_triton_version=_INT, requested_at=_STR, memories_made=_INT,
+                   from_triton_url=_STR | {"nullable": True}, to_triton_url=_STR | {"nullable": True},
                    partitions={"type": "object", "additionalProperties": _INT}) | {"nullable": True},
     catalogue=_object(["items", "trained", "registered", "revision", "newest"], items=_INT, trained=_INT,
                       registered=_INT, changed=_INT, revision=_INT,

@@ -71,7 +71,7 @@ class Pipeline:
 
     def __init__(self, app: faust.App, settings: Settings, make_runtime: Callable[..., Awaitable[Runtime]],
                  switches: SqlSwitches | None = None) -> None:
-        """``make_runtime(read_window, triton_version=None, counters=None)``: a runtime for the
+        """``make_runtime(read_window, triton_version=None, counters=None, triton_url=None)``: a runtime for the
         configured model version, or for another (a switch, from ``switches``)."""
         self.app, self.settings, self._make_runtime, self.switches = app, settings, make_runtime, switches
         raw = dict(key_serializer="raw", value_serializer="raw")
@@ -126,7 +126,7 @@ class Pipeline:
         rt = await self._make_runtime(read)
         if self.switches is not None:  # a switch under way: the worker joins it before reading
             self.switcher = Switcher(self.switches, self.settings.app_id,
-                                     lambda version: self._make_runtime(read, version, rt.counters),
+                                     lambda version, url: self._make_runtime(read, version, rt.counters, url),
                                      self.settings.storage_dtype)
             rt = await retrying("reading the model switch", 1, lambda: self.switcher.poll(rt))
         return rt

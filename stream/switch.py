@@ -120,12 +120,14 @@ class Switching:
         return {"from_version": self.old.manifest.model_version, "to_version": self.new.manifest.model_version,
                 "from_triton_version": self.request.from_triton_version,
                 "to_triton_version": self.request.to_triton_version,
+                "from_triton_url": self.request.from_triton_url, "to_triton_url": self.request.to_triton_url,
                 "requested_at": self.request.requested_at.isoformat(),
                 "partitions": {str(p): o for p, o in sorted(self.offsets.items())},
                 "memories_made": getattr(self.new.memories.catch_up, "made", 0)}
 
 
-MakeRuntime = Callable[[int], Awaitable["Runtime"]]  # Triton version -> a runtime serving it
+# (Triton version, the gRPC URL of the Triton serving it or None for the workers' own) -> a runtime
+MakeRuntime = Callable[[int, "str | None"], Awaitable["Runtime"]]
 
 
 class Switcher:
@@ -148,8 +150,9 @@ class Switcher:
         if active.manifest.triton_version not in versions:
             return await self._refuse(request, f"this worker serves version {active.manifest.triton_version}, "
                                                f"not {versions}", active)
+        other_version = versions[active.manifest.triton_version == request.from_triton_version]
         try:
-            other = await self.make_runtime(versions[active.manifest.triton_version == request.from_triton_version])
+            other = await self.make_runtime(other_version, request.triton_url(other_version))
         except (OSError, ValueError, KeyError) as exc:  # the version is not in this worker's repository
             return await self._refuse(request, f"{type(exc).__name__}: {exc}", active)
         old, new = (active, other) if active.manifest.triton_version == request.from_triton_version else (other, active)

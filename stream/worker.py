@@ -52,12 +52,13 @@ def build_worker(settings: Settings, *, with_api: bool = True) -> tuple[faust.Ap
     cfg = StreamConfig(storage_dtype=settings.storage_dtype)
     registry: ItemRegistry | None = None
 
-    async def make_runtime(read_window, triton_version: int | None = None, counters=None):
-        """The configured model's runtime, or Triton version ``triton_version``'s (a switch)."""
+    async def make_runtime(read_window, triton_version: int | None = None, counters=None, triton_url=None):
+        """The configured model's runtime, or Triton version ``triton_version``'s (a switch),
+        served by the Triton at ``triton_url`` (None: PERSREC_TRITON_GRPC_URL)."""
         m, ids = (manifest, id_map) if triton_version is None else load_serving_model(
             settings.model_repository, triton_version)
         store = SqlMemoryStore(db_url, storage_dtype=settings.storage_dtype)
-        models = TritonModels(settings.triton_grpc_url, timeout_s=settings.triton_timeout_s, max_attempts=None,
+        models = TritonModels(triton_url or settings.triton_grpc_url, timeout_s=settings.triton_timeout_s, max_attempts=None,
                               version=str(m.triton_version), fold_model=m.fold_model)
         rt = Runtime(store, models, ids, m, cfg, read_window, counters)
         await registry.load(rt)

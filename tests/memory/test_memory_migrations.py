@@ -22,7 +22,7 @@ from persrec.memory import (
 )
 from persrec.memory.rows import record_to_columns, utc_now
 
-HEAD = "0005"
+HEAD = "0006"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -34,6 +34,15 @@ def test_the_first_recorded_offset_of_a_partition_stays(switches) -> None:
     assert switches.finish(app) and switches.current(app) is None and not switches.finish(app)
 
 
+def test_a_request_names_where_each_version_is_served(switches) -> None:
+    app = f"app-{uuid.uuid4().hex[:6]}"
+    req = switches.request(app, 1, 2, "B", to_triton_url="triton-green:8001")
+    assert switches.current(app) == req
+    assert (req.triton_url(1), req.triton_url(2)) == (None, "triton-green:8001")  # None: the workers' own
+    back = switches.request(app, 2, 1, "A", from_triton_url="triton-green:8001")  # the rollback
+    assert switches.current(app) == back and (back.triton_url(1), back.triton_url(2)) == (None, "triton-green:8001")
+
+
 def test_concurrent_workers_agree_on_one_offset(switches) -> None:
     app = f"app-{uuid.uuid4().hex[:6]}"
     switches.request(app, 1, 2, "B")

@@ -1,9 +1,11 @@
 """Model switch under load, without stopping the worker (``persrec switch``, stream/switch.py).
 
 Events flow at a steady rate to a worker serving model A (Triton version 1). Meanwhile:
-1. model B is exported as version 2 and loaded beside version 1;
-2. ``persrec switch start 2 --from 1`` (the real CLI) while traffic flows; the worker takes it up
-   and records, per partition, the offset of the first event it reads since;
+1. model B is exported as version 2 into the same repository and served by a second tritonserver
+   (blue/green: loading a python-backend model into the serving Triton under traffic can crash
+   it, RELIABILITY.md; ``tests/stream/test_switch.py`` covers the load beside version 1);
+2. ``persrec switch start 2 --from 1 --triton-url B`` (the real CLI) while traffic flows; the
+   worker takes it up and records, per partition, the offset of the first event it reads since;
 then the traffic goes on to the end.
 
 Checks: no event lost; per partition every event before the recorded offset is answered by A and
@@ -76,7 +78,7 @@ def quantiles(values: list[float]) -> dict[str, float | None]:
 
 
 @pytest.mark.parametrize("load", ["steady", "fast"])
-def test_switch_while_events_flow(served_model, stack, scale, figures, load) -> None:
+def test_switch_while_events_flow(served_model, stack, triton_factory, scale, figures, load) -> None:
     """``steady``: the rate of the rollout scenario (250 events/s long, 100 short); ``fast``
     (long only): 1,000 events/s."""
     if load == "fast" and scale != "long":
@@ -99,16 +101,18 @@ def test_switch_while_events_flow(served_model, stack, scale, figures, load) -> 
     # the last event (CI, 2 loaded cores: 36 s from 40% of the events to the switch, which then
     # recorded no partition)
     producer = PacedProducer(boot, settings.topic_interactions, iter(events), rate, hold_at=int(n_max * 0.9))
+    green = None
     producer.start()
     try:
         wait_alive(lambda: producer.sent >= switch_at, {"worker": worker.pid}, 900, "traffic before the switch")
-        # 1. model B as version 2, loaded beside version 1 while A serves
+        # 1. model B as version 2, served by a second Triton while A serves (the serving one
+        # loads nothing: explicit model control)
         export_repository(ck_b, repo, top_k=10, version=2)
-        server.load_model("recommend")
-        server.load_model("fold")
+        green = triton_factory(repo, ["recommend", "fold"])
         # 2. the switch, with the real CLI
         asked_at = time.time()
-        done = subprocess.run([sys.executable, "-m", "persrec.cli", "switch", "start", "2", "--from", "1"],
+        done = subprocess.run([sys.executable, "-m", "persrec.cli", "switch", "start", "2", "--from", "1",
+                               "--triton-url", green.grpc_url],
                               env=dict(os.environ) | settings_env(settings) | {"COLUMNS": "300"},
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -125,6 +129,8 @@ def test_switch_while_events_flow(served_model, stack, scale, figures, load) -> 
     finally:
         producer.stop()
         recs.close()
+        if green is not None:
+            green.stop()
     with recs.lock:
         bodies = list(recs.bodies)
 
@@ -135,6 +141,7 @@ def test_switch_while_events_flow(served_model, stack, scale, figures, load) -> 
 
     # each partition split at its recorded offset: A before it, B from it
     offsets = {int(p): o for p, o in status["switch"]["partitions"].items()}
+    assert status["switch"]["to_triton_url"] == green.grpc_url and status["switch"]["from_triton_url"] is None
     assert set(offsets) == set(range(settings.partitions))
     for b in bodies:
         p, o = b["event"]["partition"], b["event"]["offset"]
