@@ -112,7 +112,7 @@ def trial(args, work: Path) -> dict:
                 errors.append(f"client: {type(r).__name__}: {r}"[:300])
         return [r for r in results if isinstance(r, int)]
 
-    before = len(stub_crashes())
+    before = set(stub_crashes())
     started = time.monotonic()
     loader = threading.Thread(target=load_others)
     loader.start()
@@ -120,11 +120,14 @@ def trial(args, work: Path) -> dict:
     loader.join()
     alive = server.running
     server.stop()
-    log = (work / "triton" / "tritonserver.log")
-    aborted = log.is_file() and "lock_exception" in log.read_text(errors="replace")
-    return dict(alive=alive, aborted_lock_exception=aborted, models_loaded=len(loaded),
+    log = work / "triton" / "tritonserver.log"
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    last_words = [line for line in text.splitlines()
+                  if any(w in line for w in ("terminate called", "what():", "Signal (", "Stub process", "unhealthy"))]
+    return dict(alive=alive, aborted_lock_exception="lock_exception" in text, models_loaded=len(loaded),
                 batches_answered=answered, seconds=round(time.monotonic() - started, 1),
-                stub_crashes=stub_crashes()[before:], errors=errors)
+                stub_crashes=[c for c in stub_crashes() if c not in before], server_log=last_words[-6:],
+                errors=errors)
 
 
 def main() -> None:
