@@ -125,7 +125,8 @@ def test_rollout_while_events_flow(served_model, repository, rollout_settings, w
     producer = PacedProducer(bootstrap, settings.topic_interactions, iter(events), rate)
     producer.start()
     try:
-        wait_alive(lambda: producer.sent >= switch_at, {"old worker": old.pid}, 600, "traffic before the switch")
+        wait_alive(lambda: producer.sent >= switch_at, {"old worker": old.pid, "triton": server.pid}, 600,
+                   "traffic before the switch")
 
         # 1. model B as Triton version 2, loaded beside version 1
         export_repository(ck_b, repo, top_k=10, version=2)
@@ -181,7 +182,8 @@ def test_rollout_while_events_flow(served_model, repository, rollout_settings, w
         n_events = producer.sent
         events = events[:n_events]
         by_user = events_by_user(events)
-        wait_alive(lambda: recs.count() >= n_events, {"new worker": new.pid}, 600, "every event answered")
+        wait_alive(lambda: recs.count() >= n_events, {"new worker": new.pid, "triton": server.pid}, 600,
+                   "every event answered")
         wait_for(lambda: (s := new.status())["lag"] is not None and not any(s["lag"].values())
                  and s["fold_backlog"] == 0, 120, "lag 0 and folds done")
         time.sleep(2)  # late repeats, if any, reach the collector

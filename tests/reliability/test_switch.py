@@ -104,7 +104,8 @@ def test_switch_while_events_flow(served_model, stack, triton_factory, scale, fi
     green = None
     producer.start()
     try:
-        wait_alive(lambda: producer.sent >= switch_at, {"worker": worker.pid}, 900, "traffic before the switch")
+        wait_alive(lambda: producer.sent >= switch_at, {"worker": worker.pid, "triton": server.pid}, 900,
+                   "traffic before the switch")
         # 1. model B as version 2, served by a second Triton while A serves (the serving one
         # loads nothing: explicit model control)
         export_repository(ck_b, repo, top_k=10, version=2)
@@ -121,7 +122,8 @@ def test_switch_while_events_flow(served_model, stack, triton_factory, scale, fi
         producer.release()
         producer.join(n_max / rate + 900)
         assert producer.error is None and producer.sent == n_max, producer.error
-        wait_alive(lambda: recs.count() >= n_max, {"worker": worker.pid}, 900, "every event answered")
+        wait_alive(lambda: recs.count() >= n_max, {"worker": worker.pid, "triton": server.pid, "green triton": green.pid},
+                   900, "every event answered")
         wait_for(lambda: (s := worker.status())["lag"] is not None and not any(s["lag"].values())
                  and s["fold_backlog"] == 0, 120, "lag 0 and folds done")
         time.sleep(2)  # late repeats, if any, reach the collector
