@@ -76,8 +76,9 @@ def block_bytecode_cache(version_dir: Path) -> None:
     ``__pycache__/`` beside it (the stub ignores ``PYTHONDONTWRITEBYTECODE``). Triton takes the
     newest modification time under a version directory for that version's timestamp, so the
     next ``load_model`` (the one that adds version N+1) found version N modified and reloaded
-    it under traffic: its serving instance was finalized, which sometimes aborts tritonserver
-    (RELIABILITY.md), and its window cache was lost. An empty *file* named ``__pycache__``
+    it under traffic: its serving instance was replaced and its window cache lost (the
+    tritonserver aborts seen during switches have another cause: RELIABILITY.md). An empty
+    *file* named ``__pycache__``
     makes Python skip the cache (it cannot create the directory, and carries on from source,
     whatever its version or user), so a loaded version's directory stays as exported."""
     cache = version_dir / "__pycache__"
