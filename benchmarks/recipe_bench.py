@@ -346,15 +346,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
         for when in ("selected", "last"):
             for rule in RULES:
                 for metric in ("ndcg@10", "hr@10", "ndcg@50", "mrr"):
-                    vals = [r[f"test_{when}"][rule][metric] for r in rs]
-                    m, sd = _mean_sd(vals)
-                    entry[f"{when}/{rule}/{metric}"] = dict(mean=m, sd=sd, values=vals)
+                    entry[f"{when}/{rule}/{metric}"] = _summary([r[f"test_{when}"][rule][metric] for r in rs])
         if all("cold" in (r.get("test_by_target") or {}) for r in rs):  # a cold-start split: targets never trained on
             for part in ("cold", "warm"):
                 for metric in ("ndcg@10", "hr@10", "hr@200"):
-                    vals = [r["test_by_target"][part][metric] for r in rs]
-                    m, sd = _mean_sd(vals)
-                    entry[f"{part}/{metric}"] = dict(mean=m, sd=sd, values=vals)
+                    entry[f"{part}/{metric}"] = _summary([r["test_by_target"][part][metric] for r in rs])
             entry["cold_rows"] = [r["test_by_target"]["cold_rows"] for r in rs]
             if all("cold_top10_share" in r["test_by_target"] for r in rs):
                 entry["cold_top10_share"] = _summary([r["test_by_target"]["cold_top10_share"] for r in rs])
