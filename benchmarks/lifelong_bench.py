@@ -26,8 +26,9 @@ NDCG@10/HR@10 on ML-1M, its timestamped users 1-2,999 or ml-latest-small (``--da
 timestamped sets with their time bias) overall
 and by history length (< 200, 200-499, >= 500 events), 3 seeds,
 for HSTU over the last 200 / the whole history / the last 50, PerSRec INCREMENTAL folded over
-the entire history, and PerSRec RECOMPRESS with 150 and 1,000 aged-out items; paired bootstrap
-intervals against HSTU over the last 200.
+the entire history, and PerSRec RECOMPRESS with 150 and 1,000 aged-out items; each PerSRec model
+also with its memory withheld (the same raw part read beside the new-user memory: what the
+memory adds); paired bootstrap intervals against HSTU over the last 200.
 
     .venv/bin/python benchmarks/lifelong_bench.py cost --threads 1          # -> results/lifelong_cost.{json,md,png}
     .venv/bin/python benchmarks/lifelong_bench.py accuracy --threads 2      # -> results/lifelong_ml1m.{json,md,png}
@@ -228,6 +229,13 @@ def whole_history_vectors(model, histories, times, request_ts, device, max_token
     return out
 
 
+def raw_part(cfg: ModelConfig, seqs: list[np.ndarray]) -> list[np.ndarray]:
+    """What the served model reads raw beside its memory: each sequence after its whole
+    segments (``recent_len`` to ``recent_len + segment_len - 1`` items, or all of a short one).
+    Read alone it folds nothing, so the model answers from the new-user memory."""
+    return [s[whole_segments(len(s), cfg) * cfg.segment_len:] for s in seqs]
+
+
 def accuracy(args) -> dict:
     from persrec.models.checkpoint import load_checkpoint
     from persrec.models.evaluate import Evaluator, SeenRule
@@ -273,7 +281,16 @@ def accuracy(args) -> dict:
             add("PerSRec RECOMPRESS, last 150 aged out", lifelong_vectors(m, rows_.history, times, request), m)
             add(f"PerSRec RECOMPRESS, last {BUDGET:,} aged out",
                 lifelong_vectors(m, rows_.history, times, request, recompress_budget=BUDGET), m)
+        for label, name in (("incremental-lifelong", "PerSRec INCREMENTAL trained as served, memory withheld"),
+                            ("recompress", "PerSRec RECOMPRESS, memory withheld")):
+            if label in found:  # the same raw part, beside the new-user memory: what the memory adds
+                m = found[label]
+                recent, recent_times = raw_part(m.cfg, rows_.history), None if times is None else raw_part(m.cfg, times)
+                add(name, lifelong_vectors(m, recent, recent_times, request), m)
         print(f"seed {seed}: {sorted(per_row)}", flush=True)
+    if not per_row:
+        raise SystemExit(f"no trained weights for {args.dataset} seeds {args.seeds} in {RUNS}: train them first "
+                         f"(benchmarks/recipe_bench.py run --plan timed-{args.dataset} / {args.dataset}-lifelong)")
     base = per_row.get("HSTU, last 200")
     table = []
     for name, ranks in per_row.items():
@@ -346,7 +363,7 @@ def main() -> None:
         (args.out / "lifelong_cost.json").write_text(json.dumps(res, indent=1))
         cost_report(res, args.out)
     else:
-        res = accuracy(args)
+        res = accuracy(args) | dict(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), code=code_commit("models", "benchmarks/lifelong_bench.py"))
         (args.out / f"lifelong_{args.dataset}.json").write_text(json.dumps(res, indent=1))
         accuracy_report(res, args.out)
 
