@@ -229,6 +229,13 @@ def whole_history_vectors(model, histories, times, request_ts, device, max_token
     return out
 
 
+WITHHELD = {  # model: (its row with the memory withheld, its row as served)
+    "incremental-lifelong": ("PerSRec INCREMENTAL trained as served, memory withheld",
+                             "PerSRec INCREMENTAL trained as served, whole history"),
+    "recompress": ("PerSRec RECOMPRESS, memory withheld", "PerSRec RECOMPRESS, last 150 aged out"),
+}
+
+
 def raw_part(cfg: ModelConfig, seqs: list[np.ndarray]) -> list[np.ndarray]:
     """What the served model reads raw beside its memory: each sequence after its whole
     segments (``recent_len`` to ``recent_len + segment_len - 1`` items, or all of a short one).
@@ -281,8 +288,7 @@ def accuracy(args) -> dict:
             add("PerSRec RECOMPRESS, last 150 aged out", lifelong_vectors(m, rows_.history, times, request), m)
             add(f"PerSRec RECOMPRESS, last {BUDGET:,} aged out",
                 lifelong_vectors(m, rows_.history, times, request, recompress_budget=BUDGET), m)
-        for label, name in (("incremental-lifelong", "PerSRec INCREMENTAL trained as served, memory withheld"),
-                            ("recompress", "PerSRec RECOMPRESS, memory withheld")):
+        for label, (name, _) in WITHHELD.items():
             if label in found:  # the same raw part, beside the new-user memory: what the memory adds
                 m = found[label]
                 recent, recent_times = raw_part(m.cfg, rows_.history), None if times is None else raw_part(m.cfg, times)
@@ -291,7 +297,14 @@ def accuracy(args) -> dict:
     if not per_row:
         raise SystemExit(f"no trained weights for {args.dataset} seeds {args.seeds} in {RUNS}: train them first "
                          f"(benchmarks/recipe_bench.py run --plan timed-{args.dataset} / {args.dataset}-lifelong)")
-    base = per_row.get("HSTU, last 200")
+    def paired(ranks, base, sel):  # per-user NDCG@10 averaged over seeds, then the bootstrap ratio
+        if base is None or len(base) != len(ranks):
+            return None
+        a = torch.stack([ndcg_at(r[sel], 10) for r in ranks]).mean(0)
+        b = torch.stack([ndcg_at(r[sel], 10) for r in base]).mean(0)
+        return paired_ratio_interval(a, b) if float(b.mean()) > 0 else None
+
+    served_of = {withheld: served for withheld, served in WITHHELD.values()}
     table = []
     for name, ranks in per_row.items():
         entry = dict(row=name, seeds=len(ranks))
@@ -302,10 +315,10 @@ def accuracy(args) -> dict:
                 xs = [v[metric] for v in vals]
                 entry[f"{label}/{metric}"] = dict(mean=statistics.fmean(xs), sd=statistics.stdev(xs) if len(xs) > 1 else None)
             entry[f"{label}/users"] = int(sel.sum())
-            if base is not None and len(base) == len(ranks):
-                a = torch.stack([ndcg_at(r[sel], 10) for r in ranks]).mean(0)
-                b = torch.stack([ndcg_at(r[sel], 10) for r in base]).mean(0)
-                entry[f"{label}/vs_hstu200"] = paired_ratio_interval(a, b) if float(b.mean()) > 0 else None
+            entry[f"{label}/vs_hstu200"] = paired(ranks, per_row.get("HSTU, last 200"), sel)
+            if name in served_of:  # the served row against this one: what the memory adds
+                entry[f"{label}/served_vs_withheld"] = paired(per_row.get(served_of[name]), ranks, sel) \
+                    if served_of[name] in per_row else None
         table.append(entry)
     return dict(mode="accuracy", dataset=args.dataset, rows=table, seeds=list(args.seeds),
                 machine=dict(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__),
@@ -322,6 +335,15 @@ def accuracy_report(res: dict, out: Path) -> None:
         cells = [fmt(e[f"{label}/ndcg@10"]) for label in ("all",) + tuple(b[2] for b in BUCKETS)]
         lines.append(f"| {e['row']} | {e['seeds']} | " + " | ".join(cells) + " | "
                      + ("-" if not ratio else f"{ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}]") + " |")
+    gains = [e for e in res["rows"] if "all/served_vs_withheld" in e]
+    if gains:
+        ci = lambda r: "-" if not r else f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"  # noqa: E731
+        lines += ["", "What the memory adds: NDCG@10 as served / with the memory withheld, paired over users "
+                  "(95% bootstrap interval)", "",
+                  "| model | all | < 200 | 200-499 | >= 500 |", "|---|---|---|---|---|"]
+        lines += [f"| {e['row'].removesuffix(', memory withheld')} | "
+                  + " | ".join(ci(e[f"{label}/served_vs_withheld"]) for label in ("all",) + tuple(b[2] for b in BUCKETS))
+                  + " |" for e in gains]
     (out / f"lifelong_{res['dataset']}.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
