@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from persrec.testing.machine import code_commit
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -48,7 +50,8 @@ class Figures:
         row = data.setdefault(self.scenario, {})
         row.update(values)
         row.update(scale=self.scale, recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   machine=f"{platform.machine()}, {os.cpu_count()} cores")
+                   machine=f"{platform.machine()}, {os.cpu_count()} cores", code=code_commit("stream", "serving", "memory"),
+                   load_average=[round(x, 2) for x in os.getloadavg()])  # what else used the cores
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
