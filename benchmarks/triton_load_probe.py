@@ -13,6 +13,10 @@ readable). Results: ``results/triton_load_probe.json``.
     .venv/bin/python benchmarks/triton_load_probe.py --trials 3 --loads 6            # ~1-4 min a trial
     .venv/bin/python benchmarks/triton_load_probe.py --trials 2 --loads 0 --hold 120  # the control
     .venv/bin/python benchmarks/triton_load_probe.py --extra-arg=--backend-config=python,shm-default-byte-size=67108864
+    .venv/bin/python benchmarks/triton_load_probe.py --trials 30 --loads 0           # starts only (~10 s a trial)
+
+A server that dies while it starts its four python-backend instances counts as not surviving
+(``died_starting``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from persrec.embedded._proc import ServiceBinaryNotFound, ServiceError
 from persrec.embedded.triton import EmbeddedTriton
 from persrec.models.checkpoint import make_checkpoint
 from persrec.models.config import ModelConfig
@@ -82,7 +87,15 @@ def trial(args, work: Path) -> dict:
     for version in (1, 2):
         ck = checkpoint(version)
         export_repository(ck, repo, version=version)
-    server = EmbeddedTriton(repo, ["recommend", "fold"], work_dir=work / "triton", extra_args=args.extra_arg).start()
+    before = set(stub_crashes())
+    server = EmbeddedTriton(repo, ["recommend", "fold"], work_dir=work / "triton", extra_args=args.extra_arg)
+    try:
+        server.start()  # four python-backend instances (two models, two versions) start at once
+    except ServiceBinaryNotFound:
+        raise
+    except ServiceError as exc:  # it died loading them, before any traffic
+        return dict(alive=False, died_starting=True, aborted_lock_exception="lock_exception" in str(exc),
+                    stub_crashes=[c for c in stub_crashes() if c not in before], errors=[str(exc)[-300:]])
     stop, loaded, errors = threading.Event(), [], []
 
     def load_others() -> None:
@@ -112,7 +125,6 @@ def trial(args, work: Path) -> dict:
                 errors.append(f"client: {type(r).__name__}: {r}"[:300])
         return [r for r in results if isinstance(r, int)]
 
-    before = set(stub_crashes())
     started = time.monotonic()
     loader = threading.Thread(target=load_others)
     loader.start()
@@ -124,7 +136,7 @@ def trial(args, work: Path) -> dict:
     text = log.read_text(errors="replace") if log.is_file() else ""
     last_words = [line for line in text.splitlines()
                   if any(w in line for w in ("terminate called", "what():", "Signal (", "Stub process", "unhealthy"))]
-    return dict(alive=alive, aborted_lock_exception="lock_exception" in text, models_loaded=len(loaded),
+    return dict(alive=alive, died_starting=False, aborted_lock_exception="lock_exception" in text, models_loaded=len(loaded),
                 batches_answered=answered, seconds=round(time.monotonic() - started, 1),
                 stub_crashes=[c for c in stub_crashes() if c not in before], server_log=last_words[-6:],
                 errors=errors)
