@@ -25,6 +25,7 @@ from persrec.embedded._proc import (
     SETUP_HINT,
     ManagedProcess,
     ServiceBinaryNotFound,
+    ServiceError,
     free_ports,
     group_members,
     http_ok,
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 _SHM_PREFIX = "triton_python_backend_shm_region_"
+# What tritonserver prints when it aborts on the mutex of a python-backend stub that crashed
+STUB_ABORT = "boost::interprocess::lock_exception"
 
 
 def stub_shm_regions(server_pid: int) -> list[Path]:
@@ -163,6 +166,7 @@ class EmbeddedTriton:
         self.env = dict(env or {})  # added to the server's environment (e.g. PERSREC_DATABASE_URL)
         self._install = TritonInstall()
         self._proc: ManagedProcess | None = None
+        self.aborted_starts = 0  # starts lost to STUB_ABORT, each followed by one more
 
     @property
     def http_url(self) -> str:
@@ -218,18 +222,33 @@ class EmbeddedTriton:
         return argv + self.extra_args
 
     def start(self) -> EmbeddedTriton:
-        """Start the server; return once it and every model in ``models`` are ready."""
+        """Start the server; return once it and every model in ``models`` are ready.
+
+        A server that aborts on ``STUB_ABORT`` while its python-backend stubs start (a stub
+        crashed: pytriton 0.7.0's backend, RELIABILITY.md "Known limits") is started once more,
+        with a warning; ``aborted_starts`` counts it. Any other failure raises."""
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"model repository {self.model_repository} does not exist")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         backends = self._install.backend_directory(self.work_dir)
-        # The model list is read at each start, so the argv is rebuilt (restart after a rollout).
-        self._proc = ManagedProcess("tritonserver", self._argv(backends), self.log_path,
-                                    env=self._install.environment() | self.env, cwd=self.work_dir,
-                                    skip_log_line=_is_table_line, leftover_files=_shm_regions)
-        self._proc.start()
         ready_url = f"http://{self.http_url}/v2/health/ready"
-        waited = self._proc.wait_until(lambda: http_ok(ready_url), self.start_timeout, "ready")
+        retried = False
+        while True:
+            # The model list is read at each start, so the argv is rebuilt (restart after a rollout).
+            self._proc = ManagedProcess("tritonserver", self._argv(backends), self.log_path,
+                                        env=self._install.environment() | self.env, cwd=self.work_dir,
+                                        skip_log_line=_is_table_line, leftover_files=_shm_regions)
+            self._proc.start()
+            try:
+                waited = self._proc.wait_until(lambda: http_ok(ready_url), self.start_timeout, "ready")
+                break
+            except ServiceError as exc:
+                if retried or STUB_ABORT not in str(exc):
+                    raise
+            retried = True
+            self.aborted_starts += 1
+            log.warning("tritonserver aborted (%s) while its python-backend stubs started; starting it once "
+                        "more (log %s)", STUB_ABORT, self.log_path)
         log.info("tritonserver ready at http %s / grpc %s with %s in %.2f s",
                  self.http_url, self.grpc_url, self.models, waited)
         return self

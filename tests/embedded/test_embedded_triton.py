@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from persrec.embedded._proc import ServiceError, group_members, port_open
-from persrec.embedded.triton import EmbeddedTriton, stub_shm_regions
+from persrec.embedded.triton import STUB_ABORT, EmbeddedTriton, stub_shm_regions
 
 pytestmark = pytest.mark.triton
 
@@ -182,6 +182,46 @@ def test_failed_model_load_reports_log_and_leaves_nothing(tmp_path: Path):
     with pytest.raises(ServiceError, match="no weights here"):
         server.start()
     assert not server.running and not group_members(server.pid)
+    assert server.aborted_starts == 0  # started once: only a stub abort is retried
+
+
+def aborting_binary(server: EmbeddedTriton, tmp_path: Path, aborts: int) -> None:
+    """Make ``server`` start through a wrapper whose first ``aborts`` runs end as pytriton's
+    tritonserver does when a python-backend stub crashes while it starts (the abort message,
+    then SIGABRT); later runs are the real server."""
+    count, wrapper = tmp_path / "runs", tmp_path / "tritonserver"
+    wrapper.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo run >> {count}
+        if [ "$(wc -l < {count})" -le {aborts} ]; then
+          echo "terminate called after throwing an instance of '{STUB_ABORT}'"
+          kill -ABRT $$
+        fi
+        exec {server._install.binary} "$@"
+        """))
+    wrapper.chmod(0o755)
+    server._install.binary = wrapper
+
+
+def test_a_start_lost_to_a_stub_abort_is_made_once_more(tiny_repo, tmp_path: Path):
+    server = EmbeddedTriton(tiny_repo, ["tiny"], tmp_path / "work", start_timeout=60)
+    aborting_binary(server, tmp_path, aborts=1)
+    try:
+        server.start()
+        assert server.aborted_starts == 1
+        x = np.ones((3, 4), dtype=np.float32)
+        np.testing.assert_array_equal(infer_grpc(server.grpc_url, x), x * 2 + 1)
+    finally:
+        server.stop()
+
+
+def test_a_second_stub_abort_is_raised(tiny_repo, tmp_path: Path):
+    server = EmbeddedTriton(tiny_repo, ["tiny"], tmp_path / "work", start_timeout=60)
+    aborting_binary(server, tmp_path, aborts=2)
+    with pytest.raises(ServiceError, match="lock_exception"):
+        server.start()
+    assert server.aborted_starts == 1 and not server.running
+    assert (tmp_path / "runs").read_text().count("run") == 2
 
 
 def test_missing_repository_is_a_clear_error(tmp_path: Path):
