@@ -59,7 +59,7 @@ from persrec.testing.machine import code_commit, cpu_model
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "recipe_bench"
 DATASETS = {"ml1m": "ml-1m/ml-1m_sequences_original_ids.txt.gz", "ml1m-ts": "ml-1m/ratings_subset_users1-2999.dat.gz",
-            "mlsmall": "ml-latest-small/ratings.csv"}
+            "mlsmall": "ml-latest-small/ratings.csv", "dormant": "synthetic-dormant"}
 LENGTHS = (50, 100, 200, 400, 800, 1600, 2400, 2698)
 ID_BYTES, HALF = 4, 2
 BUDGET = 1000  # RECOMPRESS's longer history budget
@@ -248,13 +248,15 @@ def accuracy(args) -> dict:
     from persrec.models.evaluate import Evaluator, SeenRule
     from persrec.models.metrics import metrics_from_ranks, ndcg_at, paired_ratio_interval, rank_of_target
 
-    data = experiment.load_dataset(data_dir() / DATASETS[args.dataset])
+    path = DATASETS[args.dataset]
+    data = experiment.load_dataset(path if path in experiment.GENERATED else data_dir() / path)
     rows_ = data.split.test
     times, request = rows_.history_ts, rows_.target_ts
     lengths = np.array([len(h) for h in rows_.history])
     exclude = pad_ids(rows_.history)
     targets = torch.as_tensor(rows_.target)
     per_row: dict[str, list[torch.Tensor]] = {}
+    base = None  # the baseline row's name, once HSTU's weights are found
 
     def add(name: str, vectors: torch.Tensor, model) -> None:
         scores = model.score(vectors)
@@ -274,7 +276,10 @@ def accuracy(args) -> dict:
                 print(f"seed {seed}: no {model_name}/{recipe} weights in {RUNS}; row skipped")
         if "hstu" in found:
             m = found["hstu"]
-            for name, window in (("HSTU, last 200", 200), ("HSTU, last 50", 50)):
+            base = f"HSTU, last {m.cfg.max_len}"  # its own window (200; the generated set's small model: 40)
+            for name, window in ((base, m.cfg.max_len), ("HSTU, last 50", 50)):
+                if window > m.cfg.max_len:
+                    continue
                 cut = [h[-window:] for h in rows_.history]
                 cut_times = None if times is None else [t[-window:] for t in times]
                 add(name, whole_history_vectors(m, cut, cut_times, request, "cpu"), m)
@@ -297,11 +302,12 @@ def accuracy(args) -> dict:
     if not per_row:
         raise SystemExit(f"no trained weights for {args.dataset} seeds {args.seeds} in {RUNS}: train them first "
                          f"(benchmarks/recipe_bench.py run --plan timed-{args.dataset} / {args.dataset}-lifelong)")
-    def paired(ranks, base, sel):  # per-user NDCG@10 averaged over seeds, then the bootstrap ratio
-        if base is None or len(base) != len(ranks):
+
+    def paired(ranks, ref, sel):  # per-user NDCG@10 averaged over seeds, then the bootstrap ratio
+        if ref is None or len(ref) != len(ranks):
             return None
         a = torch.stack([ndcg_at(r[sel], 10) for r in ranks]).mean(0)
-        b = torch.stack([ndcg_at(r[sel], 10) for r in base]).mean(0)
+        b = torch.stack([ndcg_at(r[sel], 10) for r in ref]).mean(0)
         return paired_ratio_interval(a, b) if float(b.mean()) > 0 else None
 
     served_of = {withheld: served for withheld, served in WITHHELD.values()}
@@ -315,7 +321,7 @@ def accuracy(args) -> dict:
                 xs = [v[metric] for v in vals]
                 entry[f"{label}/{metric}"] = dict(mean=statistics.fmean(xs), sd=statistics.stdev(xs) if len(xs) > 1 else None)
             entry[f"{label}/users"] = int(sel.sum())
-            entry[f"{label}/vs_hstu200"] = paired(ranks, per_row.get("HSTU, last 200"), sel)
+            entry[f"{label}/vs_hstu200"] = paired(ranks, per_row.get(base), sel)
             if name in served_of:  # the served row against this one: what the memory adds
                 entry[f"{label}/served_vs_withheld"] = paired(per_row.get(served_of[name]), ranks, sel) \
                     if served_of[name] in per_row else None
@@ -328,21 +334,21 @@ def accuracy(args) -> dict:
 def accuracy_report(res: dict, out: Path) -> None:
     fmt = lambda d: "-" if d["sd"] is None and d["mean"] is None else (  # noqa: E731
         f"{d['mean']:.4f}" if d["sd"] is None else f"{d['mean']:.4f} ± {d['sd']:.4f}")
-    head = "| row | seeds | " + " | ".join(f"NDCG@10 {b[2]} ({res['rows'][0][b[2] + '/users']:,} users)" for b in ((0, 0, "all"),) + BUCKETS) + " | vs HSTU-200, >= 500 |"
-    lines = [head, "|---" * 7 + "|"]
+    ci = lambda r: "-" if not r else f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"  # noqa: E731
+    labels = ("all",) + tuple(b[2] for b in BUCKETS)
+    head = ("| row | seeds | " + " | ".join(f"NDCG@10 {label} ({res['rows'][0][label + '/users']:,} users)" for label in labels)
+            + " | vs HSTU over its window, all | vs HSTU over its window, >= 500 |")
+    lines = [head, "|---" * 8 + "|"]
     for e in res["rows"]:
-        ratio = e.get(">= 500/vs_hstu200")
-        cells = [fmt(e[f"{label}/ndcg@10"]) for label in ("all",) + tuple(b[2] for b in BUCKETS)]
-        lines.append(f"| {e['row']} | {e['seeds']} | " + " | ".join(cells) + " | "
-                     + ("-" if not ratio else f"{ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}]") + " |")
+        lines.append(f"| {e['row']} | {e['seeds']} | " + " | ".join(fmt(e[f"{label}/ndcg@10"]) for label in labels)
+                     + f" | {ci(e.get('all/vs_hstu200'))} | {ci(e.get('>= 500/vs_hstu200'))} |")
     gains = [e for e in res["rows"] if "all/served_vs_withheld" in e]
     if gains:
-        ci = lambda r: "-" if not r else f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"  # noqa: E731
         lines += ["", "What the memory adds: NDCG@10 as served / with the memory withheld, paired over users "
                   "(95% bootstrap interval)", "",
                   "| model | all | < 200 | 200-499 | >= 500 |", "|---|---|---|---|---|"]
         lines += [f"| {e['row'].removesuffix(', memory withheld')} | "
-                  + " | ".join(ci(e[f"{label}/served_vs_withheld"]) for label in ("all",) + tuple(b[2] for b in BUCKETS))
+                  + " | ".join(ci(e[f"{label}/served_vs_withheld"]) for label in labels)
                   + " |" for e in gains]
     (out / f"lifelong_{res['dataset']}.md").write_text("\n".join(lines) + "\n")
     import matplotlib

@@ -55,6 +55,10 @@ MODELS: dict[str, dict[str, Any]] = {
     "persrec-recompress-k8": dict(num_memory_tokens=8, recent_len=50, segment_len=50, policy="recompress"),
     "persrec-incremental-k8": dict(num_memory_tokens=8, recent_len=50, segment_len=50, policy="incremental"),
 }
+# the generated sets: a small model (the dormant set's tastes return 60-100 events back, beyond
+# a 40-item window and a recent part of 10-19); the plain synthetic set is a 2-epoch smoke test
+SMALL = {"synthetic": dict(max_len=40, dim=16, head_dim=16), "dormant": dict(max_len=40, dim=32, head_dim=32)}
+GENERATED = {"synthetic": "synthetic", "dormant": "synthetic-dormant"}
 RULES = {"exclude": dict(window=None), "exclude-200": dict(window=200)}
 
 
@@ -115,6 +119,10 @@ def plan(name: str) -> list[Job]:
         **{f"items-newids-{d}": [Job(d, "hstu", "best+new_item_ids=text", "heldout", s, "id+text", "cold10")
                                  for s in (1, 2, 3)]
            for d in ("mlsmall", "ml1m")},
+        # the positive control of the lifelong memory: generated tastes that return from beyond
+        # every window (``models.data.dormant_interest_interactions``), seed-major
+        "dormant": sorted(_jobs(["dormant"], ["hstu"] + PERSREC, ["best"])
+                          + _jobs(["dormant"], ["persrec-incremental-k8"], ["best+history=lifelong"]), key=lambda j: j.seed),
         # smoke test: synthetic data, two epochs
         "quick": [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")],
     }
@@ -136,7 +144,7 @@ def load(dataset: str):
     from persrec.models.data import data_dir
 
     if dataset not in _DATA_CACHE:
-        path = "synthetic" if dataset == "synthetic" else data_dir() / DATASETS[dataset]
+        path = GENERATED.get(dataset) or data_dir() / DATASETS[dataset]
         _DATA_CACHE[dataset] = experiment.load_dataset(path)
     return _DATA_CACHE[dataset]
 
@@ -165,8 +173,8 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
         recipe = recipe.with_(abs_positions=False)  # undefined for memory rows (ModelConfig)
     if spec.get("architecture") == "sasrec":  # SASRec has its own positions and no relative bias
         recipe = recipe.with_(time_bias=False, request_time=False, abs_positions=False)
-    small = job.dataset == "synthetic"
-    base = BASE | (dict(max_len=40, dim=16, head_dim=16) if small else {})
+    small = job.dataset in SMALL
+    base = BASE | SMALL.get(job.dataset, {})
     if small and spec.get("num_memory_tokens"):
         spec = spec | dict(recent_len=10, segment_len=10)
     has_ts = data.sequences.timestamps is not None
@@ -180,7 +188,7 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
 
         split, cold = hold_out_items(data.split, data.id_map.num_items, 0.1, seed=job.seed)
         data = dataclasses.replace(data, split=split)
-    n_epochs = epochs or (2 if small else recipe.epochs)
+    n_epochs = epochs or (2 if job.dataset == "synthetic" else recipe.epochs)
     tcfg = recipe.train_config(seed=job.seed, epochs=n_epochs, patience=None, eval_every=1, test_every=n_epochs)
     rules = {name: SeenRule(**r) for name, r in RULES.items()}
     t0 = time.monotonic()

@@ -15,8 +15,8 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .config import ModelConfig
-from .data import (IdMap, SequenceData, Split, all_but_test, build_sequences, leave_one_out, load_interactions,
-                   synthetic_interactions)
+from .data import (IdMap, SequenceData, Split, all_but_test, build_sequences, dormant_interest_interactions,
+                   leave_one_out, load_interactions, synthetic_interactions)
 from .evaluate import SeenRule, evaluate, popularity_metrics
 from .items import forget_items
 from .loss import build_model
@@ -24,6 +24,12 @@ from .train import EpochReport, FitResult, TrainConfig, fit
 
 log = logging.getLogger(__name__)
 SYNTHETIC = "synthetic"
+GENERATED = {  # name -> (label, generator): data sets made here, not read
+    SYNTHETIC: ("SYNTHETIC (generated, not real users)",
+                lambda: synthetic_interactions(num_users=600, num_items=400, mean_len=60)),
+    "synthetic-dormant": ("SYNTHETIC dormant interest (generated, not real users; the test target is told only by "
+                          "events 60-100 back)", dormant_interest_interactions),
+}
 
 
 class Protocol(str, enum.Enum):
@@ -48,9 +54,10 @@ class Dataset:
 
 
 def load_dataset(path: str | Path | None, fmt: str = "auto", *, id_map: IdMap | None = None) -> Dataset:
-    """Read a dataset file (or ``None``/``"synthetic"`` for the labelled synthetic generator)."""
-    if path is None or str(path) == SYNTHETIC:
-        name, inter = "SYNTHETIC (generated, not real users)", synthetic_interactions(num_users=600, num_items=400, mean_len=60)
+    """Read a dataset file (or ``None``, or a name in ``GENERATED``, for a labelled synthetic set)."""
+    if path is None or str(path) in GENERATED:
+        name, generate = GENERATED[SYNTHETIC if path is None else str(path)]
+        inter = generate()
     else:
         name, inter = str(path), load_interactions(path, fmt)
     seqs, id_map = build_sequences(inter, id_map)

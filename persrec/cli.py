@@ -60,7 +60,7 @@ def _metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
     return table
 
 
-DataArg = Annotated[Optional[str], typer.Argument(help="dataset file (ML-1M sequences, ratings.dat, CSV, Parquet) or 'synthetic'; default: ML-1M from the data dir")]
+DataArg = Annotated[Optional[str], typer.Argument(help="dataset file (ML-1M sequences, ratings.dat, CSV, Parquet), or 'synthetic' / 'synthetic-dormant' (generated); default: ML-1M from the data dir")]
 
 
 FORMATS_HELP = "auto, ml1m-seq (SASRec-style 'user item'), grouplens-dat, movielens-100k (u.data), csv, parquet"

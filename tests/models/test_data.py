@@ -4,6 +4,7 @@ small files written to tmp_path."""
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from persrec.models.data import (
     detect_format,
     leave_one_out,
     load_interactions,
+    dormant_interest_interactions,
     synthetic_interactions,
 )
 
@@ -380,6 +382,26 @@ def test_leave_one_out_short_users_stay_in_train():
     assert split.test.target.tolist() == [4, 9]
     assert split.test.target_ts.tolist() == [4, 7]
     assert [h.tolist() for h in split.test.history_ts] == [[1, 2, 3], [5, 6]]
+
+
+def test_dormant_interest_tastes_return_only_after_the_wandering():
+    """Fixed lengths lay each user out as: wander 7, taste 3, wander 7, taste 3, wander 7, one
+    taste item (the test target). The seven taste items are new to the taste phases and share
+    one cluster; the validation target (second to last) is a wandering step."""
+    a = dormant_interest_interactions(num_users=50, num_items=400, phases=2, wander=(7, 7), taste_len=3, seed=5)
+    b = dormant_interest_interactions(num_users=50, num_items=400, phases=2, wander=(7, 7), taste_len=3, seed=5)
+    np.testing.assert_array_equal(a.items, b.items)
+    seqs, _ = build_sequences(a)
+    assert seqs.lengths().tolist() == [28] * 50
+    per_cluster = 400 // (math.isqrt(400) // 2)  # _Wander: isqrt(I) // 2 contiguous clusters
+    users = np.unique(a.users, return_index=True)[1]
+    for start in users:
+        raw = np.array([int(i[1:]) for i in a.items[start : start + 28]])
+        taste = raw[[7, 8, 9, 17, 18, 19, 27]]
+        assert len(set(taste.tolist())) == 7
+        assert len(set((taste // per_cluster).tolist())) == 1
+    with pytest.raises(ValueError, match="clusters of more than"):
+        dormant_interest_interactions(num_items=100, phases=4, taste_len=5)
 
 
 def test_synthetic_interactions_are_learnable_and_deterministic():
