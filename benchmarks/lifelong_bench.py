@@ -316,11 +316,14 @@ def accuracy(args) -> dict:
         entry = dict(row=name, seeds=len(ranks))
         for lo, hi, label in ((0, 10**9, "all"),) + BUCKETS:
             sel = torch.from_numpy((lengths >= lo) & (lengths < hi))
+            entry[f"{label}/users"] = int(sel.sum())
+            if not sel.any():  # a bucket no user falls in (the generated set's lengths)
+                entry |= {f"{label}/{metric}": dict(mean=None, sd=None) for metric in ("ndcg@10", "hr@10")}
+                continue
             vals = [metrics_from_ranks(r[sel], ks=(10,)) for r in ranks]
             for metric in ("ndcg@10", "hr@10"):
                 xs = [v[metric] for v in vals]
                 entry[f"{label}/{metric}"] = dict(mean=statistics.fmean(xs), sd=statistics.stdev(xs) if len(xs) > 1 else None)
-            entry[f"{label}/users"] = int(sel.sum())
             entry[f"{label}/vs_hstu200"] = paired(ranks, per_row.get(base), sel)
             if name in served_of:  # the served row against this one: what the memory adds
                 entry[f"{label}/served_vs_withheld"] = paired(per_row.get(served_of[name]), ranks, sel) \
@@ -348,7 +351,7 @@ def accuracy_report(res: dict, out: Path) -> None:
                   "(95% bootstrap interval)", "",
                   "| model | all | < 200 | 200-499 | >= 500 |", "|---|---|---|---|---|"]
         lines += [f"| {e['row'].removesuffix(', memory withheld')} | "
-                  + " | ".join(ci(e[f"{label}/served_vs_withheld"]) for label in labels)
+                  + " | ".join(ci(e.get(f"{label}/served_vs_withheld")) for label in labels)
                   + " |" for e in gains]
     (out / f"lifelong_{res['dataset']}.md").write_text("\n".join(lines) + "\n")
     import matplotlib
@@ -360,7 +363,7 @@ def accuracy_report(res: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / len(res["rows"])
     for i, e in enumerate(res["rows"]):
-        means = [e[f"{b}/ndcg@10"]["mean"] for b in labels]
+        means = [e[f"{b}/ndcg@10"]["mean"] or 0.0 for b in labels]
         sds = [e[f"{b}/ndcg@10"]["sd"] or 0.0 for b in labels]
         ax.bar(np.arange(len(labels)) + i * width, means, width, yerr=sds, capsize=2, label=e["row"])
     ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2,

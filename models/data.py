@@ -699,10 +699,12 @@ class _Wander:
         return np.where(move < 0.6, self.successor[current], np.where(move < 0.9, local, anywhere))
 
 
-def _interactions(walk: np.ndarray, keep: np.ndarray, rng: np.random.Generator) -> Interactions:
+def _interactions(walk: np.ndarray, keep: np.ndarray, rng: np.random.Generator,
+                  away: np.ndarray | None = None) -> Interactions:
     """``walk`` ``[U, T]`` items, ``keep`` ``[U, T]`` which steps happened; gaps between events
-    are 1 min + Exp(1 h); ids are "u<k>" and "i<k>"; events come user by user, oldest first."""
-    gaps = 60 + rng.exponential(3600.0, size=walk.shape).astype(np.int64)
+    are 1 min + Exp(1 h), plus ``away`` ``[U, T]`` seconds where given; ids are "u<k>" and "i<k>";
+    events come user by user, oldest first."""
+    gaps = 60 + rng.exponential(3600.0, size=walk.shape).astype(np.int64) + (0 if away is None else away)
     start = 1_600_000_000 + rng.integers(0, 90 * 86400, size=(walk.shape[0], 1))
     times = start + np.cumsum(gaps, axis=1)
     users = np.char.add("u", np.repeat(np.arange(walk.shape[0]), keep.sum(1)).astype(np.str_))
@@ -730,18 +732,20 @@ def synthetic_interactions(
 
 def dormant_interest_interactions(
     num_users: int = 400, num_items: int = 2000, phases: int = 4, wander: tuple[int, int] = (60, 100),
-    taste_len: int = 5, seed: int = 0,
+    taste_len: int = 5, away_s: int = 7 * 86400, seed: int = 0,
 ) -> Interactions:
     """SYNTHETIC long-range data (not real users): a taste that shows only now and then.
 
     Each user has a taste, one item cluster drawn at random. They wander as in
     ``synthetic_interactions`` for ``wander`` events (drawn uniformly, both ends included), then
-    take ``taste_len`` items of their taste cluster, ``phases`` times; then they wander once more,
-    and their last event opens a new taste phase. Taste items are new to the user (drawn without
-    replacement, the cluster's popular items likelier), so a model that knows the taste can rank
-    the target among the unseen items. The test target (the last event) is told only by events
-    at least ``wander[0]`` back: a model that reads fewer cannot know it; a memory of the whole
-    history can. The validation target (second to last) is a wandering step.
+    come back after ``away_s`` (a week) and take ``taste_len`` items of their taste cluster,
+    ``phases`` times; then they wander once more, and their last event opens a new taste phase.
+    Taste items are new to the user (drawn without replacement, the cluster's popular items
+    likelier), so a model that knows the taste can rank the target among the unseen items.
+    *That* a taste phase begins, a model that reads the request's time sees (the week away);
+    *which* taste, only events at least ``wander[0]`` back tell: a model that reads fewer cannot
+    know it, a memory of the whole history can. The test target is the last event; the
+    validation target (second to last) is a wandering step.
     """
     lo, hi = wander
     if num_users < 1 or num_items < 2 or phases < 1 or taste_len < 1 or not 1 <= lo <= hi:
@@ -765,4 +769,6 @@ def dormant_interest_interactions(
         order = first + rng.choice(size, size=phases * taste_len + 1, replace=False, p=weights / weights.sum())
         at = (starts[u][:, None] + np.arange(taste_len)[None, :]).ravel()[: len(order)]
         walk[u, at] = order
-    return _interactions(walk, steps[None, :] < lengths[:, None], rng)
+    away = np.zeros_like(walk)
+    np.put_along_axis(away, starts, away_s, axis=1)
+    return _interactions(walk, steps[None, :] < lengths[:, None], rng, away)

@@ -387,7 +387,7 @@ def test_leave_one_out_short_users_stay_in_train():
 def test_dormant_interest_tastes_return_only_after_the_wandering():
     """Fixed lengths lay each user out as: wander 7, taste 3, wander 7, taste 3, wander 7, one
     taste item (the test target). The seven taste items are new to the taste phases and share
-    one cluster; the validation target (second to last) is a wandering step."""
+    one cluster; each phase follows a week away; the validation target is a wandering step."""
     a = dormant_interest_interactions(num_users=50, num_items=400, phases=2, wander=(7, 7), taste_len=3, seed=5)
     b = dormant_interest_interactions(num_users=50, num_items=400, phases=2, wander=(7, 7), taste_len=3, seed=5)
     np.testing.assert_array_equal(a.items, b.items)
@@ -400,6 +400,9 @@ def test_dormant_interest_tastes_return_only_after_the_wandering():
         taste = raw[[7, 8, 9, 17, 18, 19, 27]]
         assert len(set(taste.tolist())) == 7
         assert len(set((taste // per_cluster).tolist())) == 1
+        gaps = np.diff(a.timestamps[start : start + 28])  # gaps[i]: before event i + 1
+        assert (gaps[[6, 16, 26]] >= 7 * 86400).all()  # a week away before each taste phase
+        assert (np.delete(gaps, [6, 16, 26]) < 86400).all()
     with pytest.raises(ValueError, match="clusters of more than"):
         dormant_interest_interactions(num_items=100, phases=4, taste_len=5)
 
