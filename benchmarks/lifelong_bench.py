@@ -229,9 +229,11 @@ def whole_history_vectors(model, histories, times, request_ts, device, max_token
     return out
 
 
+LONG_FOLDS_ROW = "PerSRec INCREMENTAL trained as served, gradient through 8 more folds"
 WITHHELD = {  # model: (its row with the memory withheld, its row as served)
     "incremental-lifelong": ("PerSRec INCREMENTAL trained as served, memory withheld",
                              "PerSRec INCREMENTAL trained as served, whole history"),
+    "incremental-long-folds": (f"{LONG_FOLDS_ROW}, memory withheld", f"{LONG_FOLDS_ROW}, whole history"),
     "recompress": ("PerSRec RECOMPRESS, memory withheld", "PerSRec RECOMPRESS, last 150 aged out"),
 }
 
@@ -268,6 +270,7 @@ def accuracy(args) -> dict:
         for label, (model_name, recipe) in {
             "hstu": ("hstu", "best"), "incremental": ("persrec-incremental-k8", "best"),
             "incremental-lifelong": ("persrec-incremental-k8", "best+history=lifelong"),
+            "incremental-long-folds": ("persrec-incremental-k8", "best+history=lifelong+fold_grad=8"),
             "recompress": ("persrec-recompress-k8", "best"),
         }.items():
             try:
@@ -285,7 +288,8 @@ def accuracy(args) -> dict:
                 add(name, whole_history_vectors(m, cut, cut_times, request, "cpu"), m)
             add("HSTU, whole history", whole_history_vectors(m, rows_.history, times, request, "cpu"), m)
         for label, name in (("incremental", "PerSRec INCREMENTAL, whole history"),
-                            ("incremental-lifelong", "PerSRec INCREMENTAL trained as served, whole history")):
+                            ("incremental-lifelong", "PerSRec INCREMENTAL trained as served, whole history"),
+                            ("incremental-long-folds", f"{LONG_FOLDS_ROW}, whole history")):
             if label in found:
                 add(name, lifelong_vectors(found[label], rows_.history, times, request), found[label])
         if "recompress" in found:

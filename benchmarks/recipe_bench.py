@@ -86,6 +86,7 @@ SINGLE = ["ours+" + d for d in ("negatives", "optimizer", "batching", "abs_posit
                                  "bias_init", "attention_norm", "epochs")]
 PERSREC = ["persrec-recompress-k8", "persrec-incremental-k8"]
 FULL = "official+negatives=full+abs_positions=false"  # a full softmax instead of 128 negatives
+LONG_FOLDS = "best+history=lifelong+fold_grad=8"  # the gradient through 8 folds before the window
 
 
 def plan(name: str) -> list[Job]:
@@ -122,7 +123,8 @@ def plan(name: str) -> list[Job]:
         # the positive control of the lifelong memory: generated tastes that return from beyond
         # every window (``models.data.dormant_interest_interactions``), seed-major
         "dormant": sorted(_jobs(["dormant"], ["hstu"] + PERSREC, ["best"])
-                          + _jobs(["dormant"], ["persrec-incremental-k8"], ["best+history=lifelong"]), key=lambda j: j.seed),
+                          + _jobs(["dormant"], ["persrec-incremental-k8"], ["best+history=lifelong", LONG_FOLDS]),
+                          key=lambda j: j.seed),
         # smoke test: synthetic data, two epochs
         "quick": [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")],
     }

@@ -100,28 +100,39 @@ class LifelongExamples:
     ``(max_len - recent_len) // segment_len`` whole segments and the recent part, with the
     memory of every earlier whole segment carried in (``fold_chains``, no gradient, with the
     weights at the epoch's start). A user short of that gets the plain layout from their first
-    event, as before."""
+    event, as before.
 
-    def __init__(self, seqs: list[np.ndarray], ts: list[np.ndarray] | None, cfg: ModelConfig, device) -> None:
+    ``fold_grad``: the last that-many carried segments are not folded at the epoch's start but in
+    each step, with the current weights and their gradient (``batch``), so the loss of the window
+    reaches what those folds wrote: truncated backpropagation through ``fold_grad`` more folds.
+    """
+
+    def __init__(self, seqs: list[np.ndarray], ts: list[np.ndarray] | None, cfg: ModelConfig, device,
+                 fold_grad: int = 0) -> None:
         if cfg.policy is not MemoryPolicy.INCREMENTAL or not cfg.has_memory:
             raise ValueError("lifelong examples are for INCREMENTAL models with memory tokens")
+        if fold_grad < 0:
+            raise ValueError(f"fold_grad must be >= 0, not {fold_grad}")
         keep = [i for i, s in enumerate(seqs) if len(s) >= 2]
         self.seqs = [seqs[i] for i in keep]
         self.ts = None if ts is None else [ts[i] for i in keep]
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.fold_grad = cfg, device, fold_grad
         self.window_segments = (cfg.max_len - cfg.recent_len) // cfg.segment_len
         self.all: LayoutBatch | None = None
+        self.model = None
 
     def __len__(self) -> int:
         return len(self.seqs)
 
     def refresh(self, model, rng: np.random.Generator) -> None:
-        """Draw this epoch's windows and fold what lies before each with the current weights."""
-        cfg, seg = self.cfg, self.cfg.segment_len
+        """Draw this epoch's windows and fold what lies before each with the current weights
+        (all but the last ``fold_grad`` segments: those fold in each step)."""
+        cfg, seg, G = self.cfg, self.cfg.segment_len, self.fold_grad
         ends = [int(rng.integers(1, len(s))) for s in self.seqs]  # inputs s[:e], targets s[1:e+1]
         carried = [max(whole_segments(e, cfg) - self.window_segments, 0) for e in ends]
+        early = [max(c - G, 0) for c in carried]
+        memory, has = fold_chains(model, self.seqs, self.ts, early, device=self.device)
         starts = [c * seg for c in carried]
-        memory, has = fold_chains(model, self.seqs, self.ts, carried, device=self.device)
         inputs = [s[a:e] for s, a, e in zip(self.seqs, starts, ends)]
         targets = [s[a + 1 : e + 1] for s, a, e in zip(self.seqs, starts, ends)]
         times = qtimes = None
@@ -130,10 +141,36 @@ class LifelongExamples:
             qtimes = [t[a + 1 : e + 1] for t, a, e in zip(self.ts, starts, ends)]
         batch = collate(inputs, cfg, targets, times, qtimes).to(self.device)
         batch.memory, batch.has_memory = memory, has
-        self.all = batch
+        self.all, self.model = batch, model
         self.width = (batch.kind != 0).sum(1).cpu().numpy()
         self.lengths = np.array([len(x) for x in inputs])
+        if G:  # the segments folded in each step, aligned to end at the window: [U, G, seg]
+            U = len(self.seqs)
+            self.late_items = torch.zeros(U, G, seg, dtype=torch.long)
+            self.late_times = None if self.ts is None else torch.zeros(U, G, seg, dtype=torch.long)
+            self.late = torch.zeros(U, G, dtype=torch.bool)
+            for u, (a, c) in enumerate(zip(early, carried)):
+                for j in range(c - a):
+                    at, lo = G - (c - a) + j, (a + j) * seg
+                    self.late[u, at] = True
+                    self.late_items[u, at] = torch.from_numpy(self.seqs[u][lo : lo + seg])
+                    if self.ts is not None:
+                        self.late_times[u, at] = torch.from_numpy(self.ts[u][lo : lo + seg])
 
     def batch(self, idx: np.ndarray) -> LayoutBatch:
         index = torch.from_numpy(np.asarray(idx)).to(self.all.kind.device)
-        return self.all.rows(index, int(self.width[idx].max()))
+        b = self.all.rows(index, int(self.width[idx].max()))
+        if not self.fold_grad:
+            return b
+        rows, memory, has = torch.from_numpy(np.asarray(idx)), b.memory, b.has_memory
+        lengths = torch.full((len(idx),), self.cfg.segment_len, device=index.device)
+        for j in range(self.fold_grad):
+            late = self.late[rows, j].to(index.device)
+            if not late.any():
+                continue
+            stamps = None if self.late_times is None else self.late_times[rows, j].to(index.device)
+            folded = self.model.fold(memory, has, self.late_items[rows, j].to(index.device), lengths, stamps)
+            memory = torch.where(late[:, None, None, None, None, None], folded, memory)
+            has = has | late
+        b.memory, b.has_memory = memory, has
+        return b

@@ -47,6 +47,7 @@ class Recipe:
     # INCREMENTAL: windows anywhere in a history with the memory of what precedes them carried
     # in, read as served (``lifelong``), or each user's last max_len events (``window``)
     history: History = History.WINDOW
+    fold_grad: int = 0  # lifelong: how many of the folds carried in keep their gradient
     # model details
     time_bias: bool = False  # used where the data has timestamps
     request_time: bool = False  # with time_bias: its query is the predicted event's time
@@ -97,7 +98,7 @@ class Recipe:
         base = dict(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                     weight_decay=self.weight_decay, optimizer=self.optimizer, betas=self.betas,
                     batching=self.batching, negatives=self.negatives, patience=self.patience,
-                    history=self.history)
+                    history=self.history, fold_grad=self.fold_grad)
         return TrainConfig(**(base | overrides))
 
     def seen_rule(self, max_len: int) -> SeenRule:

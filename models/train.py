@@ -56,6 +56,9 @@ class TrainConfig:
     batching: Batching = Batching.BY_LENGTH
     negatives: Negatives = Negatives.SHARED
     history: History = History.WINDOW
+    # LIFELONG: of the folds carried in before a window, how many (the last ones) keep their
+    # gradient: truncated backpropagation through that many folds beyond the window's own
+    fold_grad: int = 0
     eval_every: int = 1  # epochs between validations and last.pt checkpoints
     patience: int | None = 10  # validations without a better NDCG@10 before stopping; None: never
     max_minutes: float | None = None  # wall-clock budget; stops after the epoch that passes it
@@ -219,7 +222,9 @@ def fit(
     if cfg.history is History.LIFELONG:
         from .lifelong import LifelongExamples
 
-        examples = LifelongExamples(train_seqs, times, mcfg, device)
+        if cfg.fold_grad and world > 1:
+            raise ValueError("fold_grad runs folds outside the DDP forward: train it in one process")
+        examples = LifelongExamples(train_seqs, times, mcfg, device, fold_grad=cfg.fold_grad)
     else:
         examples = Examples(train_seqs, times, mcfg, device)
     opt = make_optimizer(model.parameters(), cfg)

@@ -89,6 +89,38 @@ def test_a_window_with_its_carried_memory_is_the_whole_prefix_pass(mode: str) ->
         assert torch.equal(batch.targets[u][batch.kind[u] == ITEM], torch.from_numpy(s[e - n + 1:e + 1]))
 
 
+@pytest.mark.parametrize("mode", ["none", "request"])
+def test_folds_kept_for_the_step_give_the_same_memory_and_pass_the_gradient(mode: str) -> None:
+    """``fold_grad``: the last carried segments fold in each step instead of at the epoch's
+    start; in eval mode the memory is the same, and the window's loss now reaches the parameters
+    through those folds (the memory folded at the start carries no gradient)."""
+    model = model_of(mode, 6)
+    rng = np.random.default_rng(6)
+    seqs, ts = users(rng, [150, 130, 61, 9])
+    times = ts if mode == "request" else None
+    plain, late = LifelongExamples(seqs, times, model.cfg, "cpu"), LifelongExamples(seqs, times, model.cfg, "cpu", fold_grad=3)
+    plain.refresh(model, np.random.default_rng(8))
+    late.refresh(model, np.random.default_rng(8))
+    assert late.late.sum() > 0 and late.late.sum(1).max() == 3  # some users carry 3 or more
+    idx = np.arange(len(seqs))
+    a, b = plain.batch(idx), late.batch(idx)
+    assert torch.equal(a.has_memory, b.has_memory)
+    assert (a.memory - b.memory).abs().max().item() <= TOL
+    assert not a.memory.requires_grad and b.memory.requires_grad
+
+    direction = torch.randn(len(seqs), a.kind.shape[1], model.cfg.dim, generator=torch.Generator().manual_seed(0))
+
+    def grads(batch):  # the outputs are unit vectors: a loss along a fixed direction, not their norm
+        model.zero_grad()
+        loss = (model(batch) * direction[:, : batch.kind.shape[1]]).sum()
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    (loss_a, grad_a), (loss_b, grad_b) = grads(a), grads(b)
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)  # the same forward
+    assert (grad_a - grad_b).abs().max().item() > 1e-3  # and more gradient: through the late folds
+
+
 def test_lifelong_training_runs_and_is_read_as_served() -> None:
     model = model_of("none", 3)
     rng = np.random.default_rng(3)
