@@ -234,7 +234,7 @@ WITHHELD = {  # model: (its row with the memory withheld, its row as served)
     "incremental-lifelong": ("PerSRec INCREMENTAL trained as served, memory withheld",
                              "PerSRec INCREMENTAL trained as served, whole history"),
     "incremental-long-folds": (f"{LONG_FOLDS_ROW}, memory withheld", f"{LONG_FOLDS_ROW}, whole history"),
-    "recompress": ("PerSRec RECOMPRESS, memory withheld", "PerSRec RECOMPRESS, last 150 aged out"),
+    "recompress": ("PerSRec RECOMPRESS, memory withheld", "PerSRec RECOMPRESS, its own budget aged out"),
 }
 
 
@@ -294,7 +294,8 @@ def accuracy(args) -> dict:
                 add(name, lifelong_vectors(found[label], rows_.history, times, request), found[label])
         if "recompress" in found:
             m = found["recompress"]
-            add("PerSRec RECOMPRESS, last 150 aged out", lifelong_vectors(m, rows_.history, times, request), m)
+            # max_len - recent_len: 150 for the real sets, 30 for the generated one
+            add("PerSRec RECOMPRESS, its own budget aged out", lifelong_vectors(m, rows_.history, times, request), m)
             add(f"PerSRec RECOMPRESS, last {BUDGET:,} aged out",
                 lifelong_vectors(m, rows_.history, times, request, recompress_budget=BUDGET), m)
         for label, (name, _) in WITHHELD.items():
@@ -321,6 +322,8 @@ def accuracy(args) -> dict:
         for lo, hi, label in ((0, 10**9, "all"),) + BUCKETS:
             sel = torch.from_numpy((lengths >= lo) & (lengths < hi))
             entry[f"{label}/users"] = int(sel.sum())
+            if sel.any():  # where NDCG@10 is 0 for nearly everyone, the ranks still move
+                entry[f"{label}/median_rank"] = statistics.fmean(float(r[sel].float().median()) for r in ranks)
             if not sel.any():  # a bucket no user falls in (the generated set's lengths)
                 entry |= {f"{label}/{metric}": dict(mean=None, sd=None) for metric in ("ndcg@10", "hr@10")}
                 continue
@@ -344,11 +347,13 @@ def accuracy_report(res: dict, out: Path) -> None:
     ci = lambda r: "-" if not r else f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"  # noqa: E731
     labels = ("all",) + tuple(b[2] for b in BUCKETS)
     head = ("| row | seeds | " + " | ".join(f"NDCG@10 {label} ({res['rows'][0][label + '/users']:,} users)" for label in labels)
-            + " | vs HSTU over its window, all | vs HSTU over its window, >= 500 |")
-    lines = [head, "|---" * 8 + "|"]
+            + " | vs HSTU over its window, all | vs HSTU over its window, >= 500 | median rank of the target, all |")
+    lines = [head, "|---" * 9 + "|"]
     for e in res["rows"]:
+        rank = e.get("all/median_rank")
         lines.append(f"| {e['row']} | {e['seeds']} | " + " | ".join(fmt(e[f"{label}/ndcg@10"]) for label in labels)
-                     + f" | {ci(e.get('all/vs_hstu200'))} | {ci(e.get('>= 500/vs_hstu200'))} |")
+                     + f" | {ci(e.get('all/vs_hstu200'))} | {ci(e.get('>= 500/vs_hstu200'))} | "
+                     + ("-" if rank is None else f"{rank:,.0f}") + " |")
     gains = [e for e in res["rows"] if "all/served_vs_withheld" in e]
     if gains:
         lines += ["", "What the memory adds: NDCG@10 as served / with the memory withheld, paired over users "
