@@ -459,7 +459,7 @@ def comparison_lines(groups: list[dict], key: str = "selected/exclude/ndcg@10") 
             else:
                 reading = "A > B" if ma > mb else "A < B"
             out.append(f"| {dataset} | {what} | {_fmt(a, key)} ({len(a['seeds'])}) | {_fmt(b, key)} ({len(b['seeds'])}) "
-                       f"| {ma / mb:.3f} | {reading} |")
+                       f"| {f'{ma / mb:.3f}' if mb else '-'} | {reading} |")
     return out + [""]
 
 
