@@ -322,11 +322,11 @@ def accuracy(args) -> dict:
         for lo, hi, label in ((0, 10**9, "all"),) + BUCKETS:
             sel = torch.from_numpy((lengths >= lo) & (lengths < hi))
             entry[f"{label}/users"] = int(sel.sum())
-            if sel.any():  # where NDCG@10 is 0 for nearly everyone, the ranks still move
-                entry[f"{label}/median_rank"] = statistics.fmean(float(r[sel].float().median()) for r in ranks)
             if not sel.any():  # a bucket no user falls in (the generated set's lengths)
                 entry |= {f"{label}/{metric}": dict(mean=None, sd=None) for metric in ("ndcg@10", "hr@10")}
                 continue
+            # where NDCG@10 is 0 for nearly everyone, the ranks still move
+            entry[f"{label}/median_rank"] = statistics.fmean(float(r[sel].float().median()) for r in ranks)
             vals = [metrics_from_ranks(r[sel], ks=(10,)) for r in ranks]
             for metric in ("ndcg@10", "hr@10"):
                 xs = [v[metric] for v in vals]

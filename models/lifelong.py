@@ -146,30 +146,33 @@ class LifelongExamples:
         self.lengths = np.array([len(x) for x in inputs])
         if G:  # the segments folded in each step, aligned to end at the window: [U, G, seg]
             U = len(self.seqs)
-            self.late_items = torch.zeros(U, G, seg, dtype=torch.long)
-            self.late_times = None if self.ts is None else torch.zeros(U, G, seg, dtype=torch.long)
-            self.late = torch.zeros(U, G, dtype=torch.bool)
+            late_items = torch.zeros(U, G, seg, dtype=torch.long)
+            late_times = None if self.ts is None else torch.zeros(U, G, seg, dtype=torch.long)
+            late = torch.zeros(U, G, dtype=torch.bool)
             for u, (a, c) in enumerate(zip(early, carried)):
                 for j in range(c - a):
                     at, lo = G - (c - a) + j, (a + j) * seg
-                    self.late[u, at] = True
-                    self.late_items[u, at] = torch.from_numpy(self.seqs[u][lo : lo + seg])
-                    if self.ts is not None:
-                        self.late_times[u, at] = torch.from_numpy(self.ts[u][lo : lo + seg])
+                    late[u, at] = True
+                    late_items[u, at] = torch.from_numpy(self.seqs[u][lo : lo + seg])
+                    if late_times is not None:
+                        late_times[u, at] = torch.from_numpy(self.ts[u][lo : lo + seg])
+            # on the training device once, not in every step
+            self.late, self.late_items = late.to(self.device), late_items.to(self.device)
+            self.late_times = None if late_times is None else late_times.to(self.device)
 
     def batch(self, idx: np.ndarray) -> LayoutBatch:
         index = torch.from_numpy(np.asarray(idx)).to(self.all.kind.device)
         b = self.all.rows(index, int(self.width[idx].max()))
         if not self.fold_grad:
             return b
-        rows, memory, has = torch.from_numpy(np.asarray(idx)), b.memory, b.has_memory
+        memory, has = b.memory, b.has_memory
         lengths = torch.full((len(idx),), self.cfg.segment_len, device=index.device)
         for j in range(self.fold_grad):
-            late = self.late[rows, j].to(index.device)
+            late = self.late[index, j]
             if not late.any():
                 continue
-            stamps = None if self.late_times is None else self.late_times[rows, j].to(index.device)
-            folded = self.model.fold(memory, has, self.late_items[rows, j].to(index.device), lengths, stamps)
+            stamps = None if self.late_times is None else self.late_times[index, j]
+            folded = self.model.fold(memory, has, self.late_items[index, j], lengths, stamps)
             memory = torch.where(late[:, None, None, None, None, None], folded, memory)
             has = has | late
         b.memory, b.has_memory = memory, has

@@ -615,12 +615,12 @@ def demo(
         data = str(default) if default.is_file() else "synthetic"
     if data == "synthetic":
         console.print("[yellow]dataset not found: using the SYNTHETIC generator (not real users)[/]")
-        from persrec.models.data import synthetic_interactions
+        from persrec.models.experiment import GENERATED, SYNTHETIC
 
         import pyarrow as pa
         import pyarrow.csv as pacsv
 
-        inter = synthetic_interactions(num_users=600, num_items=400, mean_len=60)
+        inter = GENERATED[SYNTHETIC][1]()
         path = settings.work_dir / "synthetic.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         pacsv.write_csv(pa.table({"user_id": inter.users, "item_id": inter.items, "timestamp": inter.timestamps}), path)
