@@ -57,8 +57,9 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 # the generated sets: a small model (the dormant set's tastes return 60-100 events back, beyond
 # a 40-item window and a recent part of 10-19); the plain synthetic set is a 2-epoch smoke test
-SMALL = {"synthetic": dict(max_len=40, dim=16, head_dim=16), "dormant": dict(max_len=40, dim=32, head_dim=32)}
-GENERATED = {"synthetic": "synthetic", "dormant": "synthetic-dormant"}
+SMALL = {"synthetic": dict(max_len=40, dim=16, head_dim=16), "dormant": dict(max_len=40, dim=32, head_dim=32),
+         "recurring": dict(max_len=40, dim=32, head_dim=32)}
+GENERATED = {"synthetic": "synthetic", "dormant": "synthetic-dormant", "recurring": "synthetic-recurring"}
 RULES = {"exclude": dict(window=None), "exclude-200": dict(window=200)}
 
 
@@ -122,9 +123,12 @@ def plan(name: str) -> list[Job]:
            for d in ("mlsmall", "ml1m")},
         # the positive control of the lifelong memory: generated tastes that return from beyond
         # every window (``models.data.dormant_interest_interactions``), seed-major
-        "dormant": sorted(_jobs(["dormant"], ["hstu"] + PERSREC, ["best"])
-                          + _jobs(["dormant"], ["persrec-incremental-k8"], ["best+history=lifelong", LONG_FOLDS]),
-                          key=lambda j: j.seed),
+        # the same, denser: one taste item every 25-55 events, each after a week away, so every
+        # training window has targets that only older events tell (PerSRec's recent part is 10-19)
+        **{d: sorted(_jobs([d], ["hstu"] + PERSREC, ["best"])
+                     + _jobs([d], ["persrec-incremental-k8"], ["best+history=lifelong", LONG_FOLDS]),
+                     key=lambda j: j.seed)
+           for d in ("dormant", "recurring")},
         # smoke test: synthetic data, two epochs
         "quick": [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")],
     }

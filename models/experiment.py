@@ -29,6 +29,9 @@ GENERATED = {  # name -> (label, generator): data sets made here, not read
                 lambda: synthetic_interactions(num_users=600, num_items=400, mean_len=60)),
     "synthetic-dormant": ("SYNTHETIC dormant interest (generated, not real users; the test target is told only by "
                           "events 60-100 back)", dormant_interest_interactions),
+    "synthetic-recurring": ("SYNTHETIC recurring taste (generated, not real users; one taste item after a week away "
+                            "every 25-55 events, its cluster told only by the earlier ones)",
+                            lambda: dormant_interest_interactions(num_users=600, phases=10, wander=(25, 55), taste_len=1)),
 }
 
 

@@ -407,6 +407,22 @@ def test_dormant_interest_tastes_return_only_after_the_wandering():
         dormant_interest_interactions(num_items=100, phases=4, taste_len=5)
 
 
+def test_recurring_taste_set_puts_each_taste_item_beyond_a_recent_part_of_19():
+    """The generated control of the lifelong memory: every user takes one taste item after a
+    week away every 25-55 events, ten times, and the test target is the eleventh; so the taste
+    item before a target is 26-56 events back, beyond a PerSRec recent part of 10-19 items."""
+    from persrec.models import experiment
+
+    data = experiment.load_dataset("synthetic-recurring")
+    assert len(data.sequences.items) == 600
+    for items, ts in zip(data.sequences.items[:100], data.sequences.timestamps[:100]):
+        returns = np.flatnonzero(np.diff(ts) >= 7 * 86400) + 1  # the taste items' positions
+        assert len(returns) == 11 and returns[-1] == len(items) - 1
+        assert (np.diff(returns) >= 26).all() and (np.diff(returns) <= 56).all()
+        raw = np.array([int(i[1:]) for i in data.id_map.decode(items[returns])])  # "i<k>"
+        assert len(set((raw * 22 // 2000).tolist())) == 1  # one of _Wander's 22 clusters
+
+
 def test_synthetic_interactions_are_learnable_and_deterministic():
     a = synthetic_interactions(num_users=200, num_items=100, mean_len=30, seed=3)
     b = synthetic_interactions(num_users=200, num_items=100, mean_len=30, seed=3)
