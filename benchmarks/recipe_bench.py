@@ -88,6 +88,7 @@ SINGLE = ["ours+" + d for d in ("negatives", "optimizer", "batching", "abs_posit
 PERSREC = ["persrec-recompress-k8", "persrec-incremental-k8"]
 FULL = "official+negatives=full+abs_positions=false"  # a full softmax instead of 128 negatives
 LONG_FOLDS = "best+history=lifelong+fold_grad=8"  # the gradient through 8 folds before the window
+CARRY = LONG_FOLDS + "+memory_carry=true"  # and each fold starts from the memory before it
 
 
 def plan(name: str) -> list[Job]:
@@ -126,7 +127,7 @@ def plan(name: str) -> list[Job]:
         # the same, denser: one taste item every 25-55 events, each after a week away, so every
         # training window has targets that only older events tell (PerSRec's recent part is 10-19)
         **{d: sorted(_jobs([d], ["hstu"] + PERSREC, ["best"])
-                     + _jobs([d], ["persrec-incremental-k8"], ["best+history=lifelong", LONG_FOLDS]),
+                     + _jobs([d], ["persrec-incremental-k8"], ["best+history=lifelong", LONG_FOLDS, CARRY]),
                      key=lambda j: j.seed)
            for d in ("dormant", "recurring")},
         # smoke test: synthetic data, two epochs

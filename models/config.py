@@ -51,6 +51,14 @@ class ModelConfig:
     # The fold cadence: history items per token block in training, and per fold in the stream
     # (a window folds whole segments of this length; export and worker take it from here)
     segment_len: int = 50
+    # INCREMENTAL: a fold's tokens start from the previous memory, not from the shared tokens
+    # alone (a learned projection of its top layer's keys and values is added to them). A memory
+    # holds each layer's keys and values, made from the layers below; without the carry, a fold
+    # reads the previous memory only through those layers, so the memory of an L-layer model
+    # forgets every segment but its last L - 1 (tests/models/test_lifelong.py). With it, the
+    # chain reaches back to a user's first event (a recurrent memory). Trained segment by
+    # segment: ``history=lifelong`` with ``fold_grad >= 1``.
+    memory_carry: bool = False
     time_bias: bool = False  # add a relative time bias (needs timestamps)
     num_time_buckets: int = 64  # buckets ln(|t_q - t_k|) / 0.301 (clamped), i.e. factors of ~1.35 s
     request_time: bool = False  # t_q = time of the event the query predicts (official), not its own
@@ -105,6 +113,8 @@ class ModelConfig:
             # A memory row replaces a history of any length, so "position from the row start"
             # of the recent items would depend on history the serving path no longer has.
             raise ValueError("abs_positions needs num_memory_tokens=0")
+        if self.memory_carry and (not self.num_memory_tokens or self.policy is not MemoryPolicy.INCREMENTAL):
+            raise ValueError("memory_carry needs memory tokens and the INCREMENTAL policy")
         if self.request_time and not self.time_bias:
             raise ValueError("request_time needs time_bias")
         if self.num_time_buckets < 1 or self.attention_norm < 0:

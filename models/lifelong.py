@@ -113,11 +113,14 @@ class LifelongExamples:
             raise ValueError("lifelong examples are for INCREMENTAL models with memory tokens")
         if fold_grad < 0:
             raise ValueError(f"fold_grad must be >= 0, not {fold_grad}")
+        if cfg.memory_carry and fold_grad < 1:
+            raise ValueError("a memory_carry model learns its carry through the folds: fold_grad >= 1")
         keep = [i for i, s in enumerate(seqs) if len(s) >= 2]
         self.seqs = [seqs[i] for i in keep]
         self.ts = None if ts is None else [ts[i] for i in keep]
         self.cfg, self.device, self.fold_grad = cfg, device, fold_grad
-        self.window_segments = (cfg.max_len - cfg.recent_len) // cfg.segment_len
+        # a memory_carry model reads one token block in a pass: its window is one segment and the recent part
+        self.window_segments = 1 if cfg.memory_carry else (cfg.max_len - cfg.recent_len) // cfg.segment_len
         self.all: LayoutBatch | None = None
         self.model = None
 

@@ -35,6 +35,10 @@ class PerSRec(ItemScoring, nn.Module):
         if cfg.has_memory:
             self.tokens = nn.Parameter(torch.empty(cfg.num_memory_tokens, cfg.dim))
             init_embedding_(self.tokens)
+        self.carry = None
+        if cfg.memory_carry:  # zero at first: the model starts as one without the carry
+            self.carry = nn.Linear(2 * cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+            nn.init.zeros_(self.carry.weight)
         self.pos_emb = None
         if cfg.abs_positions:
             self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
@@ -44,10 +48,15 @@ class PerSRec(ItemScoring, nn.Module):
         self.scale = input_scale(cfg.dim)
 
     # ----------------------------------------------------------------- full (reference) pass
-    def _embed(self, item_ids: torch.Tensor, kind: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    def _embed(self, item_ids: torch.Tensor, kind: torch.Tensor, tok: torch.Tensor,
+               carried: torch.Tensor | None = None) -> torch.Tensor:
+        """Input vectors; ``carried`` ``[B, M, D]`` is added to token ``tok`` of each row."""
         x = self.item_emb(item_ids)  # [B, N, D]
         if self.tokens is not None:
-            x = torch.where((kind == TOKEN)[..., None], self.tokens[tok], x)
+            tokens = self.tokens[tok]
+            if carried is not None:
+                tokens = tokens + torch.gather(carried, 1, tok[..., None].expand(-1, -1, carried.shape[-1]))
+            x = torch.where((kind == TOKEN)[..., None], tokens, x)
         x = x * self.scale
         if self.pos_emb is not None:  # rows start at position 0 (no memory tokens)
             N = x.shape[1]
@@ -60,7 +69,14 @@ class PerSRec(ItemScoring, nn.Module):
         """One masked pass over the full layout -> L2-normalised outputs ``[B, N, D]``. With
         ``batch.memory``, the layout continues a user's earlier folds: the memory is block 0,
         which the layout's first segment reads, as ``fold`` reads a stored memory."""
-        x = self._embed(batch.item_ids, batch.kind, batch.tok)
+        carried = None
+        if self.carry is not None:  # one block reads the carried memory; a second would need the first's top layer
+            if int((batch.kind == TOKEN).sum(1).max()) > self.cfg.num_memory_tokens:
+                raise ValueError("a memory_carry model folds one segment at a time: lay rows out as one segment "
+                                 "and the recent part after a memory (history=lifelong training), not as several blocks")
+            if batch.memory is not None:
+                carried = self._carried(batch.memory, batch.has_memory)
+        x = self._embed(batch.item_ids, batch.kind, batch.tok, carried)
         ts, q_ts = self._times(batch.ts, batch.qts)
         if batch.memory is None:
             # collate lays a model without memory tokens out as plain causal rows
@@ -81,6 +97,14 @@ class PerSRec(ItemScoring, nn.Module):
         return dict(prefix=memory.to(self.backbone.bias.pos_w.dtype),
                     prefix_kind=torch.where(has_memory[:, None], TOKEN, PAD).expand(B, M),
                     prefix_seg=torch.zeros_like(pm), prefix_pos=pm)
+
+    def _carried(self, memory: torch.Tensor, has_memory: torch.Tensor | None) -> torch.Tensor:
+        """What a fold's tokens take from the previous memory ``[B, L, 2, M, H, Dh]``: its top
+        layer's keys and values per token, projected to ``[B, M, D]`` (zero without one)."""
+        B, M = memory.shape[0], self.cfg.num_memory_tokens
+        top = memory[:, -1].permute(0, 2, 1, 3, 4).reshape(B, M, -1).to(self.carry.weight.dtype)
+        out = self.carry(top)
+        return out if has_memory is None else out * has_memory[:, None, None].to(out.dtype)
 
     def _times(self, ts: torch.Tensor | None, q_ts: torch.Tensor | None):
         """(key times, query times) as the backbone reads them: none without a time bias, the
@@ -120,7 +144,8 @@ class PerSRec(ItemScoring, nn.Module):
             ts = pad(ts)
             q_ts = None if q_ts is None else pad(q_ts)
         prefix = {} if memory is None else self._prefix(memory, has_memory)
-        x = self._embed(ids, kind, tok)
+        carried = self._carried(memory, has_memory) if with_tokens and memory is not None and self.carry is not None else None
+        x = self._embed(ids, kind, tok, carried)
         keep = slice(N, N + M) if with_tokens else None
         ts, q_ts = self._times(ts, q_ts)
         return self.backbone(x, kind, seg, pos, ts, keep=keep, q_ts=q_ts, **prefix)

@@ -48,6 +48,7 @@ class Recipe:
     # in, read as served (``lifelong``), or each user's last max_len events (``window``)
     history: History = History.WINDOW
     fold_grad: int = 0  # lifelong: how many of the folds carried in keep their gradient
+    memory_carry: bool = False  # INCREMENTAL: each fold starts from the previous memory (ModelConfig)
     # model details
     time_bias: bool = False  # used where the data has timestamps
     request_time: bool = False  # with time_bias: its query is the predicted event's time
@@ -90,6 +91,7 @@ class Recipe:
             official_init=self.official_init, bias_init_std=self.bias_init_std,
             attention_norm=0 if self.attention_norm_extra is None else max_len + self.attention_norm_extra,
             **({"id_dropout": self.id_dropout} if self.id_dropout else {}),
+            **({"memory_carry": True} if self.memory_carry else {}),
             **({"new_item_ids": self.new_item_ids} if self.new_item_ids is not NewItemIds.ZERO else {}),
         )
 

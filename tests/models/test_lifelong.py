@@ -235,3 +235,88 @@ def test_a_memory_and_a_cache_of_the_recent_items_answer_like_recommend(timing: 
             cache = rebuild(memory, start, end)
     with pytest.raises(ValueError, match="memory exactly"):
         model.extend_cache(None, one(0), history[None, :3], one(3))
+
+
+def carry_model(seed: int = 0, carry: bool = True, layers: int = 2) -> PerSRec:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(num_items=90, dim=16, num_layers=layers, num_heads=2, head_dim=8, max_len=22, num_memory_tokens=3,
+                      recent_len=4, segment_len=6, policy="incremental", dropout=0.0, memory_carry=carry)
+    model = PerSRec(cfg).eval()
+    with torch.no_grad():
+        model.backbone.bias.pos_w.normal_()
+        if carry:
+            model.carry.weight.normal_()  # trained: not the zero it starts at
+    return model
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+@torch.no_grad()
+def test_without_the_carry_a_memory_forgets_all_but_its_last_layers_minus_one_segments(layers: int) -> None:
+    """A memory is each layer's keys and values, made from the layers below it: a fold reads the
+    previous memory through layers 0 .. L-2 only, and its layer 0 is the same for every user. So
+    an L-layer chain holds the last L - 1 segments and nothing older; with the carry, it holds
+    the user's first segment too."""
+    rng = np.random.default_rng(11)
+    first = [rng.integers(1, 91, size=6) for _ in range(2)]  # two users who differ only in their first segment
+    rest = rng.integers(1, 91, size=6 * layers)
+    seqs = [np.concatenate([f, rest]) for f in first]
+    folds = [layers] * 2  # the first segment and L - 1 more
+    for carry, forgets in ((False, True), (True, False)):
+        model = carry_model(3, carry, layers)
+        memory, _ = fold_chains(model, seqs, None, folds)
+        assert torch.equal(memory[0], memory[1]) is forgets, carry
+        short, _ = fold_chains(model, seqs, None, [layers - 1] * 2)  # one fold fewer: still remembered
+        assert not torch.equal(short[0], short[1])
+
+
+@torch.no_grad()
+def test_a_carry_model_serves_its_whole_history_from_its_folds() -> None:
+    """The served path (fold chain + raw part) is what ``lifelong_vectors`` reads; a carry model
+    has no one-pass layout with token blocks, and says so."""
+    model = carry_model(4)
+    rng = np.random.default_rng(4)
+    seqs, _ = users(rng, [40, 9, 25])
+    got = lifelong_vectors(model, seqs, None, None, batch_size=2)
+    for i, s in enumerate(seqs):
+        f = whole_segments(len(s), model.cfg)
+        memory, has = fold_chains(model, [s], None, [f])
+        mem = memory if bool(has[0]) else model.empty_memory(1)
+        recent = torch.from_numpy(s[f * 6:])[None]
+        want = model.recommend(mem, recent, torch.tensor([recent.shape[1]]))
+        assert (got[i] - want[0]).abs().max().item() <= TOL
+    with pytest.raises(ValueError, match="one segment at a time"):
+        model(collate(seqs, model.cfg))  # 40 items: five blocks
+    with pytest.raises(ValueError, match="INCREMENTAL"):
+        ModelConfig(num_items=9, num_memory_tokens=2, memory_carry=True)
+
+
+def test_a_carry_model_trains_as_served_and_through_its_folds() -> None:
+    """Lifelong examples of a carry model are one segment and the recent part after the memory:
+    in eval mode the window's outputs are the served ones (fold, then recommend), and the
+    gradient reaches the carry through the folds kept for the step (it needs at least one)."""
+    model = carry_model(5)
+    rng = np.random.default_rng(5)
+    seqs, _ = users(rng, [80, 70, 50, 8])
+    with pytest.raises(ValueError, match="fold_grad >= 1"):
+        LifelongExamples(seqs, None, model.cfg, "cpu")
+    examples = LifelongExamples(seqs, None, model.cfg, "cpu", fold_grad=2)
+    examples.refresh(model, np.random.default_rng(7))
+    ends = [int(x) for x in np.random.default_rng(7).integers(1, [len(s) for s in seqs])]
+    b = examples.batch(np.arange(4))
+    with torch.no_grad():
+        h = model(b)
+        for u, (s, e) in enumerate(zip(seqs, ends)):
+            f = whole_segments(e, model.cfg)
+            memory, has = fold_chains(model, [s], None, [f])
+            mem = memory if bool(has[0]) else model.empty_memory(1)
+            window = h[u][b.kind[u] == ITEM]
+            assert len(window) == examples.lengths[u] <= 6 + 4 + 5  # a segment and the recent part, at most
+            recent = s[f * 6:e]
+            want = model.recommend(mem, torch.from_numpy(recent)[None], torch.tensor([len(recent)]))
+            assert (window[-1] - want[0]).abs().max().item() <= TOL, u
+    with torch.no_grad():
+        model.carry.weight.zero_()  # as built
+    model.train()
+    b = examples.batch(np.arange(4))
+    (model(b) * torch.randn(4, b.kind.shape[1], 16, generator=torch.Generator().manual_seed(1))).sum().backward()
+    assert model.carry.weight.grad.abs().max().item() > 0
