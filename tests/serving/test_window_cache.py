@@ -25,12 +25,15 @@ R, S = 5, 4  # recent window, fold segment
 def checkpoint(mode: str, seed: int = 0):
     torch.manual_seed(seed)
     timed = {"none": {}, "time": dict(time_bias=True, num_time_buckets=129, bias_init_std=0.5),
-             "request": dict(time_bias=True, request_time=True, num_time_buckets=129, bias_init_std=0.5)}[mode]
+             "request": dict(time_bias=True, request_time=True, num_time_buckets=129, bias_init_std=0.5),
+             "carry": dict(memory_carry=True)}[mode]
     cfg = ModelConfig(num_items=60, dim=16, num_layers=2, num_heads=2, head_dim=8, max_len=30, num_memory_tokens=3,
                       recent_len=R, segment_len=S, policy="incremental", dropout=0.0, **timed)
     model = build_model(cfg)
     with torch.no_grad():
         model.backbone.bias.pos_w.normal_()
+        if model.carry is not None:
+            model.carry.weight.normal_()
     return make_checkpoint(model, "{}")
 
 
@@ -62,7 +65,7 @@ def batch(rows: list[ModelInputs]) -> ModelInputs:
     return ModelInputs(**concat_rows(fields, pad=("items", "timestamps"))[0])
 
 
-@pytest.mark.parametrize("mode", ["none", "time", "request"])
+@pytest.mark.parametrize("mode", ["none", "time", "request", "carry"])
 def test_cached_answers_equal_uncached_through_folds_bursts_and_retries(mode: str) -> None:
     ck = checkpoint(mode)
     plain, cached = ModelRunner(ck, "cpu"), ModelRunner(ck, "cpu", window_cache_mb=4)
