@@ -231,10 +231,12 @@ def whole_history_vectors(model, histories, times, request_ts, device, max_token
 
 
 LONG_FOLDS_ROW = "PerSRec INCREMENTAL trained as served, gradient through 8 more folds"
+CARRY_ROW = "PerSRec INCREMENTAL with the memory carry, trained as served (8 folds)"
 WITHHELD = {  # model: (its row with the memory withheld, its row as served)
     "incremental-lifelong": ("PerSRec INCREMENTAL trained as served, memory withheld",
                              "PerSRec INCREMENTAL trained as served, whole history"),
     "incremental-long-folds": (f"{LONG_FOLDS_ROW}, memory withheld", f"{LONG_FOLDS_ROW}, whole history"),
+    "incremental-carry": (f"{CARRY_ROW}, memory withheld", f"{CARRY_ROW}, whole history"),
     "recompress": ("PerSRec RECOMPRESS, memory withheld", "PerSRec RECOMPRESS, its own budget aged out"),
 }
 
@@ -272,6 +274,7 @@ def accuracy(args) -> dict:
             "hstu": ("hstu", "best"), "incremental": ("persrec-incremental-k8", "best"),
             "incremental-lifelong": ("persrec-incremental-k8", "best+history=lifelong"),
             "incremental-long-folds": ("persrec-incremental-k8", "best+history=lifelong+fold_grad=8"),
+            "incremental-carry": ("persrec-incremental-k8", "best+history=lifelong+fold_grad=8+memory_carry=true"),
             "recompress": ("persrec-recompress-k8", "best"),
         }.items():
             try:
@@ -290,7 +293,8 @@ def accuracy(args) -> dict:
             add("HSTU, whole history", whole_history_vectors(m, rows_.history, times, request, "cpu"), m)
         for label, name in (("incremental", "PerSRec INCREMENTAL, whole history"),
                             ("incremental-lifelong", "PerSRec INCREMENTAL trained as served, whole history"),
-                            ("incremental-long-folds", f"{LONG_FOLDS_ROW}, whole history")):
+                            ("incremental-long-folds", f"{LONG_FOLDS_ROW}, whole history"),
+                            ("incremental-carry", f"{CARRY_ROW}, whole history")):
             if label in found:
                 add(name, lifelong_vectors(found[label], rows_.history, times, request), found[label])
         if "recompress" in found:

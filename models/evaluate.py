@@ -89,13 +89,13 @@ class Evaluator:
 
     ``lifelong``: the model reads each user's whole history as the stream serves it (every
     whole segment folded, the rest raw: ``lifelong.lifelong_vectors``), not its last
-    ``max_len`` items in one pass."""
+    ``max_len`` items in one pass. A ``memory_carry`` model has no one-pass reading: always so."""
 
     def __init__(self, rows, model_cfg, rules: dict[str, SeenRule] | None = None, *,
                  device: torch.device | str = "cpu", batch_size: int = 256, lifelong: bool = False) -> None:
         self.rules = rules or {"exclude": SeenRule()}
         self.count = len(rows.target)
-        self.rows, self.device, self.lifelong = rows, device, lifelong
+        self.rows, self.device, self.lifelong = rows, device, lifelong or model_cfg.memory_carry
         order = np.argsort([len(h) for h in rows.history], kind="stable")  # similar lengths batch well
         self.batches = []
         for start in range(0, len(order), batch_size):

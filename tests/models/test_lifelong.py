@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from persrec.models.config import ModelConfig
+from persrec.models.data import SequenceData, leave_one_out
+from persrec.models.evaluate import Evaluator
 from persrec.models.layout import ITEM, collate, segment_lengths
 from persrec.models.lifelong import LifelongExamples, fold_chains, lifelong_vectors, whole_segments
 from persrec.models.persrec import PerSRec
@@ -125,8 +127,6 @@ def test_lifelong_training_runs_and_is_read_as_served() -> None:
     model = model_of("none", 3)
     rng = np.random.default_rng(3)
     seqs, _ = users(rng, [int(n) for n in rng.integers(3, 90, size=40)])
-    from persrec.models.data import SequenceData, leave_one_out
-
     split = leave_one_out(SequenceData([str(i) for i in range(40)], seqs))
     model.train()
     result = fit(model, split.train.items, None, split.valid, TrainConfig(epochs=2, batch_size=16, history=History.LIFELONG))
@@ -286,6 +286,9 @@ def test_a_carry_model_serves_its_whole_history_from_its_folds() -> None:
         assert (got[i] - want[0]).abs().max().item() <= TOL
     with pytest.raises(ValueError, match="one segment at a time"):
         model(collate(seqs, model.cfg))  # 40 items: five blocks
+    rows = leave_one_out(SequenceData([str(i) for i in range(3)], seqs)).test
+    ranks = Evaluator(rows, model.cfg).ranks(model)["exclude"]  # an evaluator reads it as served
+    assert torch.equal(ranks, Evaluator(rows, model.cfg, lifelong=True).ranks(model)["exclude"])
     with pytest.raises(ValueError, match="INCREMENTAL"):
         ModelConfig(num_items=9, num_memory_tokens=2, memory_carry=True)
 
