@@ -58,8 +58,9 @@ MODELS: dict[str, dict[str, Any]] = {
 # the generated sets: a small model (the dormant set's tastes return 60-100 events back, beyond
 # a 40-item window and a recent part of 10-19); the plain synthetic set is a 2-epoch smoke test
 SMALL = {"synthetic": dict(max_len=40, dim=16, head_dim=16), "dormant": dict(max_len=40, dim=32, head_dim=32),
-         "recurring": dict(max_len=40, dim=32, head_dim=32)}
-GENERATED = {"synthetic": "synthetic", "dormant": "synthetic-dormant", "recurring": "synthetic-recurring"}
+         "recurring": dict(max_len=40, dim=32, head_dim=32), "steady": dict(max_len=40, dim=32, head_dim=32)}
+GENERATED = {"synthetic": "synthetic", "dormant": "synthetic-dormant", "recurring": "synthetic-recurring",
+             "steady": "synthetic-steady"}
 RULES = {"exclude": dict(window=None), "exclude-200": dict(window=200)}
 
 
@@ -129,7 +130,7 @@ def plan(name: str) -> list[Job]:
         **{d: sorted(_jobs([d], ["hstu"] + PERSREC, ["best"])
                      + _jobs([d], ["persrec-incremental-k8"], ["best+history=lifelong", LONG_FOLDS, CARRY]),
                      key=lambda j: j.seed)
-           for d in ("dormant", "recurring")},
+           for d in ("dormant", "recurring", "steady")},
         # smoke test: synthetic data, two epochs
         "quick": [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")],
     }

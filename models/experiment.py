@@ -16,7 +16,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .data import (IdMap, SequenceData, Split, all_but_test, build_sequences, dormant_interest_interactions,
-                   leave_one_out, load_interactions, synthetic_interactions)
+                   leave_one_out, load_interactions, steady_taste_interactions, synthetic_interactions)
 from .evaluate import SeenRule, evaluate, popularity_metrics
 from .items import forget_items
 from .loss import build_model
@@ -32,6 +32,9 @@ GENERATED = {  # name -> (label, generator): data sets made here, not read
     "synthetic-recurring": ("SYNTHETIC recurring taste (generated, not real users; one taste item after a week away "
                             "every 25-55 events, its cluster told only by the earlier ones)",
                             lambda: dormant_interest_interactions(num_users=600, phases=10, wander=(25, 55), taste_len=1)),
+    "synthetic-steady": ("SYNTHETIC steady taste (generated, not real users; one event in ten is of the user's "
+                         "taste cluster, the rest wander; the more history read, the surer the taste)",
+                         steady_taste_interactions),
 }
 
 

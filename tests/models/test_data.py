@@ -26,6 +26,7 @@ from persrec.models.data import (
     leave_one_out,
     load_interactions,
     dormant_interest_interactions,
+    steady_taste_interactions,
     synthetic_interactions,
 )
 
@@ -421,6 +422,26 @@ def test_recurring_taste_set_puts_each_taste_item_beyond_a_recent_part_of_19():
         assert (np.diff(returns) >= 26).all() and (np.diff(returns) <= 56).all()
         raw = np.array([int(i[1:]) for i in data.id_map.decode(items[returns])])  # "i<k>"
         assert len(set((raw * 22 // 2000).tolist())) == 1  # one of _Wander's 22 clusters
+
+
+def test_steady_taste_shows_in_a_long_history_and_the_target_is_new():
+    """The steady-taste set: the test target (each user's last event) is new to them and of the
+    cluster their whole history visits most; their last 15 events name that cluster far less often."""
+    a = steady_taste_interactions(num_users=200, num_items=2000, length=(300, 400), seed=3)
+    b = steady_taste_interactions(num_users=200, num_items=2000, length=(300, 400), seed=3)
+    np.testing.assert_array_equal(a.items, b.items)
+    starts = np.sort(np.unique(a.users, return_index=True)[1])  # events come user by user
+    ends = np.append(starts[1:], len(a.items))
+    whole = recent = 0
+    for lo, hi in zip(starts, ends):
+        raw = np.array([int(i[1:]) for i in a.items[lo:hi]])
+        assert 300 <= len(raw) <= 400 and raw[-1] not in raw[:-1]
+        cluster = raw * 22 // 2000  # _Wander's 22 contiguous clusters
+        whole += np.bincount(cluster[:-1], minlength=22).argmax() == cluster[-1]
+        recent += np.bincount(cluster[-16:-1], minlength=22).argmax() == cluster[-1]
+    assert whole >= 190 and recent <= 120, (whole, recent)
+    with pytest.raises(ValueError, match="rate"):
+        steady_taste_interactions(rate=0.0)
 
 
 def test_synthetic_interactions_are_learnable_and_deterministic():
