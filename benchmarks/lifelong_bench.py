@@ -60,7 +60,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "recipe_bench"
 DATASETS = {"ml1m": "ml-1m/ml-1m_sequences_original_ids.txt.gz", "ml1m-ts": "ml-1m/ratings_subset_users1-2999.dat.gz",
             "mlsmall": "ml-latest-small/ratings.csv", "dormant": "synthetic-dormant",
-            "recurring": "synthetic-recurring", "steady": "synthetic-steady"}
+            "recurring": "synthetic-recurring", "steady": "synthetic-steady",
+            "taste": "synthetic-taste"}
 LENGTHS = (50, 100, 200, 400, 800, 1600, 2400, 2698)
 ID_BYTES, HALF = 4, 2
 BUDGET = 1000  # RECOMPRESS's longer history budget

@@ -58,9 +58,10 @@ MODELS: dict[str, dict[str, Any]] = {
 # the generated sets: a small model (the dormant set's tastes return 60-100 events back, beyond
 # a 40-item window and a recent part of 10-19); the plain synthetic set is a 2-epoch smoke test
 SMALL = {"synthetic": dict(max_len=40, dim=16, head_dim=16), "dormant": dict(max_len=40, dim=32, head_dim=32),
-         "recurring": dict(max_len=40, dim=32, head_dim=32), "steady": dict(max_len=40, dim=32, head_dim=32)}
+         "recurring": dict(max_len=40, dim=32, head_dim=32), "steady": dict(max_len=40, dim=32, head_dim=32),
+         "taste": dict(max_len=40, dim=32, head_dim=32)}
 GENERATED = {"synthetic": "synthetic", "dormant": "synthetic-dormant", "recurring": "synthetic-recurring",
-             "steady": "synthetic-steady"}
+             "steady": "synthetic-steady", "taste": "synthetic-taste"}
 RULES = {"exclude": dict(window=None), "exclude-200": dict(window=200)}
 
 
@@ -102,6 +103,8 @@ def plan(name: str) -> list[Job]:
         "ml1m-persrec": sorted(_jobs(["ml1m"], ["hstu"] + PERSREC, ["best"]), key=lambda j: j.seed),
         # INCREMENTAL trained as served: windows anywhere in a history, the memory carried in
         **{f"{d}-lifelong": _jobs([d], ["persrec-incremental-k8"], ["best+history=lifelong"]) for d in ("ml1m", "mlsmall", "ml1m-ts")},
+        # the same with the memory carry (a fold reads the whole chain, not only the last segment)
+        **{f"{d}-carry": _jobs([d], ["persrec-incremental-k8"], [CARRY]) for d in ("ml1m", "mlsmall", "ml1m-ts")},
         "ml1m-published": _jobs(["ml1m"], ["hstu"], ["official", "best"], ["published"]),
         "ml1m-screening": _jobs(["ml1m"], ["hstu"], SINGLE + ["official+num_negatives=512"], seeds=(1,)),
         # the time bias on the timestamped sets: the official recipe with and without it
@@ -130,7 +133,7 @@ def plan(name: str) -> list[Job]:
         **{d: sorted(_jobs([d], ["hstu"] + PERSREC, ["best"])
                      + _jobs([d], ["persrec-incremental-k8"], ["best+history=lifelong", LONG_FOLDS, CARRY]),
                      key=lambda j: j.seed)
-           for d in ("dormant", "recurring", "steady")},
+           for d in ("dormant", "recurring", "steady", "taste")},
         # smoke test: synthetic data, two epochs
         "quick": [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")],
     }

@@ -776,21 +776,24 @@ def dormant_interest_interactions(
 
 def steady_taste_interactions(
     num_users: int = 600, num_items: int = 2000, length: tuple[int, int] = (300, 600), rate: float = 0.1,
-    seed: int = 0,
+    noise: str = "wander", seed: int = 0,
 ) -> Interactions:
-    """SYNTHETIC long-range data (not real users): a steady taste, diluted in wandering.
+    """SYNTHETIC long-range data (not real users): a steady taste, diluted in noise.
 
     Each user has a taste, one item cluster drawn at random. At each step they take an item of
-    it with probability ``rate`` (its popular items likelier) and otherwise wander on from their
-    last item as in ``synthetic_interactions``. Their last event, the test target, is a taste
-    item new to them. One taste item tells little (the wandering visits every cluster), so the
-    more of a history a model reads, the surer it knows the taste: at rate 0.1, about 1.5 of a
-    recent part of 15 items, 4 of 40, 30-60 of the whole. Lengths are drawn uniformly from
-    ``length`` (both ends included).
+    it with probability ``rate`` (its popular items likelier); otherwise, with ``noise="wander"``,
+    they wander on from their last item as in ``synthetic_interactions``, and with
+    ``noise="uniform"`` they take any item, all equally likely (nothing to learn but the taste).
+    Their last event, the test target, is a taste item new to them. One taste item tells little
+    (the noise visits every cluster), so the more of a history a model reads, the surer it knows
+    the taste: at rate 0.1, about 1.5 of a recent part of 15 items, 4 of 40, 30-60 of the whole.
+    Lengths are drawn uniformly from ``length`` (both ends included).
     """
     lo, hi = length
     if num_users < 1 or num_items < 2 or not 0.0 < rate < 1.0 or not MIN_EVAL_LENGTH <= lo <= hi:
         raise ValueError(f"need num_users >= 1, num_items >= 2, 0 < rate < 1, {MIN_EVAL_LENGTH} <= length[0] <= length[1]")
+    if noise not in ("wander", "uniform"):
+        raise ValueError(f"noise is 'wander' or 'uniform', not {noise!r}")
     rng = np.random.default_rng(seed)
     chain = _Wander(num_items, rng)
     taste = rng.integers(0, len(chain.cluster_start), size=num_users)
@@ -798,7 +801,9 @@ def steady_taste_interactions(
     walk = np.empty((num_users, lengths.max()), dtype=np.int64)
     walk[:, 0] = chain.first(num_users)
     for t in range(1, walk.shape[1]):
-        walk[:, t] = np.where(rng.random(num_users) < rate, chain.in_cluster(taste), chain.step(walk[:, t - 1]))
+        takes_taste, liked = rng.random(num_users) < rate, chain.in_cluster(taste)
+        other = chain.step(walk[:, t - 1]) if noise == "wander" else rng.integers(0, num_items, size=num_users)
+        walk[:, t] = np.where(takes_taste, liked, other)
     for u in range(num_users):  # the test target: a taste item the user has not taken, popular ones likelier
         first, size = chain.cluster_start[taste[u]], chain.cluster_size[taste[u]]
         weights = np.where(np.isin(first + np.arange(size), walk[u, : lengths[u] - 1]), 0.0, 1.0 / np.arange(1, size + 1))

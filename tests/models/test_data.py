@@ -424,11 +424,12 @@ def test_recurring_taste_set_puts_each_taste_item_beyond_a_recent_part_of_19():
         assert len(set((raw * 22 // 2000).tolist())) == 1  # one of _Wander's 22 clusters
 
 
-def test_steady_taste_shows_in_a_long_history_and_the_target_is_new():
-    """The steady-taste set: the test target (each user's last event) is new to them and of the
+@pytest.mark.parametrize("noise", ["wander", "uniform"])
+def test_steady_taste_shows_in_a_long_history_and_the_target_is_new(noise: str):
+    """The steady-taste sets: the test target (each user's last event) is new to them and of the
     cluster their whole history visits most; their last 15 events name that cluster far less often."""
-    a = steady_taste_interactions(num_users=200, num_items=2000, length=(300, 400), seed=3)
-    b = steady_taste_interactions(num_users=200, num_items=2000, length=(300, 400), seed=3)
+    a = steady_taste_interactions(num_users=200, num_items=2000, length=(300, 400), noise=noise, seed=3)
+    b = steady_taste_interactions(num_users=200, num_items=2000, length=(300, 400), noise=noise, seed=3)
     np.testing.assert_array_equal(a.items, b.items)
     starts = np.sort(np.unique(a.users, return_index=True)[1])  # events come user by user
     ends = np.append(starts[1:], len(a.items))
@@ -442,6 +443,8 @@ def test_steady_taste_shows_in_a_long_history_and_the_target_is_new():
     assert whole >= 190 and recent <= 120, (whole, recent)
     with pytest.raises(ValueError, match="rate"):
         steady_taste_interactions(rate=0.0)
+    with pytest.raises(ValueError, match="noise"):
+        steady_taste_interactions(noise="pink")
 
 
 def test_synthetic_interactions_are_learnable_and_deterministic():
