@@ -35,9 +35,9 @@ GENERATED = {  # name -> (label, generator): data sets made here, not read
     "synthetic-steady": ("SYNTHETIC steady taste (generated, not real users; one event in ten is of the user's "
                          "taste cluster, the rest wander; the more history read, the surer the taste)",
                          steady_taste_interactions),
-    "synthetic-taste": ("SYNTHETIC taste in noise (generated, not real users; one event in ten is of the user's "
-                        "taste cluster, the rest any item at random)",
-                        lambda: steady_taste_interactions(noise="uniform")),
+    "synthetic-taste": ("SYNTHETIC taste in noise (generated, not real users; three events in ten are of the "
+                        "user's taste cluster, the rest any item at random)",
+                        lambda: steady_taste_interactions(num_users=3000, rate=0.3, noise="uniform")),
 }
 
 
