@@ -29,6 +29,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import statistics
 import sys
 import time
@@ -295,6 +296,8 @@ def cmd_run(args) -> int:
     t0 = time.monotonic()
     ctx = mp.get_context("spawn")
     failed = 0
+    # a killed run stops its workers too (the pool's exit terminates them); they would train on, unseen
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with ctx.Pool(args.workers, maxtasksperchild=None) as pool:
         pending = pool.imap_unordered(_worker, [(j, args.device, args.threads, args.epochs, args.save_dir) for j in todo])
         for _ in todo:
