@@ -56,13 +56,11 @@ MODELS: dict[str, dict[str, Any]] = {
     "persrec-recompress-k8": dict(num_memory_tokens=8, recent_len=50, segment_len=50, policy="recompress"),
     "persrec-incremental-k8": dict(num_memory_tokens=8, recent_len=50, segment_len=50, policy="incremental"),
 }
-# the generated sets: a small model (the dormant set's tastes return 60-100 events back, beyond
-# a 40-item window and a recent part of 10-19); the plain synthetic set is a 2-epoch smoke test
-SMALL = {"synthetic": dict(max_len=40, dim=16, head_dim=16), "dormant": dict(max_len=40, dim=32, head_dim=32),
-         "recurring": dict(max_len=40, dim=32, head_dim=32), "steady": dict(max_len=40, dim=32, head_dim=32),
-         "taste": dict(max_len=40, dim=32, head_dim=32)}
-GENERATED = {"synthetic": "synthetic", "dormant": "synthetic-dormant", "recurring": "synthetic-recurring",
-             "steady": "synthetic-steady", "taste": "synthetic-taste"}
+# the generated sets: a small model (the planted tastes lie beyond a 40-item window or a recent
+# part of 10-19); the plain synthetic set is a 2-epoch smoke test
+PLANTED = ("dormant", "recurring", "steady", "taste")  # models.experiment.GENERATED's "synthetic-<name>"
+SMALL = {"synthetic": dict(max_len=40, dim=16, head_dim=16), **dict.fromkeys(PLANTED, dict(max_len=40, dim=32, head_dim=32))}
+GENERATED = {"synthetic": "synthetic", **{d: f"synthetic-{d}" for d in PLANTED}}
 RULES = {"exclude": dict(window=None), "exclude-200": dict(window=200)}
 
 
@@ -127,14 +125,12 @@ def plan(name: str) -> list[Job]:
         **{f"items-newids-{d}": [Job(d, "hstu", "best+new_item_ids=text", "heldout", s, "id+text", "cold10")
                                  for s in (1, 2, 3)]
            for d in ("mlsmall", "ml1m")},
-        # the positive control of the lifelong memory: generated tastes that return from beyond
-        # every window (``models.data.dormant_interest_interactions``), seed-major
-        # the same, denser: one taste item every 25-55 events, each after a week away, so every
-        # training window has targets that only older events tell (PerSRec's recent part is 10-19)
+        # the controls of the lifelong memory: generated tastes that older events tell
+        # (``models.data.dormant_interest_interactions``, ``steady_taste_interactions``), seed-major
         **{d: sorted(_jobs([d], ["hstu"] + PERSREC, ["best"])
                      + _jobs([d], ["persrec-incremental-k8"], ["best+history=lifelong", LONG_FOLDS, CARRY]),
                      key=lambda j: j.seed)
-           for d in ("dormant", "recurring", "steady", "taste")},
+           for d in PLANTED},
         # smoke test: synthetic data, two epochs
         "quick": [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")],
     }

@@ -69,14 +69,11 @@ class PerSRec(ItemScoring, nn.Module):
         """One masked pass over the full layout -> L2-normalised outputs ``[B, N, D]``. With
         ``batch.memory``, the layout continues a user's earlier folds: the memory is block 0,
         which the layout's first segment reads, as ``fold`` reads a stored memory."""
-        carried = None
-        if self.carry is not None:  # one block reads the carried memory; a second would need the first's top layer
-            if int((batch.kind == TOKEN).sum(1).max()) > self.cfg.num_memory_tokens:
-                raise ValueError("a memory_carry model folds one segment at a time: lay rows out as one segment "
-                                 "and the recent part after a memory (history=lifelong training), not as several blocks")
-            if batch.memory is not None:
-                carried = self._carried(batch.memory, batch.has_memory)
-        x = self._embed(batch.item_ids, batch.kind, batch.tok, carried)
+        # one block reads the carried memory; a second would need the first's top layer
+        if self.carry is not None and int((batch.kind == TOKEN).sum(1).max()) > self.cfg.num_memory_tokens:
+            raise ValueError("a memory_carry model folds one segment at a time: lay rows out as one segment "
+                             "and the recent part after a memory (history=lifelong training), not as several blocks")
+        x = self._embed(batch.item_ids, batch.kind, batch.tok, self._carried(batch.memory, batch.has_memory))
         ts, q_ts = self._times(batch.ts, batch.qts)
         if batch.memory is None:
             # collate lays a model without memory tokens out as plain causal rows
@@ -98,9 +95,12 @@ class PerSRec(ItemScoring, nn.Module):
                     prefix_kind=torch.where(has_memory[:, None], TOKEN, PAD).expand(B, M),
                     prefix_seg=torch.zeros_like(pm), prefix_pos=pm)
 
-    def _carried(self, memory: torch.Tensor, has_memory: torch.Tensor | None) -> torch.Tensor:
+    def _carried(self, memory: torch.Tensor | None, has_memory: torch.Tensor | None) -> torch.Tensor | None:
         """What a fold's tokens take from the previous memory ``[B, L, 2, M, H, Dh]``: its top
-        layer's keys and values per token, projected to ``[B, M, D]`` (zero without one)."""
+        layer's keys and values per token, projected to ``[B, M, D]`` (zero for a row without
+        one; None for a model without the carry or a pass without a memory)."""
+        if self.carry is None or memory is None:
+            return None
         B, M = memory.shape[0], self.cfg.num_memory_tokens
         top = memory[:, -1].permute(0, 2, 1, 3, 4).reshape(B, M, -1).to(self.carry.weight.dtype)
         out = self.carry(top)
@@ -144,8 +144,7 @@ class PerSRec(ItemScoring, nn.Module):
             ts = pad(ts)
             q_ts = None if q_ts is None else pad(q_ts)
         prefix = {} if memory is None else self._prefix(memory, has_memory)
-        carried = self._carried(memory, has_memory) if with_tokens and memory is not None and self.carry is not None else None
-        x = self._embed(ids, kind, tok, carried)
+        x = self._embed(ids, kind, tok, self._carried(memory, has_memory) if with_tokens else None)
         keep = slice(N, N + M) if with_tokens else None
         ts, q_ts = self._times(ts, q_ts)
         return self.backbone(x, kind, seg, pos, ts, keep=keep, q_ts=q_ts, **prefix)
