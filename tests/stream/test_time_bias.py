@@ -1,7 +1,9 @@
 """A request-time time-bias model served by the stream, under both memory policies: real broker,
 tritonserver and SQLite. The request time is the event's ``ts``; a RECOMPRESS memory row keeps
 the aged-out items' times, and folds take whole segments of the model's ``segment_len``, so the
-memory the stream builds is the one the model builds offline from the same events."""
+memory the stream builds is the one the model builds offline from the same events. The third
+model carries each INCREMENTAL memory into the next fold (``memory_carry``, with a nonzero
+projection), so a stored memory depends on the user's whole chain of folds."""
 
 from __future__ import annotations
 
@@ -29,14 +31,19 @@ from .test_worker_behaviour import events_of, topics
 pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module", params=["recompress", "incremental"])
+@pytest.fixture(scope="module", params=["recompress", "incremental", "incremental+carry"])
 def timed_triton(request, triton_factory, served_model, tmp_path_factory):
+    policy, carry = request.param.split("+")[0], request.param.endswith("+carry")
     cfg = ModelConfig(num_items=served_model.id_map.num_items, dim=32, head_dim=16, num_memory_tokens=4,
-                      recent_len=20, max_len=60, segment_len=10, policy=request.param, dropout=0.0,
-                      time_bias=True, request_time=True, num_time_buckets=129, bias_init_std=0.5)
+                      recent_len=20, max_len=60, segment_len=10, policy=policy, dropout=0.0,
+                      time_bias=True, request_time=True, num_time_buckets=129, bias_init_std=0.5,
+                      memory_carry=carry)
     torch.manual_seed(2)
-    ck = make_checkpoint(build_model(cfg), served_model.id_map.to_json())
-    repo = tmp_path_factory.mktemp(f"timed_{request.param}")
+    model = build_model(cfg)
+    if carry:  # zero-initialised, the carry would change nothing
+        torch.nn.init.normal_(model.carry.weight, std=0.2)
+    ck = make_checkpoint(model, served_model.id_map.to_json())
+    repo = tmp_path_factory.mktemp(f"timed_{policy}{'_carry' if carry else ''}")
     manifest = export_repository(ck, repo, window_cache_metrics=True)
     assert manifest.request_time
     server = triton_factory(repo, ["recommend", "fold"])
@@ -103,5 +110,13 @@ def test_a_lifelong_users_memory_equals_the_offline_fold(served_model, worker_se
     wait_for(folded, 240, "the last whole segment folded")
     row = store.get_many([longest], manifest.model_version)[longest]
     assert row.events_folded == whole and worker.status()["folds"] >= 1
-    expected = offline_memory(ck.build_model("cpu"), served_model.id_map, events[:whole])[0].numpy()
+    model = ck.build_model("cpu")
+    expected = offline_memory(model, served_model.id_map, events[:whole])[0].numpy()
     assert np.abs(row.tensor - expected).max() <= 1e-5
+    if manifest.policy == "recompress":
+        return
+    # Without the carry a memory holds only its last L - 1 segments: the same segments folded
+    # after the first one instead of after ~200 give the same memory. The carry reads the chain.
+    seg, last = manifest.segment_len, (model.cfg.num_layers - 1) * manifest.segment_len
+    short_chain = offline_memory(model, served_model.id_map, events[:seg] + events[whole - last:whole])[0].numpy()
+    assert (np.abs(short_chain - expected).max() > 1e-2) == model.cfg.memory_carry
