@@ -28,7 +28,10 @@ and by history length (< 200, 200-499, >= 500 events), 3 seeds,
 for HSTU over the last 200 / the whole history / the last 50, PerSRec INCREMENTAL folded over
 the entire history, and PerSRec RECOMPRESS with 150 and 1,000 aged-out items; each PerSRec model
 also with its memory withheld (the same raw part read beside the new-user memory: what the
-memory adds); paired bootstrap intervals against HSTU over the last 200.
+memory adds); paired bootstrap intervals against HSTU over the last 200, over the seeds both
+rows have. Each seed's per-user target ranks are kept in ``results/lifelong_<set>_ranks/s<seed>.json``:
+a later run reads a seed's rows from there when their weights are gone (``runs/`` is not
+committed), and replaces the rows it computes.
 
     .venv/bin/python benchmarks/lifelong_bench.py cost --threads 1          # -> results/lifelong_cost.{json,md,png}
     .venv/bin/python benchmarks/lifelong_bench.py accuracy --threads 2      # -> results/lifelong_ml1m.{json,md,png}
@@ -261,12 +264,12 @@ def accuracy(args) -> dict:
     lengths = np.array([len(h) for h in rows_.history])
     exclude = pad_ids(rows_.history)
     targets = torch.as_tensor(rows_.target)
-    per_row: dict[str, list[torch.Tensor]] = {}
-    base = None  # the baseline row's name, once HSTU's weights are found
+    per_row: dict[str, dict[int, torch.Tensor]] = {}  # row -> seed -> each test user's target rank
+    stored = args.out / f"lifelong_{args.dataset}_ranks"  # a seed's ranks outlive its weights
 
     def add(name: str, vectors: torch.Tensor, model) -> None:
         scores = model.score(vectors)
-        per_row.setdefault(name, []).append(rank_of_target(scores, targets, exclude, exclude_target=True))
+        per_row.setdefault(name, {})[seed] = rank_of_target(scores, targets, exclude, exclude_target=True)
 
     for seed in args.seeds:
         ck = lambda model, recipe: load_checkpoint(RUNS / f"{args.dataset}__{model}__{recipe}__heldout__s{seed}.pt")  # noqa: E731
@@ -284,8 +287,8 @@ def accuracy(args) -> dict:
                 print(f"seed {seed}: no {model_name}/{recipe} weights in {RUNS}; row skipped")
         if "hstu" in found:
             m = found["hstu"]
-            base = f"HSTU, last {m.cfg.max_len}"  # its own window (200; the generated set's small model: 40)
-            for name, window in ((base, m.cfg.max_len), ("HSTU, last 50", 50)):
+            own = f"HSTU, last {m.cfg.max_len}"  # its own window (200; the generated set's small model: 40)
+            for name, window in ((own, m.cfg.max_len), ("HSTU, last 50", 50)):
                 if window > m.cfg.max_len:
                     continue
                 cut = [h[-window:] for h in rows_.history]
@@ -309,22 +312,35 @@ def accuracy(args) -> dict:
                 m = found[label]
                 recent, recent_times = raw_part(m.cfg, rows_.history), None if times is None else raw_part(m.cfg, times)
                 add(name, lifelong_vectors(m, recent, recent_times, request), m)
-        print(f"seed {seed}: {sorted(per_row)}", flush=True)
+        kept = stored / f"s{seed}.json"
+        old = json.loads(kept.read_text())["ranks"] if kept.is_file() else {}
+        new = {name: r[seed].tolist() for name, r in per_row.items() if seed in r}
+        for name, ranks in old.items():  # rows whose weights are gone keep their stored ranks
+            if name not in new and len(ranks) == len(targets):
+                per_row.setdefault(name, {})[seed] = torch.tensor(ranks)
+        if new:
+            stored.mkdir(parents=True, exist_ok=True)
+            kept.write_text(json.dumps(dict(
+                dataset=args.dataset, seed=seed, ranks=old | new, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                code=code_commit("models", "benchmarks/lifelong_bench.py"))))
+        print(f"seed {seed}: computed {sorted(new)}; read from {kept}: {sorted(set(old) - set(new))}", flush=True)
+    base = next((name for name in per_row if name.startswith("HSTU, last") and name != "HSTU, last 50"), None)
     if not per_row:
         raise SystemExit(f"no trained weights for {args.dataset} seeds {args.seeds} in {RUNS}: train them first "
                          f"(benchmarks/recipe_bench.py run --plan timed-{args.dataset} / {args.dataset}-lifelong)")
 
-    def paired(ranks, ref, sel):  # per-user NDCG@10 averaged over seeds, then the bootstrap ratio
-        if ref is None or len(ref) != len(ranks):
+    def paired(ranks, ref, sel):  # per-user NDCG@10 averaged over the seeds both have, then the bootstrap ratio
+        common = sorted(set(ranks) & set(ref or {}))
+        if not common:
             return None
-        a = torch.stack([ndcg_at(r[sel], 10) for r in ranks]).mean(0)
-        b = torch.stack([ndcg_at(r[sel], 10) for r in ref]).mean(0)
+        a = torch.stack([ndcg_at(ranks[s][sel], 10) for s in common]).mean(0)
+        b = torch.stack([ndcg_at(ref[s][sel], 10) for s in common]).mean(0)
         return paired_ratio_interval(a, b) if float(b.mean()) > 0 else None
 
     served_of = {withheld: served for withheld, served in WITHHELD.values()}
     table = []
-    for name, ranks in per_row.items():
-        entry = dict(row=name, seeds=len(ranks))
+    for name, by_seed in per_row.items():
+        entry, ranks = dict(row=name, seeds=len(by_seed), seed_list=sorted(by_seed)), list(by_seed.values())
         for lo, hi, label in ((0, 10**9, "all"),) + BUCKETS:
             sel = torch.from_numpy((lengths >= lo) & (lengths < hi))
             entry[f"{label}/users"] = int(sel.sum())
@@ -337,9 +353,9 @@ def accuracy(args) -> dict:
             for metric in ("ndcg@10", "hr@10"):
                 xs = [v[metric] for v in vals]
                 entry[f"{label}/{metric}"] = dict(mean=statistics.fmean(xs), sd=statistics.stdev(xs) if len(xs) > 1 else None)
-            entry[f"{label}/vs_hstu200"] = paired(ranks, per_row.get(base), sel)
+            entry[f"{label}/vs_hstu200"] = paired(by_seed, per_row.get(base), sel)
             if name in served_of:  # the served row against this one: what the memory adds
-                entry[f"{label}/served_vs_withheld"] = paired(per_row.get(served_of[name]), ranks, sel) \
+                entry[f"{label}/served_vs_withheld"] = paired(per_row.get(served_of[name]), by_seed, sel) \
                     if served_of[name] in per_row else None
         table.append(entry)
     return dict(mode="accuracy", dataset=args.dataset, rows=table, seeds=list(args.seeds),
@@ -357,7 +373,7 @@ def accuracy_report(res: dict, out: Path) -> None:
     lines = [head, "|---" * 9 + "|"]
     for e in res["rows"]:
         rank = e.get("all/median_rank")
-        lines.append(f"| {e['row']} | {e['seeds']} | " + " | ".join(fmt(e[f"{label}/ndcg@10"]) for label in labels)
+        lines.append(f"| {e['row']} | {', '.join(map(str, e['seed_list']))} | " + " | ".join(fmt(e[f"{label}/ndcg@10"]) for label in labels)
                      + f" | {ci(e.get('all/vs_hstu200'))} | {ci(e.get('>= 500/vs_hstu200'))} | "
                      + ("-" if rank is None else f"{rank:,.0f}") + " |")
     gains = [e for e in res["rows"] if "all/served_vs_withheld" in e]
