@@ -206,8 +206,9 @@ def fit(
 
     Under ``torchrun`` (process group initialised by the caller) each process trains on its
     share of the batches through DistributedDataParallel; rank 0 validates, decides early
-    stopping for everyone, and writes ``out_dir/best.pt`` and ``out_dir/last.pt``; every
-    process ends holding rank 0's best weights.
+    stopping for everyone, and writes ``out_dir/last.pt`` at each validation and
+    ``out_dir/best.pt`` at each improvement and at the end; every process ends holding rank 0's
+    best weights. ``resume`` (a ``last.pt``) continues a killed run with the selection it had made.
 
     With ``cfg.test_every`` and ``test_rows``, rank 0 also evaluates the test rows under each of
     ``test_rules`` (name -> seen rule) every that many epochs, into ``EpochReport.test``.
@@ -218,28 +219,9 @@ def fit(
     rank, world = _world()
     mcfg = model.cfg
     model.to(device)
-    times = train_ts if mcfg.time_bias else None
-    if cfg.history is History.LIFELONG:
-        from .lifelong import LifelongExamples
-
-        if cfg.fold_grad and world > 1:
-            raise ValueError("fold_grad runs folds outside the DDP forward: train it in one process")
-        examples = LifelongExamples(train_seqs, times, mcfg, device, fold_grad=cfg.fold_grad)
-    else:
-        examples = Examples(train_seqs, times, mcfg, device)
+    examples = _examples(train_seqs, train_ts, mcfg, cfg, device, world)
     opt = make_optimizer(model.parameters(), cfg)
-    start_epoch, best, best_epoch = 1, -math.inf, 0
-    best_state = copy.deepcopy(model.state_dict())
-    if resume is not None:
-        ck = load_checkpoint(resume, map_location=device)
-        model.load_state_dict(ck.state_dict)
-        st = ck.train_state or {}
-        if "optimizer" in st:
-            opt.load_state_dict(st["optimizer"])
-        start_epoch = int(st.get("epoch", 0)) + 1
-        best, best_epoch = float(st.get("best", -math.inf)), int(st.get("best_epoch", 0))
-        best_state = copy.deepcopy(model.state_dict())
-        log.info("resumed from %s at epoch %d", resume, start_epoch)
+    start_epoch, best = (1, _Selection()) if resume is None else _resume(resume, model, opt, device)
     validator = tester = None
     if rank == 0:  # a lifelong model is read as served: every fold of the whole history
         lifelong = cfg.history is History.LIFELONG
@@ -252,25 +234,15 @@ def fit(
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     pool = None if negative_pool is None else torch.as_tensor(np.asarray(negative_pool, np.int64), device=device)
     history: list[EpochReport] = []
-    t_start, best_metrics, stale, epoch = time.monotonic(), {}, 0, start_epoch - 1
+    t_start, epoch = time.monotonic(), start_epoch - 1
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.monotonic()
         rng = np.random.default_rng(cfg.seed + epoch)
         examples.refresh(model, rng)
         batches = draw_batches(examples.lengths, cfg, rng)
         batches = batches[: len(batches) // world * world][rank::world] if world > 1 else batches
-        model.train()
-        total, steps = torch.zeros((), device=device), 0
-        for idx in batches:
-            batch = examples.batch(idx)
-            hidden = net(batch)
-            loss = next_item_loss(hidden, batch.targets, model, mcfg.num_negatives, mcfg.temperature,
-                                  cfg.negatives, gen, pool)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, steps = total + loss.detach(), steps + 1
-        report = EpochReport(epoch, float(total) / max(steps, 1), time.monotonic() - t0)
+        loss = _train_epoch(net, model, examples, batches, opt, cfg.negatives, gen, pool)
+        report = EpochReport(epoch, loss, time.monotonic() - t0)
         out_of_time = cfg.max_minutes is not None and time.monotonic() - t_start > cfg.max_minutes * 60
         checkpoint_now = epoch % cfg.eval_every == 0 or epoch == cfg.epochs or out_of_time
         testing = tester is not None and (epoch % cfg.test_every == 0 or epoch == cfg.epochs)
@@ -280,19 +252,15 @@ def fit(
             report.test = tester.metrics(model)
         stop = False
         if valid_rows is None:  # fixed epochs: the last one is the result
-            best_epoch = epoch
+            best.epoch = epoch
         elif checkpoint_now and rank == 0:
             report.valid = validator.metrics(model)["exclude"]
-            score = report.valid["ndcg@10"]
-            if score > best:
-                best, best_epoch, best_metrics, stale = score, epoch, report.valid, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                stale += 1
-            stop = cfg.patience is not None and stale >= cfg.patience
+            if best.offer(epoch, report.valid, model) and out_dir is not None:  # kept through a crash
+                state = dict(epoch=epoch, **best.train_state(), train_config=plain_dict(cfg))
+                save_checkpoint(make_checkpoint(model, id_map_json, state, best.metrics), out_dir / "best.pt")
+            stop = cfg.patience is not None and best.stale >= cfg.patience
         if checkpoint_now and out_dir is not None and rank == 0:
-            state = dict(optimizer=opt.state_dict(), epoch=epoch, best=best, best_epoch=best_epoch,
-                         train_config=plain_dict(cfg))
+            state = dict(optimizer=opt.state_dict(), epoch=epoch, **best.train_state(), train_config=plain_dict(cfg))
             save_checkpoint(make_checkpoint(model, id_map_json, state, report.valid), out_dir / "last.pt")
         stop = _agree(stop or out_of_time, device)
         history.append(report)
@@ -306,15 +274,94 @@ def fit(
         # thread still joinable then aborts the process (std::terminate, 4 of 8 CLI runs here).
         del net
         gc.collect()
-    if valid_rows is not None:
-        model.load_state_dict(best_state)
+    if valid_rows is not None and best.state is not None:
+        model.load_state_dict(best.state)
     fit_new_item_ids(model, negative_pool)
     _share_state(model)
     ckpt_path = None
     if out_dir is not None and rank == 0:
-        state = dict(epoch=epoch, best=best, best_epoch=best_epoch, train_config=plain_dict(cfg))
-        ckpt_path = save_checkpoint(make_checkpoint(model, id_map_json, state, best_metrics), out_dir / "best.pt")
-    return FitResult(best_metrics, best_epoch, epoch, time.monotonic() - t_start, history, ckpt_path)
+        state = dict(epoch=epoch, **best.train_state(), train_config=plain_dict(cfg))
+        ckpt_path = save_checkpoint(make_checkpoint(model, id_map_json, state, best.metrics), out_dir / "best.pt")
+    return FitResult(best.metrics, best.epoch, epoch, time.monotonic() - t_start, history, ckpt_path)
+
+
+def _examples(train_seqs, train_ts, mcfg, cfg: TrainConfig, device, world: int):
+    """The training windows: the last ``max_len`` items of each sequence, or (LIFELONG) windows
+    anywhere in a history with the memory of everything before them carried in."""
+    times = train_ts if mcfg.time_bias else None
+    if cfg.history is not History.LIFELONG:
+        return Examples(train_seqs, times, mcfg, device)
+    from .lifelong import LifelongExamples
+
+    if cfg.fold_grad and world > 1:
+        raise ValueError("fold_grad runs folds outside the DDP forward: train it in one process")
+    return LifelongExamples(train_seqs, times, mcfg, device, fold_grad=cfg.fold_grad)
+
+
+@dataclass
+class _Selection:
+    """The validation-selected epoch so far: its NDCG@10, metrics and weights, and the
+    validations since (early stopping)."""
+
+    score: float = -math.inf
+    epoch: int = 0
+    metrics: dict = field(default_factory=dict)
+    state: dict | None = None  # its weights (None: nothing selected yet)
+    stale: int = 0
+
+    def offer(self, epoch: int, metrics: dict, model: nn.Module) -> bool:
+        """Select ``model`` at ``epoch`` if its metrics beat the best so far; whether they did."""
+        if not metrics["ndcg@10"] > self.score:
+            self.stale += 1
+            return False
+        self.score, self.epoch, self.metrics, self.stale = metrics["ndcg@10"], epoch, metrics, 0
+        self.state = copy.deepcopy(model.state_dict())
+        return True
+
+    def train_state(self) -> dict:
+        return dict(best=self.score, best_epoch=self.epoch, stale=self.stale)
+
+
+def _resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, device) -> tuple[int, _Selection]:
+    """Load ``last.pt``'s weights and optimiser state, and the selection it had made: the
+    selected weights come from the ``best.pt`` beside it (written at each improvement). The
+    first epoch to run and the selection."""
+    ck = load_checkpoint(path, map_location=device)
+    model.load_state_dict(ck.state_dict)
+    st = ck.train_state or {}
+    if "optimizer" in st:
+        opt.load_state_dict(st["optimizer"])
+    epoch = int(st.get("epoch", 0))
+    best = _Selection(float(st.get("best", -math.inf)), int(st.get("best_epoch", 0)), stale=int(st.get("stale", 0)))
+    kept = path.with_name("best.pt")
+    kept = load_checkpoint(kept, map_location=device) if kept.is_file() else None
+    if best.epoch == epoch:  # the resumed weights are the selected ones
+        best.metrics, best.state = dict(ck.metrics), copy.deepcopy(ck.state_dict)
+    elif kept is not None and (kept.train_state or {}).get("best_epoch") == best.epoch:
+        best.metrics, best.state = dict(kept.metrics), kept.state_dict
+    elif best.epoch:
+        log.warning("resuming at epoch %d without the weights of its best epoch %d (no matching best.pt "
+                    "beside %s): the selection starts again", epoch + 1, best.epoch, path)
+        best = _Selection()
+    log.info("resumed from %s at epoch %d", path, epoch + 1)
+    return epoch + 1, best
+
+
+def _train_epoch(net: nn.Module, model: nn.Module, examples, batches: list[np.ndarray],
+                 opt: torch.optim.Optimizer, negatives: Negatives, gen: torch.Generator,
+                 pool: torch.Tensor | None) -> float:
+    """One pass over ``batches`` (``net`` is ``model``, or its DDP wrapper); the mean loss."""
+    model.train()
+    total = 0.0  # a tensor after the first step: no host sync per step
+    for idx in batches:
+        batch = examples.batch(idx)
+        loss = next_item_loss(net(batch), batch.targets, model, model.cfg.num_negatives, model.cfg.temperature,
+                              negatives, gen, pool)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total = total + loss.detach()
+    return float(total) / max(len(batches), 1)
 
 
 def _share_state(model: nn.Module) -> None:

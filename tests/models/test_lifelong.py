@@ -264,9 +264,11 @@ def test_without_the_carry_a_memory_forgets_all_but_its_last_layers_minus_one_se
     for carry, forgets in ((False, True), (True, False)):
         model = carry_model(3, carry, layers)
         memory, _ = fold_chains(model, seqs, None, folds)
-        assert torch.equal(memory[0], memory[1]) is forgets, carry
+        # equal to float32 rounding (bit for bit on AMD EPYC; 3e-7 apart on an Intel Xeon, whose
+        # kernels block the two rows differently), or far apart
+        assert ((memory[0] - memory[1]).abs().max().item() <= TOL) is forgets, carry
         short, _ = fold_chains(model, seqs, None, [layers - 1] * 2)  # one fold fewer: still remembered
-        assert not torch.equal(short[0], short[1])
+        assert (short[0] - short[1]).abs().max().item() > 1e-2
 
 
 @torch.no_grad()

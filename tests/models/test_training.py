@@ -75,3 +75,37 @@ def test_published_protocol_trains_fixed_epochs_on_all_but_the_test_event(tmp_pa
     last = torch.load(tmp_path / "last.pt", weights_only=False)
     best = torch.load(tmp_path / "best.pt", weights_only=False)
     assert all(torch.equal(a, b) for a, b in zip(last["state_dict"].values(), best["state_dict"].values()))
+
+
+def test_a_run_resumed_after_a_crash_keeps_the_epoch_it_had_selected(tmp_path) -> None:
+    """A run killed after its best epoch, resumed from last.pt, ends on the weights and metrics
+    of that epoch (best.pt is written at each improvement), as the uninterrupted run does."""
+    import dataclasses
+
+    import pytest
+
+    from persrec.models.train import fit
+
+    data = experiment.load_dataset("synthetic")
+    v = data.split.valid
+    few = dataclasses.replace(v, user_index=v.user_index[:10], history=v.history[:10], target=v.target[:10])
+    cfg = ModelConfig(num_items=data.id_map.num_items, max_len=30, dim=16, head_dim=8)
+
+    def run(epochs, out_dir, resume=None, on_epoch=None):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        return model, fit(model, data.split.train.items, None, few, TrainConfig(epochs=epochs, seed=1, patience=None),
+                          out_dir=out_dir, resume=resume, on_epoch=on_epoch)
+
+    whole, result = run(3, tmp_path / "whole")
+    assert result.best_epoch == 1  # 10 validation users: a noisy curve that peaks first
+
+    def crash(report) -> None:
+        if report.epoch == 3:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        run(3, tmp_path / "crashed", on_epoch=crash)
+    resumed, again = run(3, tmp_path / "crashed", resume=tmp_path / "crashed" / "last.pt")
+    assert again.history == [] and again.best_epoch == 1 and again.best_metrics == result.best_metrics
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
