@@ -275,7 +275,8 @@ def accuracy(args) -> dict:
         ck = lambda model, recipe: load_checkpoint(RUNS / f"{args.dataset}__{model}__{recipe}__heldout__s{seed}.pt")  # noqa: E731
         found = {}
         for label, (model_name, recipe) in {
-            "hstu": ("hstu", "best"), "incremental": ("persrec-incremental-k8", "best"),
+            "hstu": ("hstu", "best"), "hstu-anywhere": ("hstu", "best+history=anywhere"),
+            "incremental": ("persrec-incremental-k8", "best"),
             "incremental-lifelong": ("persrec-incremental-k8", "best+history=lifelong"),
             "incremental-long-folds": ("persrec-incremental-k8", "best+history=lifelong+fold_grad=8"),
             "incremental-carry": ("persrec-incremental-k8", "best+history=lifelong+fold_grad=8+memory_carry=true"),
@@ -295,6 +296,13 @@ def accuracy(args) -> dict:
                 cut_times = None if times is None else [t[-window:] for t in times]
                 add(name, whole_history_vectors(m, cut, cut_times, request, "cpu"), m)
             add("HSTU, whole history", whole_history_vectors(m, rows_.history, times, request, "cpu"), m)
+        if "hstu-anywhere" in found:  # trained on windows anywhere in a history, read over its last max_len
+            m = found["hstu-anywhere"]
+            add(f"HSTU trained on windows anywhere, last {m.cfg.max_len}",
+                whole_history_vectors(m, [h[-m.cfg.max_len:] for h in rows_.history],
+                                      None if times is None else [t[-m.cfg.max_len:] for t in times], request, "cpu"), m)
+            add("HSTU trained on windows anywhere, whole history",
+                whole_history_vectors(m, rows_.history, times, request, "cpu"), m)
         for label, name in (("incremental", "PerSRec INCREMENTAL, whole history"),
                             ("incremental-lifelong", "PerSRec INCREMENTAL trained as served, whole history"),
                             ("incremental-long-folds", f"{LONG_FOLDS_ROW}, whole history"),

@@ -90,6 +90,7 @@ PERSREC = ["persrec-recompress-k8", "persrec-incremental-k8"]
 FULL = "official+negatives=full+abs_positions=false"  # a full softmax instead of 128 negatives
 LONG_FOLDS = "best+history=lifelong+fold_grad=8"  # the gradient through 8 folds before the window
 CARRY = LONG_FOLDS + "+memory_carry=true"  # and each fold starts from the memory before it
+ANYWHERE = "best+history=anywhere"  # HSTU: windows ending anywhere, not only each user's last
 
 
 def plan(name: str) -> list[Job]:
@@ -131,6 +132,9 @@ def plan(name: str) -> list[Job]:
                      + _jobs([d], ["persrec-incremental-k8"], ["best+history=lifelong", LONG_FOLDS, CARRY]),
                      key=lambda j: j.seed)
            for d in PLANTED},
+        # HSTU trained on max_len windows ending anywhere in a history (drawn each epoch), not
+        # only each user's last: the baseline for what lifelong training alone gives PerSRec
+        **{f"anywhere-{d}": _jobs([d], ["hstu"], [ANYWHERE]) for d in ("taste", "mlsmall", "ml1m-ts", "ml1m")},
         # smoke test: synthetic data, two epochs
         "quick": [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")],
     }

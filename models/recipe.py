@@ -44,8 +44,9 @@ class Recipe:
     batch_size: int = 128
     epochs: int = 100
     patience: int | None = 10  # validations without improvement before stopping; None: never
-    # INCREMENTAL: windows anywhere in a history with the memory of what precedes them carried
-    # in, read as served (``lifelong``), or each user's last max_len events (``window``)
+    # each user's last max_len events (``window``); max_len windows ending anywhere, drawn each
+    # epoch (``anywhere``, models without memory); INCREMENTAL: windows anywhere with the memory
+    # of what precedes them carried in, read as served (``lifelong``)
     history: History = History.WINDOW
     fold_grad: int = 0  # lifelong: how many of the folds carried in keep their gradient
     memory_carry: bool = False  # INCREMENTAL: each fold starts from the previous memory (ModelConfig)

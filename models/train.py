@@ -42,6 +42,7 @@ class History(str, enum.Enum):
     """Which part of a user's history a training example covers, and how it is read."""
 
     WINDOW = "window"  # each user's last max_len events, laid out from their start
+    ANYWHERE = "anywhere"  # no memory: a max_len window ending anywhere, drawn again each epoch
     LIFELONG = "lifelong"  # INCREMENTAL: a window anywhere, with the memory of what precedes it
 
 
@@ -126,7 +127,11 @@ class Examples:
         inputs, targets, times, qtimes = training_examples(seqs, ts, cfg.max_len)
         if not inputs:
             raise ValueError("no user has two events to train on")
-        self.all: LayoutBatch = collate(inputs, cfg, targets, times, qtimes).to(device)
+        self.cfg, self.device = cfg, device
+        self._lay_out(inputs, targets, times, qtimes)
+
+    def _lay_out(self, inputs, targets, times, qtimes) -> None:
+        self.all: LayoutBatch = collate(inputs, self.cfg, targets, times, qtimes).to(self.device)
         self.width = (self.all.kind != PAD).sum(1).cpu().numpy()  # [U] laid-out length per row
         self.lengths = np.array([len(x) for x in inputs])  # [U] items per row
 
@@ -138,7 +143,30 @@ class Examples:
         return self.all.rows(index, int(self.width[idx].max()))
 
     def refresh(self, model, rng: np.random.Generator) -> None:
-        """Examples that change every epoch draw them here (``lifelong.LifelongExamples``)."""
+        """Examples that change every epoch draw them here (``AnywhereExamples``,
+        ``lifelong.LifelongExamples``)."""
+
+
+class AnywhereExamples(Examples):
+    """``History.ANYWHERE``: every epoch, each user's example is a ``max_len`` window ending
+    anywhere from their ``max_len``-th event on (a shorter history: all of it), so training
+    reads every part of a long history rather than only its last ``max_len`` events. Read as
+    always: the last ``max_len`` events. For models without memory tokens (INCREMENTAL:
+    ``lifelong``)."""
+
+    def __init__(self, seqs: list[np.ndarray], ts: list[np.ndarray] | None, cfg, device) -> None:
+        if cfg.has_memory:
+            raise ValueError("history=anywhere is for models without memory tokens (INCREMENTAL: history=lifelong)")
+        super().__init__(seqs, ts, cfg, device)
+        keep = [i for i, s in enumerate(seqs) if len(s) >= 2]
+        self.seqs, self.ts = [seqs[i] for i in keep], None if ts is None else [ts[i] for i in keep]
+
+    def refresh(self, model, rng: np.random.Generator) -> None:
+        n = self.cfg.max_len
+        ends = [int(rng.integers(min(n, len(s) - 1), len(s))) for s in self.seqs]  # inputs end before s[e]
+        cut = lambda xs, shift: [x[max(e - n, 0) + shift : e + shift] for x, e in zip(xs, ends)]  # noqa: E731
+        self._lay_out(cut(self.seqs, 0), cut(self.seqs, 1),
+                      None if self.ts is None else cut(self.ts, 0), None if self.ts is None else cut(self.ts, 1))
 
 
 def draw_batches(lengths: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> list[np.ndarray]:
@@ -286,11 +314,13 @@ def fit(
 
 
 def _examples(train_seqs, train_ts, mcfg, cfg: TrainConfig, device, world: int):
-    """The training windows: the last ``max_len`` items of each sequence, or (LIFELONG) windows
-    anywhere in a history with the memory of everything before them carried in."""
+    """The training windows: the last ``max_len`` items of each sequence, windows anywhere
+    (ANYWHERE), or (LIFELONG) windows anywhere with the memory of everything before them."""
     times = train_ts if mcfg.time_bias else None
-    if cfg.history is not History.LIFELONG:
+    if cfg.history is History.WINDOW:
         return Examples(train_seqs, times, mcfg, device)
+    if cfg.history is History.ANYWHERE:
+        return AnywhereExamples(train_seqs, times, mcfg, device)
     from .lifelong import LifelongExamples
 
     if cfg.fold_grad and world > 1:

@@ -109,3 +109,29 @@ def test_a_run_resumed_after_a_crash_keeps_the_epoch_it_had_selected(tmp_path) -
     resumed, again = run(3, tmp_path / "crashed", resume=tmp_path / "crashed" / "last.pt")
     assert again.history == [] and again.best_epoch == 1 and again.best_metrics == result.best_metrics
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_windows_anywhere_cover_a_long_history_and_keep_short_ones_whole() -> None:
+    """history=anywhere: each epoch a max_len window of consecutive events ending anywhere from
+    the max_len-th on, targets one ahead, times with them; a short history is laid out whole."""
+    import pytest
+
+    from persrec.models.train import AnywhereExamples
+
+    cfg = ModelConfig(num_items=500, max_len=10, dim=16, head_dim=8)
+    long_, short = np.arange(1, 61), np.arange(100, 106)
+    ts = [s * 7 for s in (long_, short)]
+    ex = AnywhereExamples([long_, short, np.array([5])], ts, cfg, "cpu")  # a one-event user has no example
+    assert len(ex) == 2
+    ends = set()
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        ex.refresh(None, rng)
+        items, targets, times = (t[0, : ex.lengths[0]].numpy() for t in (ex.all.item_ids, ex.all.targets, ex.all.ts))
+        assert ex.lengths[0] == 10 and np.array_equal(np.diff(items), np.ones(9))
+        assert np.array_equal(targets, items + 1) and np.array_equal(times, items * 7)
+        ends.add(int(items[-1]))
+        assert ex.lengths[1] == 5 and ex.all.item_ids[1, :5].tolist() == short[:-1].tolist()
+    assert ends == set(range(10, 60))  # every window of the history, the last included
+    with pytest.raises(ValueError, match="without memory tokens"):
+        AnywhereExamples([long_], None, ModelConfig(num_items=500, max_len=10, num_memory_tokens=2, recent_len=4), "cpu")
