@@ -13,12 +13,18 @@ after an interruption and run on several machines.
     .venv/bin/python benchmarks/recipe_bench.py list --plan cpu          # the jobs and which are done
     .venv/bin/python benchmarks/recipe_bench.py merge --source other.jsonl   # runs made elsewhere
     .venv/bin/python benchmarks/recipe_bench.py report                   # -> results/recipe_bench.{md,json}
+    .venv/bin/python benchmarks/recipe_bench.py reread --only KEY        # read a job's test again from its kept weights
+
+A ``history=lifelong`` job is read on test as it is served, over each user's whole history (as
+its validation is); before 2026-12-07 (code 4ed02cf and earlier) its test_selected and
+test_ranks_selected were read over the last ``max_len`` events (its test_last was served).
 
 Datasets (read from ``$PERSREC_DATA_DIR``, default ``../shared/data``): ``ml1m`` (the sequence
 file, no timestamps), ``ml1m-ts`` (GroupLens ``ratings.dat`` lines of users 1-2,999, with
 timestamps) and ``mlsmall`` (ml-latest-small ``ratings.csv``). Models: HSTU and SASRec over the
 last 200 items (2 blocks, dim 50, one head), PerSRec with K=8 memory tokens and a recent window
-of 50 under both memory policies. Weights are not kept.
+of 50 under both memory policies. Each job's selected weights are kept in ``runs/recipe_bench``
+(never committed) for later readings (``lifelong_bench.py``, ``reread``).
 """
 
 from __future__ import annotations
@@ -172,7 +178,7 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
     import torch
 
     from persrec.models import experiment
-    from persrec.models.evaluate import Evaluator, SeenRule, evaluate_rules
+    from persrec.models.evaluate import Evaluator, SeenRule
     from persrec.models.recipe import recipe_named
     from persrec.testing.machine import code_commit, cpu_model
 
@@ -214,9 +220,9 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
                                      unknown_items=cold)
     seconds = time.monotonic() - t0
     last = fit.history[-1].test
-    selected = evaluate_rules(model, data.split.test, rules, device=device) if job.protocol == "heldout" else last
+    selected, ranks = read_test(model, data, recipe, device)
+    selected = selected if job.protocol == "heldout" else last
     tester = Evaluator(data.split.test, model.cfg, {"exclude": rules["exclude"]}, device=device)
-    ranks = tester.ranks(model)["exclude"]
     if save_dir is not None:  # for later evaluations of the same models (e.g. long histories)
         from persrec.models.checkpoint import make_checkpoint, save_checkpoint
 
@@ -257,6 +263,25 @@ def run_job(job: Job, device: str, threads: int | None, epochs: int | None = Non
         code=code_commit(),
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
+
+
+def read_test(model, data, recipe, device: str):
+    """The test metrics under every seen rule and the per-user target ranks (every history item
+    excluded), read as the model is served: a ``history=lifelong`` model over its whole history
+    (as ``fit`` reads it for validation), any other over its last ``max_len`` events."""
+    from persrec.models.evaluate import Evaluator, SeenRule
+    from persrec.models.metrics import RankingAccumulator
+    from persrec.models.train import History
+
+    rules = {name: SeenRule(**r) for name, r in RULES.items()}
+    ev = Evaluator(data.split.test, model.cfg, rules, device=device, lifelong=recipe.history is History.LIFELONG)
+    ranks = ev.ranks(model)  # one reading (a lifelong one folds every history) for both outputs
+    metrics = {}
+    for name, r in ranks.items():
+        acc = RankingAccumulator((10, 50, 200))
+        acc.add(r)
+        metrics[name] = acc.compute()
+    return metrics, ranks["exclude"]
 
 
 def item_text_embeddings(dataset: str, data) -> "np.ndarray":
@@ -333,6 +358,37 @@ def cmd_merge(args) -> int:
     with args.out.open("a") as f:
         f.writelines(line + "\n" for line in new)
     print(f"{len(new)} jobs added to {args.out}")
+    return 0
+
+
+def cmd_reread(args) -> int:
+    """Read the test split again from a finished job's kept weights (``--save-dir``) and replace
+    its test_selected and test_ranks_selected, e.g. after a fix to how a model is read; the row
+    records the reading's code and time under ``reread``. Standard-split, id-item jobs only.
+    It rewrites the runs file: not while a ``run`` may append to it."""
+    import torch
+
+    from persrec.models.checkpoint import load_checkpoint
+    from persrec.models.recipe import recipe_named
+    from persrec.testing.machine import code_commit
+
+    torch.set_num_threads(args.threads)
+    rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    hits = [r for r in rows if any(s in r["key"] for s in args.only.split(","))] if args.only else []
+    if not hits:
+        raise SystemExit(f"no job in {args.out} matches --only {args.only!r}")
+    for r in hits:
+        if (r["items"], r["split"], r["protocol"]) != ("id", "loo", "heldout"):
+            raise SystemExit(f"{r['key']}: reread reads standard-split, id-item, held-out jobs only")
+        model = load_checkpoint(checkpoint_path(args.save_dir, r["key"])).build_model(args.device)
+        selected, ranks = read_test(model, load(r["dataset"]), recipe_named(r["recipe"]), args.device)
+        was = r["test_selected"]["exclude"]["ndcg@10"]
+        r["test_selected"] = {k: {m: (round(v, 6) if isinstance(v, float) else v) for m, v in d.items()}
+                              for k, d in selected.items()}
+        r["test_ranks_selected"] = ranks.tolist()
+        r["reread"] = dict(code=code_commit(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"), was_ndcg10=was)
+        print(f"{r['key']}: test NDCG@10 {was:.4f} -> {r['test_selected']['exclude']['ndcg@10']:.4f}", flush=True)
+    args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return 0
 
 
@@ -478,24 +534,26 @@ def comparison_lines(groups: list[dict], key: str = "selected/exclude/ndcg@10") 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "list", "report", "merge"):
+    for name in ("run", "list", "report", "merge", "reread"):
         p = sub.add_parser(name)
         p.add_argument("--out", type=Path, default=RUNS, help="the runs file (JSON lines)")
         if name in ("run", "list"):
             p.add_argument("--plan", default="ml1m")
         if name == "merge":
             p.add_argument("--source", type=Path, required=True, help="another runs file")
-        if name == "run":
+        if name in ("run", "reread"):
             p.add_argument("--only", default="", help="comma-separated substrings of job keys to keep")
             p.add_argument("--device", default="cpu")
-            p.add_argument("--workers", type=int, default=1)
             p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+            p.add_argument("--save-dir", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "recipe_bench",
+                           help="each job's selected weights (never committed)")
+        if name == "run":
+            p.add_argument("--workers", type=int, default=1)
             p.add_argument("--deadline-s", type=float, default=None, help="stop after this long (jobs in flight are lost)")
             p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (smoke tests)")
-            p.add_argument("--save-dir", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "recipe_bench",
-                           help="keep each job's selected weights here (never committed)")
     args = ap.parse_args(argv)
-    return {"run": cmd_run, "list": cmd_list, "report": cmd_report, "merge": cmd_merge}[args.cmd](args)
+    return {"run": cmd_run, "list": cmd_list, "report": cmd_report, "merge": cmd_merge,
+            "reread": cmd_reread}[args.cmd](args)
 
 
 if __name__ == "__main__":
