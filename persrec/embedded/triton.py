@@ -149,7 +149,8 @@ class EmbeddedTriton:
                  http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, log_path: Path | None = None,
                  extra_args: Sequence[str] = (), start_timeout: float = 120.0,
-                 auto_complete_config: bool = False, env: Mapping[str, str] | None = None) -> None:
+                 auto_complete_config: bool = False, env: Mapping[str, str] | None = None,
+                 stub_abort_retries: int = 2) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.models = list(dict.fromkeys(models))  # loaded at start, kept by load/unload_model
         self.work_dir = Path(work_dir)
@@ -166,6 +167,7 @@ class EmbeddedTriton:
         self.env = dict(env or {})  # added to the server's environment (e.g. PERSREC_DATABASE_URL)
         self._install = TritonInstall()
         self._proc: ManagedProcess | None = None
+        self.stub_abort_retries = stub_abort_retries  # starts made again after a STUB_ABORT, at most
         self.aborted_starts = 0  # starts lost to STUB_ABORT, each followed by one more
 
     @property
@@ -225,14 +227,14 @@ class EmbeddedTriton:
         """Start the server; return once it and every model in ``models`` are ready.
 
         A server that aborts on ``STUB_ABORT`` while its python-backend stubs start (a stub
-        crashed: pytriton 0.7.0's backend, RELIABILITY.md "Known limits") is started once more,
-        with a warning; ``aborted_starts`` counts it. Any other failure raises."""
+        crashed: pytriton 0.7.0's backend, RELIABILITY.md "Known limits") is started again, up
+        to ``stub_abort_retries`` times, with a warning; ``aborted_starts`` counts them. Any
+        other failure, or one abort more, raises."""
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"model repository {self.model_repository} does not exist")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         backends = self._install.backend_directory(self.work_dir)
         ready_url = f"http://{self.http_url}/v2/health/ready"
-        retried = False
         while True:
             # The model list is read at each start, so the argv is rebuilt (restart after a rollout).
             self._proc = ManagedProcess("tritonserver", self._argv(backends), self.log_path,
@@ -243,12 +245,11 @@ class EmbeddedTriton:
                 waited = self._proc.wait_until(lambda: http_ok(ready_url), self.start_timeout, "ready")
                 break
             except ServiceError as exc:
-                if retried or STUB_ABORT not in str(exc):
+                if self.aborted_starts >= self.stub_abort_retries or STUB_ABORT not in str(exc):
                     raise
-            retried = True
             self.aborted_starts += 1
-            log.warning("tritonserver aborted (%s) while its python-backend stubs started; starting it once "
-                        "more (log %s)", STUB_ABORT, self.log_path)
+            log.warning("tritonserver aborted (%s) while its python-backend stubs started; starting it again "
+                        "(%d of %d; log %s)", STUB_ABORT, self.aborted_starts, self.stub_abort_retries, self.log_path)
         log.info("tritonserver ready at http %s / grpc %s with %s in %.2f s",
                  self.http_url, self.grpc_url, self.models, waited)
         return self
