@@ -140,7 +140,7 @@ def plan(name: str) -> list[Job]:
            for d in PLANTED},
         # HSTU trained on max_len windows ending anywhere in a history (drawn each epoch), not
         # only each user's last: the baseline for what lifelong training alone gives PerSRec
-        **{f"anywhere-{d}": _jobs([d], ["hstu"], [ANYWHERE]) for d in ("taste", "mlsmall", "ml1m-ts", "ml1m")},
+        **{f"anywhere-{d}": _jobs([d], ["hstu"], [ANYWHERE]) for d in PLANTED + ("mlsmall", "ml1m-ts", "ml1m")},
         # smoke test: synthetic data, two epochs
         "quick": [Job("synthetic", m, r, "heldout", 1) for m in ("hstu", "persrec-incremental-k8") for r in ("ours", "best")],
     }
