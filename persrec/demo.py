@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -49,8 +50,33 @@ def _summary(status: dict, samples: list[dict], sent: int, started: float) -> Ta
     return t
 
 
+def _stop_on_sigterm():
+    """SIGTERM (``kill``, ``timeout``, a supervisor) stops the demo as Ctrl-C does, so the
+    broker, Triton and the worker stop with it instead of living on; the previous handler, or
+    None off the main thread (where no handler can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def run_demo(settings: Settings, data: Path, checkpoint: Path, *, rate: float, duration: float | None,
              console: Console) -> dict:
+    """Serve ``checkpoint`` on a local broker, Triton and worker and replay ``data`` through them
+    until ``duration`` or Ctrl-C / SIGTERM; the final counters."""
+    previous = _stop_on_sigterm()
+    try:
+        return _serve_and_replay(settings, data, checkpoint, rate=rate, duration=duration, console=console)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _serve_and_replay(settings: Settings, data: Path, checkpoint: Path, *, rate: float, duration: float | None,
+                      console: Console) -> dict:
     from persrec.serving.export import export_repository
 
     work = (settings.work_dir / "demo").resolve()
