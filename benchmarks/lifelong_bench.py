@@ -271,6 +271,10 @@ def accuracy(args) -> dict:
         scores = model.score(vectors)
         per_row.setdefault(name, {})[seed] = rank_of_target(scores, targets, exclude, exclude_target=True)
 
+    def last_window_vectors(model, window: int) -> torch.Tensor:  # each user's last ``window`` events
+        cut_times = None if times is None else [t[-window:] for t in times]
+        return whole_history_vectors(model, [h[-window:] for h in rows_.history], cut_times, request, "cpu")
+
     for seed in args.seeds:
         ck = lambda model, recipe: load_checkpoint(RUNS / f"{args.dataset}__{model}__{recipe}__heldout__s{seed}.pt")  # noqa: E731
         found = {}
@@ -292,15 +296,11 @@ def accuracy(args) -> dict:
             for name, window in ((own, m.cfg.max_len), ("HSTU, last 50", 50)):
                 if window > m.cfg.max_len:
                     continue
-                cut = [h[-window:] for h in rows_.history]
-                cut_times = None if times is None else [t[-window:] for t in times]
-                add(name, whole_history_vectors(m, cut, cut_times, request, "cpu"), m)
+                add(name, last_window_vectors(m, window), m)
             add("HSTU, whole history", whole_history_vectors(m, rows_.history, times, request, "cpu"), m)
         if "hstu-anywhere" in found:  # trained on windows anywhere in a history, read over its last max_len
             m = found["hstu-anywhere"]
-            add(f"HSTU trained on windows anywhere, last {m.cfg.max_len}",
-                whole_history_vectors(m, [h[-m.cfg.max_len:] for h in rows_.history],
-                                      None if times is None else [t[-m.cfg.max_len:] for t in times], request, "cpu"), m)
+            add(f"HSTU trained on windows anywhere, last {m.cfg.max_len}", last_window_vectors(m, m.cfg.max_len), m)
             add("HSTU trained on windows anywhere, whole history",
                 whole_history_vectors(m, rows_.history, times, request, "cpu"), m)
         for label, name in (("incremental", "PerSRec INCREMENTAL, whole history"),
