@@ -270,17 +270,11 @@ def read_test(model, data, recipe, device: str):
     excluded), read as the model is served: a ``history=lifelong`` model over its whole history
     (as ``fit`` reads it for validation), any other over its last ``max_len`` events."""
     from persrec.models.evaluate import Evaluator, SeenRule
-    from persrec.models.metrics import RankingAccumulator
     from persrec.models.train import History
 
     rules = {name: SeenRule(**r) for name, r in RULES.items()}
     ev = Evaluator(data.split.test, model.cfg, rules, device=device, lifelong=recipe.history is History.LIFELONG)
-    ranks = ev.ranks(model)  # one reading (a lifelong one folds every history) for both outputs
-    metrics = {}
-    for name, r in ranks.items():
-        acc = RankingAccumulator((10, 50, 200))
-        acc.add(r)
-        metrics[name] = acc.compute()
+    metrics, ranks = ev.metrics_and_ranks(model)
     return metrics, ranks["exclude"]
 
 

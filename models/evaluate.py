@@ -151,12 +151,20 @@ class Evaluator:
             model.train(was_training)
 
     def metrics(self, model: nn.Module, ks: tuple[int, ...] = (10, 50, 200)) -> dict[str, dict[str, float]]:
-        out = {}
-        for name, r in self.ranks(model).items():
+        return self.metrics_and_ranks(model, ks)[0]
+
+    def metrics_and_ranks(
+        self, model: nn.Module, ks: tuple[int, ...] = (10, 50, 200),
+    ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+        """One reading (a lifelong one folds every history once): the metrics under each rule,
+        and the ranks (``ranks``) they come from."""
+        ranks = self.ranks(model)
+        metrics = {}
+        for name, r in ranks.items():
             acc = RankingAccumulator(ks)
             acc.add(r)
-            out[name] = acc.compute()
-        return out
+            metrics[name] = acc.compute()
+        return metrics, ranks
 
 
 def target_ranks(

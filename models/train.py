@@ -105,13 +105,18 @@ class FitResult:
     checkpoint: Path | None = None
 
 
+def trainable(seqs: list[np.ndarray]) -> list[int]:
+    """The users a next-item example can be made of: those with two events or more."""
+    return [i for i, s in enumerate(seqs) if len(s) >= 2]
+
+
 def training_examples(
     seqs: list[np.ndarray], ts: list[np.ndarray] | None, max_len: int,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None, list[np.ndarray] | None]:
     """Each user's last ``max_len`` next-item pairs: inputs ``s[:-1]``, targets ``s[1:]``; with
     times, the inputs' times ``t[:-1]`` and their queries' times ``t[1:]`` (each position's
     query is asked when its target happens)."""
-    keep = [i for i, s in enumerate(seqs) if len(s) >= 2]
+    keep = trainable(seqs)
     inputs = [seqs[i][:-1][-max_len:] for i in keep]
     targets = [seqs[i][1:][-max_len:] for i in keep]
     times = None if ts is None else [ts[i][:-1][-max_len:] for i in keep]
@@ -158,7 +163,7 @@ class AnywhereExamples(Examples):
         if cfg.has_memory:
             raise ValueError("history=anywhere is for models without memory tokens (INCREMENTAL: history=lifelong)")
         super().__init__(seqs, ts, cfg, device)
-        keep = [i for i, s in enumerate(seqs) if len(s) >= 2]
+        keep = trainable(seqs)
         self.seqs, self.ts = [seqs[i] for i in keep], None if ts is None else [ts[i] for i in keep]
 
     def refresh(self, model, rng: np.random.Generator) -> None:
