@@ -5,8 +5,10 @@ The pipeline, each step a plain function on plain arrays (numpy + stdlib + pyarr
 1. `load_interactions` reads a log in one of the supported formats into `Interactions`
    (original user and item ids as strings, optional unix-second timestamps): SASRec-style
    `user item` sequence files ("ml1m-seq"), MovieLens-100K `u.data` ("movielens-100k"),
-   MovieLens-1M `ratings.dat` ("grouplens-dat"), CSV with a header ("csv") and Parquet
-   ("parquet"); `detect_format` picks one from the file name and first line.
+   MovieLens-1M `ratings.dat` ("grouplens-dat"), CSV with a header ("csv"), Parquet ("parquet")
+   and JSON lines ("jsonl": one object per line, as Amazon Reviews and Yelp ship); `detect_format`
+   picks one from the file name and first line. Epoch times in milliseconds, microseconds or
+   nanoseconds (Amazon Reviews 2023 has milliseconds) are read as such and kept in seconds.
 2. `IdMap` maps original item ids to dense ids 1..N in order of first appearance; 0 is padding.
 3. `build_sequences` groups events by user into chronological `SequenceData`.
 4. `leave_one_out` cuts the last two events of each user into validation and test rows
@@ -33,19 +35,26 @@ from typing import Literal, get_args
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
-Format = Literal["auto", "ml1m-seq", "movielens-100k", "grouplens-dat", "csv", "parquet"]
+Format = Literal["auto", "ml1m-seq", "movielens-100k", "grouplens-dat", "csv", "parquet", "jsonl"]
 FORMATS: tuple[str, ...] = get_args(Format)
 
 ML1M_SEQUENCE_FILE = Path("ml-1m") / "ml-1m_sequences_original_ids.txt.gz"
 
-# Column names recognised in CSV/Parquet headers, compared lower-case without "_" and "-".
-_USER_NAMES = ("userid", "user", "uid", "visitorid", "customerid")
-_ITEM_NAMES = ("movieid", "itemid", "item", "movie", "iid", "productid")
-_TIME_NAMES = ("timestamp", "ts", "time", "datetime", "eventtime")
+# Column names recognised in CSV/Parquet headers and JSON keys, compared lower-case without "_"
+# and "-", first match wins (Amazon Reviews 2023: user_id, parent_asin, timestamp in ms; 2018:
+# reviewerID, asin, unixReviewTime; Yelp: user_id, business_id, date).
+_USER_NAMES = ("userid", "user", "uid", "visitorid", "customerid", "reviewerid")
+_ITEM_NAMES = ("movieid", "itemid", "item", "movie", "iid", "productid", "parentasin", "asin", "businessid",
+               "trackid", "bookid", "isbn")
+_TIME_NAMES = ("timestamp", "ts", "time", "datetime", "eventtime", "unixreviewtime", "date")
+# An epoch time column's unit, from its largest magnitude: seconds reach 1e11 only in the year
+# 5138, milliseconds pass 1e11 in 1973 (and so on down): (threshold, units per second).
+_EPOCH_UNITS = ((1e17, 1_000_000_000, "ns"), (1e14, 1_000_000, "us"), (1e11, 1_000, "ms"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,6 +116,8 @@ def load_interactions(
                        seconds or ISO-8601 strings (naive times are read as UTC). Without a
                        time column, timestamps are None.
       "parquet":       same column logic as csv.
+      "jsonl":         one JSON object per line (JSON lines / NDJSON, e.g. Amazon Reviews,
+                       Yelp); same column logic as csv; other keys are ignored.
       "auto":          decided from the file name and a sniff of the first line
                        (see `detect_format`).
     Raises ValueError for unknown formats, missing columns and bad lines (with line number).
@@ -139,14 +150,35 @@ def load_interactions(
         )
     if fmt == "csv":
         return _load_csv(path, user_col, item_col, time_col)
+    if fmt == "jsonl":
+        return _load_jsonl(path, user_col, item_col, time_col)
     return _load_parquet(path, user_col, item_col, time_col)
+
+
+COLUMN_ROLES = ("user", "item", "time")
+
+
+def parse_columns(spec: str | None) -> dict[str, str]:
+    """``"user=reviewerID,item=asin,time=unixReviewTime"`` → ``load_interactions``' keyword
+    arguments (``user_col=...``); any role may be left out, ``None`` or ``""`` gives ``{}``."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+        role, sep, name = (x.strip() for x in part.partition("="))
+        if not sep or role not in COLUMN_ROLES or not name:
+            raise ValueError(f"bad column mapping {part!r}: expected ROLE=NAME with ROLE one of {COLUMN_ROLES}, "
+                             f"e.g. user=reviewerID,item=asin,time=unixReviewTime")
+        if f"{role}_col" in out:
+            raise ValueError(f"column mapping names {role!r} twice")
+        out[f"{role}_col"] = name
+    return out
 
 
 def detect_format(path: str | os.PathLike) -> str:
     """Guess the format of `path` from its name, then from its first line.
 
-    By name (a trailing ".gz" ignored): *.parquet / *.pq → "parquet", *.csv → "csv".
-    Otherwise by the first line: "::" → "grouplens-dat"; "," → "csv"; four tab-separated
+    By name (a trailing ".gz" ignored): *.parquet / *.pq → "parquet", *.csv → "csv", *.jsonl /
+    *.ndjson / *.json → "jsonl". Otherwise by the first line: "{" → "jsonl"; "::" →
+    "grouplens-dat"; "," → "csv"; four tab-separated
     integer fields → "movielens-100k"; two whitespace-separated fields (spaces or tabs) →
     "ml1m-seq". Anything else raises ValueError listing the formats to pass as fmt=.
     """
@@ -156,8 +188,12 @@ def detect_format(path: str | os.PathLike) -> str:
         return "parquet"
     if name.endswith(".csv"):
         return "csv"
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
     with _open_binary(path) as f:
         first = f.readline(4096).decode("latin-1").strip()
+    if first.startswith("{"):
+        return "jsonl"
     if "::" in first:
         return "grouplens-dat"
     if "," in first:
@@ -308,6 +344,30 @@ def _locate_csv_error(path: Path, ncols: int) -> str:
     return ""
 
 
+def _load_jsonl(
+    path: Path, user_col: str | None, item_col: str | None, time_col: str | None
+) -> Interactions:
+    with _open_binary(path) as f:
+        first = f.readline()
+        try:
+            record = json.loads(first)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line 1 is not a JSON object: {first[:120]!r}")
+        names = list(record)
+        user, item, time = _resolve_columns(names, path, user_col, item_col, time_col)
+        f.seek(0)
+        try:
+            table = pa_json.read_json(f)
+        except pa.ArrowInvalid as error:
+            raise ValueError(f"{path}: {error}") from None
+    missing = [c for c in (user, item, time) if c is not None and c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: no {missing[0]!r} in the records")
+    return _from_table(table, path, user, item, time, first_row=1, row_word="line")
+
+
 def _load_parquet(
     path: Path, user_col: str | None, item_col: str | None, time_col: str | None
 ) -> Interactions:
@@ -356,9 +416,9 @@ def _to_unix_seconds(column: pa.ChunkedArray, where: str, first_row: int) -> np.
         raise ValueError(where.format(row + first_row) + " is missing")
     kind = column.type
     if pa.types.is_integer(kind):
-        return column.to_numpy().astype(np.int64)
+        return _epoch_seconds(column.to_numpy().astype(np.int64))
     if pa.types.is_floating(kind):
-        return np.floor(column.to_numpy()).astype(np.int64)
+        return _epoch_seconds(np.floor(column.to_numpy()).astype(np.int64))
     if pa.types.is_date(kind):
         column, kind = column.cast(pa.timestamp("s")), pa.timestamp("s")
     if pa.types.is_timestamp(kind):
@@ -378,6 +438,16 @@ def _to_unix_seconds(column: pa.ChunkedArray, where: str, first_row: int) -> np.
                 ) from None
         return seconds[inverse]
     raise ValueError(where.format(first_row) + f": unsupported time type {kind}")
+
+
+def _epoch_seconds(values: np.ndarray) -> np.ndarray:
+    """Epoch times [E] int64 in the unit their magnitude says (``_EPOCH_UNITS``) → seconds."""
+    largest = int(np.abs(values).max(initial=0))
+    for threshold, per_second, unit in _EPOCH_UNITS:
+        if largest >= threshold:
+            log.info("epoch times in %s (largest %d): read as seconds", unit, largest)
+            return values // per_second
+    return values
 
 
 def _parse_time(text: str) -> int:

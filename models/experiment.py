@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -62,13 +63,15 @@ class Dataset:
     split: Split
 
 
-def load_dataset(path: str | Path | None, fmt: str = "auto", *, id_map: IdMap | None = None) -> Dataset:
-    """Read a dataset file (or ``None``, or a name in ``GENERATED``, for a labelled synthetic set)."""
+def load_dataset(path: str | Path | None, fmt: str = "auto", *, id_map: IdMap | None = None,
+                 columns: Mapping[str, str] | None = None) -> Dataset:
+    """Read a dataset file (or ``None``, or a name in ``GENERATED``, for a labelled synthetic set).
+    ``columns``: ``load_interactions``' column names (``data.parse_columns``)."""
     if path is None or str(path) in GENERATED:
         name, generate = GENERATED[SYNTHETIC if path is None else str(path)]
         inter = generate()
     else:
-        name, inter = str(path), load_interactions(path, fmt)
+        name, inter = str(path), load_interactions(path, fmt, **(columns or {}))
     seqs, id_map = build_sequences(inter, id_map)
     return Dataset(name, seqs, id_map, leave_one_out(seqs))
 

@@ -60,10 +60,24 @@ def _metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
     return table
 
 
-DataArg = Annotated[Optional[str], typer.Argument(help="dataset file (ML-1M sequences, ratings.dat, CSV, Parquet), or 'synthetic' / 'synthetic-dormant' (generated); default: ML-1M from the data dir")]
+DataArg = Annotated[Optional[str], typer.Argument(help="dataset file (ML-1M sequences, ratings.dat, u.data, CSV, Parquet, JSON lines), or 'synthetic' / 'synthetic-dormant' (generated); default: ML-1M from the data dir")]
 
 
-FORMATS_HELP = "auto, ml1m-seq (SASRec-style 'user item'), grouplens-dat, movielens-100k (u.data), csv, parquet"
+FORMATS_HELP = ("auto, ml1m-seq (SASRec-style 'user item'), grouplens-dat, movielens-100k (u.data), csv, parquet, "
+                "jsonl (JSON lines, e.g. Amazon Reviews, Yelp)")
+FmtOpt = Annotated[str, typer.Option("--format", help=FORMATS_HELP)]
+ColumnsOpt = Annotated[Optional[str], typer.Option(
+    help="csv/parquet/jsonl column names where the defaults do not find them, e.g. "
+         "user=reviewerID,item=asin,time=unixReviewTime")]
+
+
+def _columns(spec: Optional[str]) -> dict[str, str]:
+    from persrec.models.data import parse_columns
+
+    try:
+        return parse_columns(spec)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--columns") from None
 
 
 class Split(str, Enum):
@@ -83,7 +97,8 @@ SeenHelp = ("exclude: every history item leaves the ranking (a repeated target i
 @app.command()
 def train(
     data: DataArg = None,
-    fmt: Annotated[str, typer.Option("--format", help=FORMATS_HELP)] = "auto",
+    fmt: FmtOpt = "auto",
+    columns: ColumnsOpt = None,
     out: Annotated[Path, typer.Option(help="checkpoint directory")] = Path("runs/model"),
     recipe: Annotated[str, typer.Option(help="training recipe (persrec.models.recipe): ours, official, best, "
                                              "or e.g. official+time_bias=false")] = "best",
@@ -150,7 +165,7 @@ def train(
 
         device = torch.device("cuda", rank % torch.cuda.device_count())
     path = data if data is not None else default_dataset_path()
-    dataset = experiment.load_dataset(path, fmt)
+    dataset = experiment.load_dataset(path, fmt, columns=_columns(columns))
     if memory_tokens and chosen.abs_positions:
         chosen = chosen.with_(abs_positions=False)  # a memory row has no position from the window start
         console.print("[yellow]absolute positions are off: a model with memory tokens cannot have them[/]")
@@ -214,7 +229,8 @@ def _text_embeddings(dataset, items: str, path: Optional[Path], encoder: str, ca
 def evaluate(
     checkpoint: Path,
     data: DataArg = None,
-    fmt: Annotated[str, typer.Option("--format", help=FORMATS_HELP)] = "auto",
+    fmt: FmtOpt = "auto",
+    columns: ColumnsOpt = None,
     split: Annotated[Split, typer.Option(help="which leave-one-out row of each user")] = Split.test,
     seen: Annotated[SeenOpt, typer.Option(help=SeenHelp)] = SeenOpt.exclude,
     out: Annotated[Optional[Path], typer.Option(help="write metrics JSON here")] = None,
@@ -229,7 +245,8 @@ def evaluate(
 
     device = pick_device(Settings().device)
     ck = load_checkpoint(checkpoint)
-    dataset = experiment.load_dataset(data if data is not None else default_dataset_path(), fmt, id_map=IdMap.from_json(ck.id_map_json))
+    dataset = experiment.load_dataset(data if data is not None else default_dataset_path(), fmt,
+                                      id_map=IdMap.from_json(ck.id_map_json), columns=_columns(columns))
     model = ck.build_model(device)
     rows = dataset.split.test if split is Split.test else dataset.split.valid
     metrics = run_eval(model, rows, device=device, seen=SeenRule(Seen(seen.value)))
@@ -323,7 +340,8 @@ def retrain(
     until: Annotated[str, typer.Option(help="ignore events after this time (a backtest); default: none")] = "",
     from_topic: Annotated[bool, typer.Option(help="read the events from PERSREC_TOPIC_INTERACTIONS, as the "
                                                   "workers applied them")] = False,
-    fmt: Annotated[str, typer.Option("--format", help=FORMATS_HELP)] = "auto",
+    fmt: FmtOpt = "auto",
+    columns: ColumnsOpt = None,
     out: Annotated[Path, typer.Option(help="directory for retrained.pt and gate.json")] = Path("runs/retrain"),
     recipe: Annotated[str, typer.Option(help="training recipe (as for `train`)")] = "best",
     epochs: int = 3,
@@ -374,7 +392,7 @@ def retrain(
                   for i, t in evs]
         inter = Interactions(*(np.array(c) for c in zip(*events))) if events else Interactions([], [], [])
     else:
-        inter = load_interactions(data, fmt)
+        inter = load_interactions(data, fmt, **_columns(columns))
     if end is not None and inter.timestamps is not None:
         inter = Interactions(*(a[inter.timestamps <= end] for a in (inter.users, inter.items, inter.timestamps)))
     seqs, dropped = known_sequences(inter, id_map)
@@ -577,7 +595,8 @@ def replay(
     file: Path,
     rate: Annotated[Optional[float], typer.Option(help="events per second (default: as fast as possible)")] = None,
     limit: Optional[int] = None,
-    fmt: Annotated[str, typer.Option("--format", help=FORMATS_HELP)] = "auto",
+    fmt: FmtOpt = "auto",
+    columns: ColumnsOpt = None,
 ) -> None:
     """Publish a dataset's interactions as events, in time order, keyed by user id."""
     from rich.progress import Progress
@@ -588,6 +607,7 @@ def replay(
     with Progress(console=console) as progress:
         task = progress.add_task(f"replay -> {s.topic_interactions}", total=limit)
         sent = run_replay(file, s.kafka_bootstrap, s.topic_interactions, rate=rate, limit=limit, fmt=fmt,
+                          columns=_columns(columns),
                           on_progress=lambda n: progress.update(task, completed=n))
     console.print(f"sent {sent} events")
 

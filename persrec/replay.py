@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +32,12 @@ def events_in_time_order(inter: Interactions, limit: int | None = None) -> Itera
 def replay(
     path: str | Path, bootstrap: str, topic: str, *, rate: float | None = None,
     limit: int | None = None, fmt: str = "auto", on_progress: Callable[[int], None] | None = None,
-    stop: threading.Event | None = None,
+    stop: threading.Event | None = None, columns: Mapping[str, str] | None = None,
 ) -> int:
     """Publish up to ``limit`` events at ``rate`` events/s (None = as fast as possible), keyed by
     user id; returns how many were sent (all acknowledged by the broker). Setting ``stop`` ends it
-    early."""
-    events = events_in_time_order(load_interactions(path, fmt), limit)
+    early. ``columns``: ``load_interactions``' column names (``models.data.parse_columns``)."""
+    events = events_in_time_order(load_interactions(path, fmt, **(columns or {})), limit)
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     sent, start = 0, time.monotonic()
     try:

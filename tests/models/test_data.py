@@ -25,6 +25,7 @@ from persrec.models.data import (
     detect_format,
     leave_one_out,
     load_interactions,
+    parse_columns,
     dormant_interest_interactions,
     steady_taste_interactions,
     synthetic_interactions,
@@ -298,13 +299,117 @@ def test_sasrec_tab_separated_pairs_are_ml1m_seq(tmp_path):
     assert load_interactions(path, fmt="movielens-100k").timestamps.tolist() == [881250949]
 
 
+def _json_lines(path: Path, records: list[dict]) -> Path:
+    import json
+
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+def test_amazon_reviews_2023_json_lines_with_millisecond_times(tmp_path):
+    # Amazon Reviews 2023's review files: one object per line, review text beside the ids,
+    # `parent_asin` (the product) and `asin` (its variant), times in unix milliseconds.
+    review = dict(rating=5.0, title="ok", text="fine, \"really\"", images=[], helpful_vote=0, verified_purchase=True)
+    records = [review | dict(user_id="AG1", asin="B01v1", parent_asin="B01", timestamp=1_588_687_728_923),
+               review | dict(user_id="AG2", asin="B02v1", parent_asin="B02", timestamp=1_588_600_000_000),
+               review | dict(user_id="AG1", asin="B02v2", parent_asin="B02", timestamp=1_588_600_000_999)]
+    path = _json_lines(tmp_path / "Beauty.jsonl.gz", records)
+    assert detect_format(path) == "jsonl"
+    interactions = load_interactions(path)
+    assert interactions.users.tolist() == ["AG1", "AG2", "AG1"]
+    assert interactions.items.tolist() == ["B01", "B02", "B02"]  # parent_asin before asin
+    assert interactions.timestamps.tolist() == [1_588_687_728, 1_588_600_000, 1_588_600_000]
+    seqs, id_map = build_sequences(interactions)
+    assert [id_map.decode(s) for s in seqs.items] == [["B02", "B01"], ["B02"]]
+    # named by hand, and sniffed from the first line when the name says nothing
+    plain = _json_lines(tmp_path / "reviews.txt", records)
+    assert detect_format(plain) == "jsonl"
+    assert load_interactions(plain, item_col="asin").items.tolist() == ["B01v1", "B02v1", "B02v2"]
+
+
+def test_amazon_2018_and_yelp_json_lines_find_their_columns(tmp_path):
+    amazon = _json_lines(tmp_path / "Books_5.json", [
+        dict(overall=5.0, reviewerID="A1", asin="0001", reviewTime="09 13, 2009", unixReviewTime=1_252_800_000),
+        dict(overall=4.0, reviewerID="A2", asin="0002", reviewTime="12 5, 2012", unixReviewTime=1_354_665_600)])
+    got = load_interactions(amazon)
+    assert (got.users.tolist(), got.items.tolist(), got.timestamps.tolist()) == (
+        ["A1", "A2"], ["0001", "0002"], [1_252_800_000, 1_354_665_600])
+    yelp = _json_lines(tmp_path / "yelp_academic_dataset_review.json", [
+        dict(review_id="r1", user_id="u1", business_id="b1", stars=5, date="2016-03-09 00:44:42")])
+    got = load_interactions(yelp)
+    assert (got.users.tolist(), got.items.tolist(), got.timestamps.tolist()) == (["u1"], ["b1"], [1_457_484_282])
+
+
+def test_epoch_times_in_milli_micro_and_nanoseconds_are_read_as_seconds(tmp_path):
+    second = 1_600_000_000
+    path = tmp_path / "events.csv"
+    for scale in (1, 1_000, 1_000_000, 1_000_000_000):
+        path.write_text(f"user_id,item_id,timestamp\n1,a,{second * scale + scale - 1}\n1,b,{(second + 60) * scale}\n")
+        assert load_interactions(path).timestamps.tolist() == [second, second + 60], scale
+    path.write_text(f"user_id,item_id,timestamp\n1,a,{second * 1000 + 999.5}\n")  # float milliseconds
+    assert load_interactions(path).timestamps.tolist() == [second]
+    path.write_text("user_id,item_id,timestamp\n1,a,3\n1,b,99999999999\n")  # small ones stay seconds
+    assert load_interactions(path).timestamps.tolist() == [3, 99_999_999_999]
+
+
+def test_bad_json_lines_name_the_file(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"user_id": 1, "item_id": 2}\n{"user_id": 1, "item_id": \n')
+    with pytest.raises(ValueError, match="bad.jsonl"):
+        load_interactions(path)
+    path.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="line 1 is not a JSON object"):
+        load_interactions(path, fmt="jsonl")
+    path.write_text('{"who": 1, "item_id": 2}\n')
+    with pytest.raises(ValueError, match="cannot find a user column"):
+        load_interactions(path)
+
+
+def test_column_mappings_parse_and_reach_the_loader(tmp_path):
+    from persrec.models.experiment import load_dataset
+
+    assert parse_columns("user=reviewerID, item=asin,time=unixReviewTime") == dict(
+        user_col="reviewerID", item_col="asin", time_col="unixReviewTime")
+    assert parse_columns(None) == parse_columns("") == {}
+    for bad in ("user", "who=x", "user=", "user=a,user=b"):
+        with pytest.raises(ValueError, match="column mapping"):
+            parse_columns(bad)
+    path = tmp_path / "log.csv"
+    path.write_text("who,what,when\nu,a,1\nu,b,2\nu,c,3\n")
+    data = load_dataset(path, columns=parse_columns("user=who,item=what,time=when"))
+    assert data.id_map.decode(data.sequences.items[0]) == ["a", "b", "c"]
+
+
+def test_persrec_train_takes_a_column_mapping(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from persrec.cli import app
+
+    monkeypatch.setenv("PERSREC_WORK_DIR", str(tmp_path / "var"))
+    rng = np.random.default_rng(0)
+    records = [dict(reviewerID=f"u{u}", asin=f"i{rng.integers(30)}", unixReviewTime=1_500_000_000 + 60 * k)
+               for u in range(20) for k in range(12)]
+    path = _json_lines(tmp_path / "reviews.jsonl", [{"reviewer": r["reviewerID"], "product": r["asin"],
+                                                     "when": r["unixReviewTime"]} for r in records])
+    run = lambda *extra: CliRunner().invoke(app, ["train", str(path), "--epochs", "1", "--dim", "8", "--head-dim", "8",  # noqa: E731
+                                                  "--max-len", "10", "--out", str(tmp_path / "m"), "--threads", "1", *extra])
+    missing = run()
+    assert missing.exit_code != 0 and "cannot find a user column" in str(missing.exception)
+    bad = run("--columns", "reviewer")
+    assert bad.exit_code != 0 and "--columns" in bad.output
+    good = run("--columns", "user=reviewer,item=product,time=when")
+    assert good.exit_code == 0, good.output
+    assert (tmp_path / "m" / "best.pt").exists()
+
+
 def test_undetectable_format_lists_the_accepted_formats(tmp_path):
     path = tmp_path / "three.txt"
     path.write_text("1 10 5\n2 11 4\n")
     with pytest.raises(ValueError, match="cannot detect the format") as error:
         load_interactions(path)
     message = str(error.value)
-    for fmt in ("ml1m-seq", "movielens-100k", "grouplens-dat", "csv", "parquet"):
+    for fmt in ("ml1m-seq", "movielens-100k", "grouplens-dat", "csv", "parquet", "jsonl"):
         assert repr(fmt) in message
     assert "'auto'" not in message
 
