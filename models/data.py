@@ -607,6 +607,27 @@ class SequenceData:
         return np.fromiter((len(s) for s in self.items), dtype=np.int64, count=len(self.items))
 
 
+def k_core(inter: Interactions, k: int) -> Interactions:
+    """The interactions whose user and whose item each have at least ``k`` of them, cut again
+    until both hold (the k-core: SASRec's and most papers' preprocessing of Amazon-style logs,
+    k = 5). File order is kept; ``k <= 1`` keeps everything."""
+    if k <= 1:
+        return inter
+    users = np.unique(inter.users, return_inverse=True)[1]
+    items = np.unique(inter.items, return_inverse=True)[1]
+    keep = np.ones(len(inter), bool)
+    while True:
+        enough = (np.bincount(users[keep], minlength=users.max(initial=0) + 1)[users] >= k) & (
+            np.bincount(items[keep], minlength=items.max(initial=0) + 1)[items] >= k)
+        if not (keep & ~enough).any():
+            break
+        keep &= enough
+    if not keep.any():
+        raise ValueError(f"no interaction is left in the {k}-core (every user or item has fewer than {k})")
+    ts = None if inter.timestamps is None else inter.timestamps[keep]
+    return Interactions(inter.users[keep], inter.items[keep], ts)
+
+
 def build_sequences(
     interactions: Interactions, id_map: IdMap | None = None
 ) -> tuple[SequenceData, IdMap]:

@@ -17,7 +17,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .data import (IdMap, SequenceData, Split, all_but_test, build_sequences, dormant_interest_interactions,
-                   leave_one_out, load_interactions, steady_taste_interactions, synthetic_interactions)
+                   k_core, leave_one_out, load_interactions, steady_taste_interactions, synthetic_interactions)
 from .evaluate import SeenRule, evaluate, popularity_metrics
 from .items import forget_items
 from .loss import build_model
@@ -64,14 +64,16 @@ class Dataset:
 
 
 def load_dataset(path: str | Path | None, fmt: str = "auto", *, id_map: IdMap | None = None,
-                 columns: Mapping[str, str] | None = None) -> Dataset:
+                 columns: Mapping[str, str] | None = None, min_events: int = 0) -> Dataset:
     """Read a dataset file (or ``None``, or a name in ``GENERATED``, for a labelled synthetic set).
-    ``columns``: ``load_interactions``' column names (``data.parse_columns``)."""
+    ``columns``: ``load_interactions``' column names (``data.parse_columns``); ``min_events``:
+    keep its ``data.k_core`` (0: everything)."""
     if path is None or str(path) in GENERATED:
         name, generate = GENERATED[SYNTHETIC if path is None else str(path)]
         inter = generate()
     else:
         name, inter = str(path), load_interactions(path, fmt, **(columns or {}))
+    inter = k_core(inter, min_events)
     seqs, id_map = build_sequences(inter, id_map)
     return Dataset(name, seqs, id_map, leave_one_out(seqs))
 

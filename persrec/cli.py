@@ -70,6 +70,11 @@ ColumnsOpt = Annotated[Optional[str], typer.Option(
     help="csv/parquet/jsonl column names where the defaults do not find them, e.g. "
          "user=reviewerID,item=asin,time=unixReviewTime")]
 
+KCoreOpt = Annotated[int, typer.Option(
+    "--k-core", min=0, help="keep the K-core: users and items with at least K events each, cut until both "
+                            "hold (5 is the usual preprocessing of Amazon-style logs); 0 keeps everything. "
+                            "Evaluate with the K the model was trained with (metrics.json records it)")]
+
 
 def _columns(spec: Optional[str]) -> dict[str, str]:
     from persrec.models.data import parse_columns
@@ -99,6 +104,7 @@ def train(
     data: DataArg = None,
     fmt: FmtOpt = "auto",
     columns: ColumnsOpt = None,
+    k: KCoreOpt = 0,
     out: Annotated[Path, typer.Option(help="checkpoint directory")] = Path("runs/model"),
     recipe: Annotated[str, typer.Option(help="training recipe (persrec.models.recipe): ours, official, best, "
                                              "or e.g. official+time_bias=false")] = "best",
@@ -165,7 +171,7 @@ def train(
 
         device = torch.device("cuda", rank % torch.cuda.device_count())
     path = data if data is not None else default_dataset_path()
-    dataset = experiment.load_dataset(path, fmt, columns=_columns(columns))
+    dataset = experiment.load_dataset(path, fmt, columns=_columns(columns), min_events=k)
     if memory_tokens and chosen.abs_positions:
         chosen = chosen.with_(abs_positions=False)  # a memory row has no position from the window start
         console.print("[yellow]absolute positions are off: a model with memory tokens cannot have them[/]")
@@ -196,7 +202,7 @@ def train(
     if rank == 0:
         report = experiment.test_report(model, dataset, device=device, seen=seen_rule)
         report |= {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 1),
-                   "valid": result.best_metrics, "protocol": protocol.value, "recipe": chosen.to_dict()}
+                   "valid": result.best_metrics, "protocol": protocol.value, "recipe": chosen.to_dict(), "k_core": k}
         experiment.write_json(report, out / "metrics.json")
         console.print(_metrics_table(f"test ({dataset.name}, seen items: {seen.value})", {arch.value + (f"+M{memory_tokens}" if memory_tokens else ""): report["test"], "most popular": report["popularity_test"]}))
         console.print(f"checkpoint: {result.checkpoint}  metrics: {out / 'metrics.json'}")
@@ -231,6 +237,7 @@ def evaluate(
     data: DataArg = None,
     fmt: FmtOpt = "auto",
     columns: ColumnsOpt = None,
+    k: KCoreOpt = 0,
     split: Annotated[Split, typer.Option(help="which leave-one-out row of each user")] = Split.test,
     seen: Annotated[SeenOpt, typer.Option(help=SeenHelp)] = SeenOpt.exclude,
     out: Annotated[Optional[Path], typer.Option(help="write metrics JSON here")] = None,
@@ -246,7 +253,7 @@ def evaluate(
     device = pick_device(Settings().device)
     ck = load_checkpoint(checkpoint)
     dataset = experiment.load_dataset(data if data is not None else default_dataset_path(), fmt,
-                                      id_map=IdMap.from_json(ck.id_map_json), columns=_columns(columns))
+                                      id_map=IdMap.from_json(ck.id_map_json), columns=_columns(columns), min_events=k)
     model = ck.build_model(device)
     rows = dataset.split.test if split is Split.test else dataset.split.valid
     metrics = run_eval(model, rows, device=device, seen=SeenRule(Seen(seen.value)))

@@ -23,6 +23,7 @@ from persrec.models.data import (
     data_dir,
     default_dataset_path,
     detect_format,
+    k_core,
     leave_one_out,
     load_interactions,
     parse_columns,
@@ -381,7 +382,9 @@ def test_column_mappings_parse_and_reach_the_loader(tmp_path):
     assert data.id_map.decode(data.sequences.items[0]) == ["a", "b", "c"]
 
 
-def test_persrec_train_takes_a_column_mapping(tmp_path, monkeypatch):
+def test_persrec_train_and_evaluate_take_a_column_mapping_and_a_k_core(tmp_path, monkeypatch):
+    import json
+
     from typer.testing import CliRunner
 
     from persrec.cli import app
@@ -398,9 +401,33 @@ def test_persrec_train_takes_a_column_mapping(tmp_path, monkeypatch):
     assert missing.exit_code != 0 and "cannot find a user column" in str(missing.exception)
     bad = run("--columns", "reviewer")
     assert bad.exit_code != 0 and "--columns" in bad.output
-    good = run("--columns", "user=reviewer,item=product,time=when")
+    good = run("--columns", "user=reviewer,item=product,time=when", "--k-core", "5")
     assert good.exit_code == 0, good.output
-    assert (tmp_path / "m" / "best.pt").exists()
+    report = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert report["k_core"] == 5
+    kept = k_core(load_interactions(path, user_col="reviewer", item_col="product", time_col="when"), 5)
+    assert report["test"]["count"] == len(set(kept.users.tolist()))  # one test row per user of the core
+    evaluated = CliRunner().invoke(app, ["evaluate", str(tmp_path / "m" / "best.pt"), str(path), "--k-core", "5",
+                                         "--columns", "user=reviewer,item=product,time=when",
+                                         "--out", str(tmp_path / "eval.json")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads((tmp_path / "eval.json").read_text())["metrics"] == report["test"]
+
+
+def test_k_core_cuts_until_every_user_and_item_has_k_events():
+    # k = 2: u4 and item c go in the first cut; that leaves u3 with one event, so the second cut
+    # takes u3's other one; then every user and item has two.
+    log = [("u1", "a"), ("u1", "b"), ("u2", "a"), ("u3", "c"), ("u2", "b"), ("u3", "a"), ("u4", "d")]
+    inter = Interactions(*zip(*log), np.arange(len(log)) * 10)
+    core = k_core(inter, 2)
+    assert list(zip(core.users.tolist(), core.items.tolist())) == [("u1", "a"), ("u1", "b"), ("u2", "a"), ("u2", "b")]
+    assert core.timestamps.tolist() == [0, 10, 20, 40]  # file order and times kept
+    assert k_core(core, 2).users.tolist() == core.users.tolist()  # a core is its own core
+    assert k_core(inter, 1) is inter and k_core(inter, 0) is inter
+    with pytest.raises(ValueError, match="no interaction is left in the 3-core"):
+        k_core(inter, 3)
+    untimed = k_core(Interactions(*zip(*log)), 2)
+    assert untimed.timestamps is None and len(untimed) == 4
 
 
 def test_undetectable_format_lists_the_accepted_formats(tmp_path):
