@@ -133,7 +133,7 @@ def plan(name: str) -> list[Job]:
                                  for s in (1, 2, 3)]
            for d in ("mlsmall", "ml1m")},
         # the controls of the lifelong memory: generated tastes that older events tell
-        # (``models.data.dormant_interest_interactions``, ``steady_taste_interactions``), seed-major
+        # (``models.synthetic.dormant_interest_interactions``, ``steady_taste_interactions``), seed-major
         **{d: sorted(_jobs([d], ["hstu"] + PERSREC, ["best"])
                      + _jobs([d], ["persrec-incremental-k8"], ["best+history=lifelong", LONG_FOLDS, CARRY]),
                      key=lambda j: j.seed)

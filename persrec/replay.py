@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from kafka import KafkaProducer
 
-from persrec.models.data import Interactions, load_interactions
+from persrec.models.logs import Interactions, load_interactions
 
 
 def events_in_time_order(inter: Interactions, limit: int | None = None) -> Iterator[dict]:
@@ -36,7 +36,7 @@ def replay(
 ) -> int:
     """Publish up to ``limit`` events at ``rate`` events/s (None = as fast as possible), keyed by
     user id; returns how many were sent (all acknowledged by the broker). Setting ``stop`` ends it
-    early. ``columns``: ``load_interactions``' column names (``models.data.parse_columns``)."""
+    early. ``columns``: ``load_interactions``' column names (``models.logs.parse_columns``)."""
     events = events_in_time_order(load_interactions(path, fmt, **(columns or {})), limit)
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     sent, start = 0, time.monotonic()

@@ -12,7 +12,8 @@ import torch
 
 from persrec.models.checkpoint import Checkpoint, make_checkpoint
 from persrec.models.config import ModelConfig
-from persrec.models.data import IdMap, Interactions, build_sequences, data_dir, load_interactions
+from persrec.models.data import IdMap, build_sequences, data_dir
+from persrec.models.logs import Interactions, load_interactions
 from persrec.models.loss import build_model
 from persrec.embedded._proc import free_ports
 from persrec.serving.export import export_repository

@@ -1,5 +1,5 @@
-"""models/data.py on the real MovieLens files in ../shared/data (or $PERSREC_DATA_DIR) and on
-small files written to tmp_path."""
+"""models/logs.py, data.py and synthetic.py on the real MovieLens files in ../shared/data (or
+$PERSREC_DATA_DIR) and on small files written to tmp_path."""
 
 from __future__ import annotations
 
@@ -17,16 +17,15 @@ import pytest
 
 from persrec.models.data import (
     IdMap,
-    Interactions,
     SequenceData,
     build_sequences,
     data_dir,
     default_dataset_path,
-    detect_format,
     k_core,
     leave_one_out,
-    load_interactions,
-    parse_columns,
+)
+from persrec.models.logs import Interactions, detect_format, load_interactions, parse_columns
+from persrec.models.synthetic import (
     dormant_interest_interactions,
     steady_taste_interactions,
     synthetic_interactions,

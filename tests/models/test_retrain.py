@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from persrec.cli import app
 from persrec.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from persrec.models.config import ModelConfig
-from persrec.models.data import IdMap, Interactions, SequenceData, build_sequences, data_dir, load_interactions
+from persrec.models.data import IdMap, SequenceData, build_sequences, data_dir
+from persrec.models.logs import Interactions, load_interactions
 from persrec.models.loss import build_model
 from persrec.models.retrain import gate, known_sequences, retrain_split
 

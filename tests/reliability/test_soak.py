@@ -39,7 +39,7 @@ import pytest
 
 from persrec.embedded._proc import ManagedProcess, ServiceError, free_ports, http_ok
 from persrec.embedded.kafka import create_topics
-from persrec.models.data import Interactions
+from persrec.models.logs import Interactions
 from persrec.replay import events_in_time_order
 from persrec.serving import export
 from persrec.serving.window_cache import METRICS, metrics_stats
