@@ -83,9 +83,20 @@ def user_vectors(
     return hidden[torch.arange(len(histories), device=hidden.device), batch.last]
 
 
+# Scores held at once by an evaluation batch: [rows, I + 1] float32, cloned once to rank. 2^25
+# is 128 MB: 256 rows up to 131,071 items; a catalogue of a million items gets 33 rows a batch.
+SCORE_BUDGET = 1 << 25
+
+
+def rows_per_batch(num_items: int, batch_size: int) -> int:
+    """``batch_size``, or fewer rows where a batch's scores would pass ``SCORE_BUDGET``."""
+    return max(1, min(batch_size, SCORE_BUDGET // (num_items + 1)))
+
+
 class Evaluator:
     """``EvalRows`` laid out once, with the items each seen rule excludes, on ``device``:
-    evaluating a model again (every epoch of a training run) lays nothing out again.
+    evaluating a model again (every epoch of a training run) lays nothing out again. A batch has
+    ``batch_size`` rows at most, fewer for a large catalogue (``rows_per_batch``).
 
     ``lifelong``: the model reads each user's whole history as the stream serves it (every
     whole segment folded, the rest raw: ``lifelong.lifelong_vectors``), not its last
@@ -97,6 +108,7 @@ class Evaluator:
         self.count = len(rows.target)
         self.rows, self.device, self.lifelong = rows, device, lifelong or model_cfg.memory_carry
         order = np.argsort([len(h) for h in rows.history], kind="stable")  # similar lengths batch well
+        batch_size = rows_per_batch(model_cfg.num_items, batch_size)
         self.batches = []
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -202,8 +214,9 @@ def popularity_metrics(
     counts = np.bincount(np.concatenate(train_items), minlength=num_items + 1).astype(np.float32)
     acc = RankingAccumulator(ks)
     base = torch.from_numpy(counts)
-    for start in range(0, len(rows.target), 1024):
-        sl = slice(start, start + 1024)
+    step = rows_per_batch(num_items, 1024)
+    for start in range(0, len(rows.target), step):
+        sl = slice(start, start + step)
         hist = rows.history[sl]
         scores = base.expand(len(hist), -1).clone()
         exclude = pad_ids([seen.excluded(h) for h in hist])

@@ -172,6 +172,26 @@ def test_the_evaluators_top_items_are_the_best_scored_unseen_items_with_the_targ
                 assert top[i, int(ranks[i])] == int(rows.target[i])
 
 
+def test_a_large_catalogue_is_evaluated_in_smaller_batches_with_the_same_ranks(monkeypatch) -> None:
+    from persrec.models import evaluate as ev_module
+
+    assert ev_module.rows_per_batch(3_706, 256) == 256  # ML-1M: unchanged
+    assert ev_module.rows_per_batch(1_000_000, 256) == (1 << 25) // 1_000_001 == 33
+    assert ev_module.rows_per_batch(10**9, 256) == 1
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=40, dim=8, head_dim=8, max_len=12, dropout=0.0)
+    model = build_model(cfg).eval()
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(1, 41, size=n) for n in (3, 9, 20, 5, 14, 7, 2)]
+    rows = _rows([s[:-1] for s in seqs], [s[-1] for s in seqs])
+    whole = Evaluator(rows, cfg)
+    monkeypatch.setattr(ev_module, "SCORE_BUDGET", 41 * 2)  # two rows of 41 scores a batch
+    small = Evaluator(rows, cfg)
+    assert [len(b[0]) for b in whole.batches] == [7] and [len(b[0]) for b in small.batches] == [2, 2, 2, 1]
+    assert torch.equal(small.ranks(model)["exclude"], whole.ranks(model)["exclude"])
+    assert torch.equal(small.top_items(model, 5), whole.top_items(model, 5))
+
+
 def test_evaluator_equals_evaluate_and_training_batches_equal_collate() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(num_items=40, dim=8, head_dim=8, max_len=12, num_memory_tokens=2, recent_len=4,
