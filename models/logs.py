@@ -430,14 +430,22 @@ def _to_unix_seconds(column: pa.ChunkedArray, where: str, first_row: int) -> np.
     raise ValueError(where.format(first_row) + f": unsupported time type {kind}")
 
 
-def _epoch_seconds(values: np.ndarray) -> np.ndarray:
-    """Epoch times [E] int64 in the unit their magnitude says (``_EPOCH_UNITS``) → seconds."""
-    largest = int(np.abs(values).max(initial=0))
+def epoch_unit(largest: float) -> tuple[int, str]:
+    """(units per second, unit) of epoch times whose largest magnitude is ``largest``
+    (``_EPOCH_UNITS``): ``(1, "s")`` below 1e11, ``(1000, "ms")`` below 1e14, and so on."""
     for threshold, per_second, unit in _EPOCH_UNITS:
         if largest >= threshold:
-            log.info("epoch times in %s (largest %d): read as seconds", unit, largest)
-            return values // per_second
-    return values
+            return per_second, unit
+    return 1, "s"
+
+
+def _epoch_seconds(values: np.ndarray) -> np.ndarray:
+    """Epoch times [E] int64 in the unit their magnitude says (``epoch_unit``) → seconds."""
+    largest = int(np.abs(values).max(initial=0))
+    per_second, unit = epoch_unit(largest)
+    if per_second > 1:
+        log.info("epoch times in %s (largest %d): read as seconds", unit, largest)
+    return values // per_second
 
 
 def _parse_time(text: str) -> int:

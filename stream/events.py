@@ -1,12 +1,15 @@
 """The event contract, and the one place that decides what a bad event is.
 
 An event on the ``interactions`` topic is a UTF-8 JSON object keyed by user id:
-``{"user_id": str|int, "item_id": str|int, "ts": unix seconds or ISO-8601, "event_id": str?}``.
+``{"user_id": str|int, "item_id": str|int, "ts": unix time or ISO-8601, "event_id": str?}``. A
+numeric ``ts`` is in seconds, or in milliseconds, microseconds or nanoseconds where its size says
+so (``models.logs.epoch_unit``: from 1e11, 1e14, 1e17; seconds that large are the year 5138),
+the rule the file loaders use.
 ``parse_event`` returns an ``Event`` or raises ``InvalidEvent`` whose ``reason`` is a short
 stable code (it becomes the dead-letter ``reason`` header) and ``detail`` a human sentence.
 
 An item on the ``items`` topic is a UTF-8 JSON object keyed by item id:
-``{"item_id": str|int, "text": str, "ts": unix seconds or ISO-8601}``; ``parse_item`` checks it
+``{"item_id": str|int, "text": str, "ts": unix time or ISO-8601}``; ``parse_item`` checks it
 the same way.
 """
 
@@ -17,6 +20,8 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
+
+from persrec.models.logs import epoch_unit
 
 MAX_EVENT_BYTES = 16 * 1024
 MAX_ID_CHARS = 256
@@ -68,6 +73,8 @@ def _ts(value: object, now: float) -> float:
             ts = float(value)
         except OverflowError:  # an integer beyond float range
             raise InvalidEvent("ts_out_of_range", "ts is before 1970 or more than a day ahead") from None
+        if math.isfinite(ts):
+            ts /= epoch_unit(abs(ts))[0]
     elif isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))

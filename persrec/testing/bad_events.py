@@ -175,7 +175,10 @@ def _iso(year: int, rng: random.Random) -> str:
 
 
 def _far_future(rng: random.Random, now: float) -> object:
-    ahead = now + 2 * DAY + rng.choice([0, rng.uniform(0, 365 * DAY), rng.uniform(0, 1e12)])
+    """Two days ahead or more: in seconds (below 1e11, where a number starts to be read as
+    milliseconds: ``models.logs.epoch_unit``) or in milliseconds."""
+    ahead = now + 2 * DAY + rng.choice([0, rng.uniform(0, 365 * DAY), rng.uniform(0, 9e10)])
+    ahead *= rng.choice([1, 1, 1000])
     return rng.choice([ahead, int(ahead)])
 
 

@@ -52,3 +52,15 @@ def test_invalid_events_get_a_reason(raw, reason) -> None:
     with pytest.raises(InvalidEvent) as exc:
         parse_event(raw if raw is None or isinstance(raw, bytes) else json.dumps(raw).encode(), now=NOW)
     assert exc.value.reason == reason and exc.value.detail
+
+
+@pytest.mark.parametrize("scale", [1, 1_000, 1_000_000, 1_000_000_000])
+def test_epoch_times_in_milli_micro_and_nanoseconds_are_read_as_seconds(scale) -> None:
+    # Kafka record times and JavaScript's Date.now() are milliseconds; the file loaders read the
+    # same sizes the same way (models.logs.epoch_unit).
+    ts = 1_650_000_123
+    event = parse_event(json.dumps({"user_id": 1, "item_id": 2, "ts": ts * scale}).encode(), now=NOW)
+    assert event.ts == ts
+    with pytest.raises(InvalidEvent) as exc:  # two days ahead is out of range in any unit
+        parse_event(json.dumps({"user_id": 1, "item_id": 2, "ts": int((NOW + 2 * 86400) * scale)}).encode(), now=NOW)
+    assert exc.value.reason == "ts_out_of_range"
