@@ -294,7 +294,9 @@ def _resolve_columns(
             if candidate in normalised:
                 return normalised[candidate]
         if required:
-            raise ValueError(f"{path}: cannot find a {role} column among {names}; pass {role}_col=")
+            raise ValueError(f"{path}: cannot find a {role} column among {names}; pass {role}_col= "
+                             f"(--columns {role}=NAME; a CSV without a header takes 0-based positions, "
+                             f"e.g. --columns item=0,user=1,time=3)")
         return None
 
     user = pick(user_col, _USER_NAMES, "user", True)
@@ -308,8 +310,14 @@ def _resolve_columns(
 def _load_csv(
     path: Path, user_col: str | None, item_col: str | None, time_col: str | None
 ) -> Interactions:
+    """A header row names the columns; without one (Amazon's ratings-only files:
+    ``item,user,rating,timestamp``), the caller gives 0-based positions (``user_col="1"``)."""
     with open_binary(path) as f:
         header = next(csv.reader([f.readline().decode("utf-8-sig")]), [])
+    given = [c for c in (user_col, item_col, time_col) if c is not None]
+    headerless = bool(given) and all(c.isdigit() and c not in header for c in given)
+    if headerless:
+        header = [str(i) for i in range(len(header))]
     user, item, time = _resolve_columns(header, path, user_col, item_col, time_col)
     columns = [c for c in (user, item, time) if c is not None]
     options = pa_csv.ConvertOptions(
@@ -317,11 +325,12 @@ def _load_csv(
         include_columns=columns,
         strings_can_be_null=False,
     )
+    read = pa_csv.ReadOptions(column_names=header) if headerless else None
     try:
-        table = pa_csv.read_csv(path, convert_options=options)
+        table = pa_csv.read_csv(path, read_options=read, convert_options=options)
     except pa.ArrowInvalid as error:
         raise ValueError(f"{path}: {_locate_csv_error(path, len(header))}{error}") from None
-    return _from_table(table, path, user, item, time, first_row=2, row_word="line")
+    return _from_table(table, path, user, item, time, first_row=1 if headerless else 2, row_word="line")
 
 
 def _locate_csv_error(path: Path, ncols: int) -> str:

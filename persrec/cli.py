@@ -68,7 +68,8 @@ FORMATS_HELP = ("auto, ml1m-seq (SASRec-style 'user item'), grouplens-dat, movie
 FmtOpt = Annotated[str, typer.Option("--format", help=FORMATS_HELP)]
 ColumnsOpt = Annotated[Optional[str], typer.Option(
     help="csv/parquet/jsonl column names where the defaults do not find them, e.g. "
-         "user=reviewerID,item=asin,time=unixReviewTime")]
+         "user=reviewerID,item=asin,time=unixReviewTime; 0-based positions for a CSV without a header, "
+         "e.g. item=0,user=1,time=3")]
 
 KCoreOpt = Annotated[int, typer.Option(
     "--k-core", min=0, help="keep the K-core: users and items with at least K events each, cut until both "

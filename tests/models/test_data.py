@@ -341,6 +341,21 @@ def test_amazon_2018_and_yelp_json_lines_find_their_columns(tmp_path):
     assert (got.users.tolist(), got.items.tolist(), got.timestamps.tolist()) == (["u1"], ["b1"], [1_457_484_282])
 
 
+def test_a_csv_without_a_header_is_read_by_column_positions(tmp_path):
+    # Amazon's ratings-only files: item,user,rating,timestamp and no header.
+    path = tmp_path / "ratings_Beauty.csv"
+    path.write_text("0205616461,A39HTATAQ9V7YF,5.0,1369699200\n0558925278,A3JM6GV9MNOF9X,3.0,1355443200\n")
+    with pytest.raises(ValueError, match="without a header takes 0-based positions"):
+        load_interactions(path)
+    got = load_interactions(path, **parse_columns("item=0,user=1,time=3"))
+    assert (got.users.tolist(), got.items.tolist(), got.timestamps.tolist()) == (
+        ["A39HTATAQ9V7YF", "A3JM6GV9MNOF9X"], ["0205616461", "0558925278"], [1_369_699_200, 1_355_443_200])
+    assert load_interactions(path, user_col="1", item_col="0").timestamps is None
+    path.write_text("0205616461,A39HTATAQ9V7YF,5.0,1369699200\n0558925278,A3JM6GV9MNOF9X,3.0\n")
+    with pytest.raises(ValueError, match="line 2: expected 4 fields, got 3"):
+        load_interactions(path, user_col="1", item_col="0", time_col="3")
+
+
 def test_epoch_times_in_milli_micro_and_nanoseconds_are_read_as_seconds(tmp_path):
     second = 1_600_000_000
     path = tmp_path / "events.csv"
