@@ -116,12 +116,16 @@ def train(
     recent_len: int = 50,
     policy: Policy = Policy.recompress,
     segment_len: int = 50,
-    max_len: int = 200,
-    dim: int = 50,
-    layers: int = 2,
-    heads: int = 1,
-    head_dim: int = 50,
-    dropout: float = 0.2,
+    shape: Annotated[str, typer.Option(help="backbone sizes of the official HSTU config of a data set "
+                                            "(persrec.models.shapes): ml-1m (the defaults), ml-1m-large, "
+                                            "ml-20m, ml-20m-large, amzn-books, amzn-books-large; the "
+                                            "flags below override it")] = "ml-1m",
+    max_len: Annotated[Optional[int], typer.Option(help="default: the shape's (200)")] = None,
+    dim: Annotated[Optional[int], typer.Option(help="default: the shape's (50)")] = None,
+    layers: Annotated[Optional[int], typer.Option(help="default: the shape's (2)")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="default: the shape's (1)")] = None,
+    head_dim: Annotated[Optional[int], typer.Option(help="default: the shape's (50)")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="default: the shape's (0.2)")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="default: the recipe's")] = None,
     patience: Annotated[Optional[int], typer.Option(help="validations without improvement before stopping (default: the recipe's; 0 = never stop early)")] = None,
     eval_every: int = 1,
@@ -153,11 +157,17 @@ def train(
     from persrec.models.device import pick_device
     from persrec.models.evaluate import Seen, SeenRule
     from persrec.models.recipe import recipe_named
+    from persrec.models.shapes import shape_named
     from persrec.models.train import leave_process_group
 
     _setup_logging(verbose)
     try:
-        chosen = recipe_named(recipe, recipe_set or [])
+        sizes = shape_named(shape).overridden(max_len=max_len, dim=dim, layers=layers, heads=heads,
+                                              head_dim=head_dim, dropout=dropout)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--shape") from None
+    try:
+        chosen = recipe_named(recipe, [*sizes.recipe_sets, *(recipe_set or [])])
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--recipe/--set") from None
     if threads:
@@ -179,9 +189,9 @@ def train(
     has_ts = dataset.sequences.timestamps is not None
     overrides = dict(
         architecture=arch.value, num_memory_tokens=memory_tokens, recent_len=recent_len,
-        policy=policy.value, segment_len=segment_len, max_len=max_len, dim=dim, num_layers=layers,
-        num_heads=heads, head_dim=head_dim, dropout=dropout,
-    ) | chosen.model_overrides(max_len, has_ts)
+        policy=policy.value, segment_len=segment_len, max_len=sizes.max_len, dim=sizes.dim, num_layers=sizes.layers,
+        num_heads=sizes.heads, head_dim=sizes.head_dim, dropout=sizes.dropout,
+    ) | chosen.model_overrides(sizes.max_len, has_ts)
     text = _text_embeddings(dataset, items, item_texts, text_encoder, settings.work_dir / "text-cache")
     if text is not None:
         overrides |= dict(item_repr=items, text_dim=text.shape[1], text_encoder=text_encoder)
