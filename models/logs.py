@@ -346,6 +346,9 @@ def _locate_csv_error(path: Path, ncols: int) -> str:
 def _load_jsonl(
     path: Path, user_col: str | None, item_col: str | None, time_col: str | None
 ) -> Interactions:
+    """Only the user, item and time keys are parsed, with the types of the first line's values;
+    the others (review texts, images...) are skipped, so a review file takes the memory of its
+    three columns, not of its text."""
     with open_binary(path) as f:
         first = f.readline()
         try:
@@ -354,17 +357,26 @@ def _load_jsonl(
             record = None
         if not isinstance(record, dict):
             raise ValueError(f"{path}: line 1 is not a JSON object: {first[:120]!r}")
-        names = list(record)
-        user, item, time = _resolve_columns(names, path, user_col, item_col, time_col)
+        user, item, time = _resolve_columns(list(record), path, user_col, item_col, time_col)
+        schema = pa.schema([(c, _json_type(record[c], path, c)) for c in (user, item, time) if c is not None])
         f.seek(0)
+        options = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
         try:
-            table = pa_json.read_json(f)
+            table = pa_json.read_json(f, parse_options=options)
         except pa.ArrowInvalid as error:
             raise ValueError(f"{path}: {error}") from None
-    missing = [c for c in (user, item, time) if c is not None and c not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: no {missing[0]!r} in the records")
     return _from_table(table, path, user, item, time, first_row=1, row_word="line")
+
+
+def _json_type(value: object, path: Path, key: str) -> pa.DataType:
+    """The Arrow type of a JSON id or time column, from its first line's value."""
+    if isinstance(value, str):
+        return pa.string()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return pa.int64()
+    if isinstance(value, float):
+        return pa.float64()
+    raise ValueError(f"{path}: line 1: {key!r} is {json.dumps(value)[:40]}, not a string or a number")
 
 
 def _load_parquet(

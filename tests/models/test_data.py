@@ -368,6 +368,22 @@ def test_epoch_times_in_milli_micro_and_nanoseconds_are_read_as_seconds(tmp_path
     assert load_interactions(path).timestamps.tolist() == [3, 99_999_999_999]
 
 
+def test_json_lines_parse_only_the_id_and_time_keys(tmp_path):
+    # Other keys may hold anything (nested, changing types): they are skipped, not parsed.
+    records = [dict(user_id=7, item_id="a", ts="2021-01-01T00:00:00Z", text="x" * 50, extra=[1, {"b": 2}]),
+               dict(user_id=8, item_id="b", ts="2021-01-01T00:01:00Z", text=None, extra="now a string"),
+               dict(user_id=7, item_id="c", ts="2021-01-01T00:02:00Z")]
+    got = load_interactions(_json_lines(tmp_path / "log.jsonl", records))
+    assert (got.users.tolist(), got.items.tolist()) == (["7", "8", "7"], ["a", "b", "c"])
+    assert got.timestamps.tolist() == [1_609_459_200, 1_609_459_260, 1_609_459_320]
+    path = _json_lines(tmp_path / "gap.jsonl", [dict(user_id=1, item_id="a"), dict(item_id="b")])
+    with pytest.raises(ValueError, match="line 2: missing 'user_id'"):
+        load_interactions(path)
+    path = _json_lines(tmp_path / "nested.jsonl", [dict(user_id={"id": 1}, item_id="a")])
+    with pytest.raises(ValueError, match="'user_id' is .*not a string or a number"):
+        load_interactions(path)
+
+
 def test_bad_json_lines_name_the_file(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"user_id": 1, "item_id": 2}\n{"user_id": 1, "item_id": \n')
