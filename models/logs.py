@@ -4,7 +4,7 @@ stdlib + pyarrow, no torch).
 
 `load_interactions` reads SASRec-style `user item` sequence files ("ml1m-seq"), MovieLens-100K
 `u.data` ("movielens-100k"), MovieLens-1M `ratings.dat` ("grouplens-dat"), CSV with a header
-("csv"), Parquet ("parquet") and JSON lines ("jsonl": one object per line, as Amazon Reviews and
+("csv"; tab-separated: "tsv"), Parquet ("parquet") and JSON lines ("jsonl": one object per line, as Amazon Reviews and
 Yelp ship); `detect_format` picks one from the file name and first line. Epoch times in
 milliseconds, microseconds or nanoseconds (Amazon Reviews 2023 has milliseconds) are read as
 such and kept in seconds. All ratings are kept as implicit interactions; rating values are
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
-Format = Literal["auto", "ml1m-seq", "movielens-100k", "grouplens-dat", "csv", "parquet", "jsonl"]
+Format = Literal["auto", "ml1m-seq", "movielens-100k", "grouplens-dat", "csv", "tsv", "parquet", "jsonl"]
 FORMATS: tuple[str, ...] = get_args(Format)
 
 # Column names recognised in CSV/Parquet headers and JSON keys, compared lower-case without "_"
@@ -103,7 +103,9 @@ def load_interactions(
       "csv":           a header row; user/item/time columns detected by name (userId, user_id,
                        movieId, item_id, timestamp, ts, ...) unless given. Times may be unix
                        seconds or ISO-8601 strings (naive times are read as UTC). Without a
-                       time column, timestamps are None.
+                       time column, timestamps are None. Without a header row, the columns
+                       are given by 0-based position (``user_col="1"``).
+      "tsv":           the same, tab-separated (e.g. Gowalla's check-ins, Last.fm 1K).
       "parquet":       same column logic as csv.
       "jsonl":         one JSON object per line (JSON lines / NDJSON, e.g. Amazon Reviews,
                        Yelp); same column logic as csv; other keys are ignored.
@@ -137,8 +139,8 @@ def load_interactions(
             _decode(items, "latin-1"),
             _parse_ints(times, path, "timestamp"),
         )
-    if fmt == "csv":
-        return _load_csv(path, user_col, item_col, time_col)
+    if fmt in ("csv", "tsv"):
+        return _load_csv(path, user_col, item_col, time_col, delimiter="," if fmt == "csv" else "\t")
     if fmt == "jsonl":
         return _load_jsonl(path, user_col, item_col, time_col)
     return _load_parquet(path, user_col, item_col, time_col)
@@ -165,8 +167,8 @@ def parse_columns(spec: str | None) -> dict[str, str]:
 def detect_format(path: str | os.PathLike) -> str:
     """Guess the format of `path` from its name, then from its first line.
 
-    By name (a trailing ".gz" ignored): *.parquet / *.pq → "parquet", *.csv → "csv", *.jsonl /
-    *.ndjson / *.json → "jsonl". Otherwise by the first line: "{" → "jsonl"; "::" →
+    By name (a trailing ".gz" ignored): *.parquet / *.pq → "parquet", *.csv → "csv", *.tsv →
+    "tsv", *.jsonl / *.ndjson / *.json → "jsonl". Otherwise by the first line: "{" → "jsonl"; "::" →
     "grouplens-dat"; "," → "csv"; four tab-separated
     integer fields → "movielens-100k"; two whitespace-separated fields (spaces or tabs) →
     "ml1m-seq". Anything else raises ValueError listing the formats to pass as fmt=.
@@ -177,6 +179,8 @@ def detect_format(path: str | os.PathLike) -> str:
         return "parquet"
     if name.endswith(".csv"):
         return "csv"
+    if name.endswith(".tsv"):
+        return "tsv"
     if name.endswith((".jsonl", ".ndjson", ".json")):
         return "jsonl"
     with open_binary(path) as f:
@@ -308,14 +312,15 @@ def _resolve_columns(
 
 
 def _load_csv(
-    path: Path, user_col: str | None, item_col: str | None, time_col: str | None
+    path: Path, user_col: str | None, item_col: str | None, time_col: str | None, delimiter: str = ","
 ) -> Interactions:
     """A header row names the columns; without one (Amazon's ratings-only files:
     ``item,user,rating,timestamp``), the caller gives 0-based positions (``user_col="1"``)."""
     with open_binary(path) as f:
-        header = next(csv.reader([f.readline().decode("utf-8-sig")]), [])
+        header = next(csv.reader([f.readline().decode("utf-8-sig")], delimiter=delimiter), [])
     given = [c for c in (user_col, item_col, time_col) if c is not None]
-    headerless = bool(given) and all(c.isdigit() and c not in header for c in given)
+    # positions, unless the first line names every one of them (a header of "0", "1", ...)
+    headerless = bool(given) and all(c.isdigit() for c in given) and not all(c in header for c in given)
     if headerless:
         header = [str(i) for i in range(len(header))]
     user, item, time = _resolve_columns(header, path, user_col, item_col, time_col)
@@ -327,16 +332,17 @@ def _load_csv(
     )
     read = pa_csv.ReadOptions(column_names=header) if headerless else None
     try:
-        table = pa_csv.read_csv(path, read_options=read, convert_options=options)
+        table = pa_csv.read_csv(path, read_options=read, parse_options=pa_csv.ParseOptions(delimiter=delimiter),
+                                convert_options=options)
     except pa.ArrowInvalid as error:
-        raise ValueError(f"{path}: {_locate_csv_error(path, len(header))}{error}") from None
+        raise ValueError(f"{path}: {_locate_csv_error(path, len(header), delimiter)}{error}") from None
     return _from_table(table, path, user, item, time, first_row=1 if headerless else 2, row_word="line")
 
 
-def _locate_csv_error(path: Path, ncols: int) -> str:
+def _locate_csv_error(path: Path, ncols: int, delimiter: str = ",") -> str:
     """Find the first record with the wrong number of fields (error path only)."""
     with open_binary(path) as f:
-        reader = csv.reader(line.decode("utf-8", "replace") for line in f)
+        reader = csv.reader((line.decode("utf-8", "replace") for line in f), delimiter=delimiter)
         for record in reader:
             if len(record) != ncols:
                 return f"line {reader.line_num}: expected {ncols} fields, got {len(record)}: "

@@ -63,8 +63,8 @@ def _metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
 DataArg = Annotated[Optional[str], typer.Argument(help="dataset file (ML-1M sequences, ratings.dat, u.data, CSV, Parquet, JSON lines), or 'synthetic' / 'synthetic-dormant' (generated); default: ML-1M from the data dir")]
 
 
-FORMATS_HELP = ("auto, ml1m-seq (SASRec-style 'user item'), grouplens-dat, movielens-100k (u.data), csv, parquet, "
-                "jsonl (JSON lines, e.g. Amazon Reviews, Yelp)")
+FORMATS_HELP = ("auto, ml1m-seq (SASRec-style 'user item'), grouplens-dat, movielens-100k (u.data), csv, tsv, "
+                "parquet, jsonl (JSON lines, e.g. Amazon Reviews, Yelp)")
 FmtOpt = Annotated[str, typer.Option("--format", help=FORMATS_HELP)]
 ColumnsOpt = Annotated[Optional[str], typer.Option(
     help="csv/parquet/jsonl column names where the defaults do not find them, e.g. "

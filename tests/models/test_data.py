@@ -356,6 +356,25 @@ def test_a_csv_without_a_header_is_read_by_column_positions(tmp_path):
         load_interactions(path, user_col="1", item_col="0", time_col="3")
 
 
+def test_tab_separated_files_with_and_without_a_header(tmp_path):
+    # Gowalla's check-ins: user, ISO time, latitude, longitude, location id; no header.
+    gowalla = tmp_path / "loc-gowalla_totalCheckins.txt"
+    gowalla.write_text("0\t2010-10-19T23:55:27Z\t30.23\t-97.79\t22847\n0\t2010-10-18T22:17:43Z\t30.26\t-97.75\t420315\n")
+    with pytest.raises(ValueError, match="cannot detect the format"):  # five tab-separated fields: not told
+        load_interactions(gowalla)
+    got = load_interactions(gowalla, fmt="tsv", **parse_columns("user=0,item=4,time=1"))
+    assert (got.users.tolist(), got.items.tolist(), got.timestamps.tolist()) == (
+        ["0", "0"], ["22847", "420315"], [1_287_532_527, 1_287_440_263])
+    headed = tmp_path / "events.tsv"
+    headed.write_text("user_id\titem_id\ttimestamp\nu\ta,b\t1700000000000\n")  # a comma inside a field
+    assert detect_format(headed) == "tsv"
+    got = load_interactions(headed)
+    assert (got.users.tolist(), got.items.tolist(), got.timestamps.tolist()) == (["u"], ["a,b"], [1_700_000_000])
+    headed.write_text("user_id\titem_id\ttimestamp\nu\ta\t1\nu\tb\n")
+    with pytest.raises(ValueError, match="line 3: expected 3 fields, got 2"):
+        load_interactions(headed)
+
+
 def test_epoch_times_in_milli_micro_and_nanoseconds_are_read_as_seconds(tmp_path):
     second = 1_600_000_000
     path = tmp_path / "events.csv"
@@ -466,7 +485,7 @@ def test_undetectable_format_lists_the_accepted_formats(tmp_path):
     with pytest.raises(ValueError, match="cannot detect the format") as error:
         load_interactions(path)
     message = str(error.value)
-    for fmt in ("ml1m-seq", "movielens-100k", "grouplens-dat", "csv", "parquet", "jsonl"):
+    for fmt in ("ml1m-seq", "movielens-100k", "grouplens-dat", "csv", "tsv", "parquet", "jsonl"):
         assert repr(fmt) in message
     assert "'auto'" not in message
 
