@@ -3,12 +3,12 @@ strings, optional unix-second timestamps), each a plain function on plain arrays
 stdlib + pyarrow, no torch).
 
 `load_interactions` reads SASRec-style `user item` sequence files ("ml1m-seq"), MovieLens-100K
-`u.data` ("movielens-100k"), MovieLens-1M `ratings.dat` ("grouplens-dat"), CSV with a header
-("csv"; tab-separated: "tsv"), Parquet ("parquet") and JSON lines ("jsonl": one object per line, as Amazon Reviews and
-Yelp ship); `detect_format` picks one from the file name and first line. Epoch times in
-milliseconds, microseconds or nanoseconds (Amazon Reviews 2023 has milliseconds) are read as
-such and kept in seconds. All ratings are kept as implicit interactions; rating values are
-dropped.
+`u.data` ("movielens-100k"), MovieLens-1M `ratings.dat` ("grouplens-dat"), CSV ("csv"; with a
+header, or columns by position) and its tab-separated twin ("tsv"), Parquet ("parquet") and JSON
+lines ("jsonl": one object per line, as Amazon Reviews and Yelp ship); `detect_format` picks one
+from the file name and first line. Epoch times in milliseconds, microseconds or nanoseconds
+(Amazon Reviews 2023 has milliseconds) are read as such and kept in seconds. All ratings are
+kept as implicit interactions; rating values are dropped.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def load_interactions(
     if fmt in ("ml1m-seq", "movielens-100k", "grouplens-dat") and (
         user_col or item_col or time_col
     ):
-        raise ValueError(f"column names apply to csv and parquet only, not {fmt!r}")
+        raise ValueError(f"column names apply to csv, tsv, parquet and jsonl only, not {fmt!r}")
     if fmt == "ml1m-seq":
         users, items = _read_token_table(path, ncols=2)
         return Interactions(_decode(users, "utf-8"), _decode(items, "utf-8"))

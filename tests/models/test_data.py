@@ -262,7 +262,7 @@ def test_movielens_100k_u_data(tmp_path):
     ]
     explicit = load_interactions(path, fmt="movielens-100k")
     np.testing.assert_array_equal(explicit.timestamps, interactions.timestamps)
-    with pytest.raises(ValueError, match="column names apply to csv and parquet only"):
+    with pytest.raises(ValueError, match="column names apply to csv, tsv, parquet and jsonl only"):
         load_interactions(path, user_col="user")
     path.write_bytes(b"196\t242\t3\t881250949\n186\t302\t3\tlater\n")
     with pytest.raises(ValueError, match=r"line 2: timestamp .later. is not an integer"):
